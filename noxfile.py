@@ -1,0 +1,28 @@
+"""nox sessions: tests, lint, bench (reuse the torch wheel on disk: pip install torch==2.13.0 first)."""
+
+import nox
+
+nox.options.sessions = ["tests", "lint"]
+
+
+def _install(session: nox.Session, extra: str = "test") -> None:
+    session.install("torch==2.13.0")
+    session.install("-e", f".[{extra}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    _install(session)
+    session.run("pytest", "-n", "2", "-q", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "vaedyn_cli", "tests", "bench")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    _install(session)
+    session.run("python", "bench/run_all.py", *session.posargs, env={"HF_HUB_OFFLINE": "1"})

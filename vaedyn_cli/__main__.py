@@ -1,0 +1,3 @@
+from vaedyn_cli.cli import main
+
+main()

@@ -1,0 +1,148 @@
+"""The `vaedyn` command line: one thin function per command (parse, load config, call a stage).
+
+stdout carries data (a path, JSON) so that stages pipe; stderr carries logs and progress.
+Bad input: one line on stderr, exit code 2, no traceback unless `--debug`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Callable, TypeVar
+
+import typer
+
+from vaedyn_cli import __version__
+from vaedyn_cli import config as config_mod
+from vaedyn_cli.errors import VaedynError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="vaedyn",
+    help="Track, classify and revive inactive channels of the SDXL VAE while it trains.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Show, validate and describe configs.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+_state = {"debug": False}
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config field: --set train.learning_rate=1e-4 (repeatable).")
+]
+
+
+def err(message: str) -> None:
+    """Write a log line to stderr (stdout is for data)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def out(message: str) -> None:
+    """Write data to stdout."""
+    print(message, flush=True)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn VaedynError into one stderr line and its exit code; anything else into exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except VaedynError as e:
+            if _state["debug"]:
+                raise
+            err(f"error: {e}")
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1
+            if _state["debug"]:
+                raise
+            first = str(e).splitlines()[0] if str(e) else ""
+            err(f"error: {type(e).__name__}: {first} (rerun with --debug for the traceback)")
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    _state["debug"] = debug
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "PIL", "matplotlib", "fsspec", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not debug:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+
+@config_app.command("show")
+@handle_errors
+def config_show(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    comments: Annotated[bool, typer.Option(help="Add each field's description as a comment.")] = False,
+) -> None:
+    """Print the resolved config (defaults, file, then --set overrides) as YAML."""
+    cfg = config_mod.load_config(config, set_ or [])
+    sys.stdout.write(config_mod.commented_yaml(cfg) if comments else cfg.to_yaml())
+
+
+@config_app.command("validate")
+@handle_errors
+def config_validate(files: Annotated[list[Path], typer.Argument(help="Config files to check.")]) -> None:
+    """Check config files; prints each valid path, exits 2 on the first invalid one."""
+    for f in files:
+        config_mod.load_config(f)
+        out(str(f))
+
+
+@config_app.command("schema")
+@handle_errors
+def config_schema(
+    out_path: Annotated[
+        Path, typer.Option("--out", help="Where to write the JSON Schema.")
+    ] = config_mod.SCHEMA_PATH,
+    stdout: Annotated[bool, typer.Option("--stdout", help="Print the schema instead of writing it.")] = False,
+) -> None:
+    """Write the JSON Schema of the config (checked in as schemas/vaedyn.schema.json)."""
+    if stdout:
+        sys.stdout.write(config_mod.schema_text())
+        return
+    out(str(config_mod.write_schema(out_path)))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

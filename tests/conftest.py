@@ -1,0 +1,94 @@
+"""Shared fixtures: no network, tiny models, tiny data, temporary run folders."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from vaedyn_cli.config import RunConfig, load_config  # noqa: E402
+
+torch.set_num_threads(1)
+
+# Width 1/16 of the SDXL VAE: 8/16/32/32 channels in 2 groups of 4 (the same channels per group as
+# the real model), 52 GroupNorm layers, 1,240 GroupNorm channels, ~0.33M parameters.
+TINY_WIDTH = 0.0625
+
+
+@pytest.fixture(autouse=True)
+def _isolated_hf_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path_factory.getbasetemp() / "hf-cache"
+    monkeypatch.setenv("HF_HOME", str(cache))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache / "datasets"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def tiny_config_dict(tmp_path: Path, **sections: dict) -> dict:
+    """A config for a few-second run: tiny model, 16x16 builtin images, tracking every 2 steps."""
+    data = {
+        "run_name": "tiny",
+        "output_dir": str(tmp_path / "runs"),
+        "seed": 0,
+        "model": {"architecture": "sdxl", "width": TINY_WIDTH},
+        "data": {
+            "dataset_name": "builtin:natural",
+            "resolution": 16,
+            "batch_size": 4,
+            "max_samples": 32,
+            "validation_max_samples": 8,
+            "validation_batch_size": 4,
+        },
+        "train": {
+            "max_steps": 6,
+            "learning_rate": 1e-3,
+            "lr_warmup_steps": 0,
+            "lr_scheduler_type": "constant",
+            "save_interval": 3,
+            "validation_unit": "step",
+            "validation_interval": 3,
+        },
+        "track": {"interval": 2, "probe_samples": 4},
+        "eval": {"max_samples": 8, "batch_size": 4, "num_samples_to_save": 2},
+        "log": {"report_to": "none", "log_interval": 2},
+    }
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.__setitem__(key, value)
+    return data
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path) -> RunConfig:
+    return RunConfig.model_validate(tiny_config_dict(tmp_path))
+
+
+@pytest.fixture
+def tiny_config_file(tmp_path: Path) -> Path:
+    """The tiny config written as YAML (for CLI tests)."""
+    import yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(tmp_path)))
+    load_config(path)  # fail early if the fixture itself is invalid
+    return path
+
+
+@pytest.fixture
+def cli():
+    """Run `vaedyn ARGS` in-process; returns click's Result with .exit_code, .stdout, .stderr."""
+    from vaedyn_cli.cli import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str, input: str | None = None):  # noqa: A002
+        return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
+
+    return invoke

@@ -159,8 +159,10 @@ def _load_parquet(path: Path, split: str, streaming: bool):  # noqa: ANN202
         raise VaedynError(f"no .parquet files under {path}")
     candidates = ["train", "validation", "valid", "test"]
     by_split: dict[str, list[str]] = {}
-    for f in files:
-        s = _split_of_file(f.relative_to(path) if path.is_dir() else Path(f.name), candidates) or "train"
+    if path.is_file():  # one file is the data, whatever its name: split 'train'
+        by_split["train"] = [str(path)]
+    for f in files if path.is_dir() else []:
+        s = _split_of_file(f.relative_to(path), candidates) or "train"
         by_split.setdefault(s, []).append(str(f))
     if split not in by_split:
         raise VaedynError(f"split '{split}' not found in {path}; available splits: {', '.join(sorted(by_split))}")
@@ -174,7 +176,13 @@ def _is_saved_to_disk(path: Path) -> bool:
 def _load_from_disk(path: Path, split: str):  # noqa: ANN202
     import datasets
 
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - datasets fails on empty or damaged folders with many types
+        raise VaedynError(
+            f"cannot load save_to_disk folder {path}: it is empty or damaged ({type(e).__name__}); "
+            "re-create it with Dataset.save_to_disk"
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise VaedynError(f"split '{split}' not found in {path}; available splits: {', '.join(ds)}")

@@ -147,7 +147,7 @@ def load_pretrained(source: str, subfolder: str | None = None, revision: str | N
             )
         try:
             return AutoencoderKL.from_pretrained(str(folder))
-        except (OSError, EnvironmentError) as e:
+        except OSError as e:
             raise VaedynError(f"cannot load diffusers folder {folder}: {str(e).splitlines()[0]}") from None
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise VaedynError(f"model path {source} does not exist; pass an existing folder, file or hub id")

@@ -221,8 +221,9 @@ class NudgeConfig(Section):
     every: int = Field(20, ge=1, description="Nudge every this many optimizer steps (the original intervention_interval).")
     window: int = Field(1, ge=1, description="Recent tracked steps classified before each in-training nudge.")
     select: list[str] = Field(
-        default_factory=lambda: ["state=dormant"],
-        description="Target filters over classification fields, all must match (e.g. `mechanism=gn_scale`, `layer=decoder.*`).",
+        default_factory=lambda: ["state=dormant,dead"],
+        description="Target filters over classification fields, all must match (e.g. `mechanism=gn_scale`, "
+        "`layer=decoder.*`); `a,b` matches either value, globs allowed, `field!=v` excludes.",
     )
     max_fraction: float = Field(1.0, gt=0, le=1, description="Touch at most this fraction of each layer's channels.")
     factor: float = Field(1.1, gt=0, description="gn_scale_nudge: gamma <- min(gamma * factor, max_scale).")

@@ -139,6 +139,66 @@ def config_schema(
     out(str(config_mod.write_schema(out_path)))
 
 
+# ---------------------------------------------------------------------------------------------
+# nudge
+
+
+@app.command("nudge")
+@handle_errors
+def nudge_cmd(
+    checkpoint: Annotated[
+        str, typer.Option("--checkpoint", help="Diffusers folder, checkpoints/step-* folder, run folder or hub id.")
+    ],
+    targets: Annotated[
+        str, typer.Option("--targets", help="`vaedyn classify --format json` output: a file, or - for stdin.")
+    ],
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            "--strategy",
+            help="gn_scale_nudge, gn_scale_reset, gn_scale_to_layer, redo or shrink_perturb "
+            "(default: nudge.strategy of the config).",
+        ),
+    ] = None,
+    select: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--select",
+            help="Target filter FIELD=VALUE, repeatable, all must match: mechanism=gn_scale, trajectory=died, "
+            "state=dormant,dead (either), layer=decoder.* (glob), unused=true, mechanism!=other "
+            "(default: nudge.select).",
+        ),
+    ] = None,
+    factor: Annotated[float | None, typer.Option("--factor", help="gn_scale_nudge: gamma multiplier.")] = None,
+    max_scale: Annotated[float | None, typer.Option("--max-scale", help="gn_scale_nudge: cap on gamma.")] = None,
+    max_fraction: Annotated[
+        float | None, typer.Option("--max-fraction", help="Nudge at most this fraction of each layer, lowest score first.")
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="New checkpoint folder (default: <run>/nudged-<strategy> or <ckpt>-nudged-<strategy>)."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="YAML config (default: the config stored with the checkpoint)."),
+    ] = None,
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing nudged folder.")] = False,
+) -> None:
+    """Nudge inactive channels of a checkpoint; writes a diffusers folder with nudge.json, prints its path."""
+    from vaedyn_cli import nudge
+
+    options = {
+        "strategy": strategy, "select": select or None, "factor": factor, "max_scale": max_scale,
+        "max_fraction": max_fraction,
+    }
+    path = nudge.nudge_checkpoint(
+        checkpoint, targets, out=out_dir, config_path=config, overrides=set_ or [], nudge_options=options,
+        overwrite=overwrite,
+    )
+    out(str(path))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -199,6 +199,74 @@ def nudge_cmd(
     out(str(path))
 
 
+# ---------------------------------------------------------------------------------------------
+# classify
+
+
+@app.command("classify")
+@handle_errors
+def classify_cmd(
+    store: Annotated[
+        str, typer.Argument(help="Trace store, run folder (its trace.zarr), or - to read the path from stdin.")
+    ],
+    method: Annotated[
+        str | None, typer.Option("--method", help="dormancy or mean_abs_threshold (default: the store's config).")
+    ] = None,
+    tau: Annotated[float | None, typer.Option("--tau", help="dormancy: dormant when score <= tau.")] = None,
+    threshold: Annotated[
+        float | None, typer.Option("--threshold", help="mean_abs_threshold: inactive when mean_abs < threshold.")
+    ] = None,
+    min_persist: Annotated[
+        int | None, typer.Option("--min-persist", help="Tracked steps a change must hold to count.")
+    ] = None,
+    from_step: Annotated[int | None, typer.Option("--from-step", help="First step of the window.")] = None,
+    to_step: Annotated[int | None, typer.Option("--to-step", help="Last step of the window (inclusive).")] = None,
+    layers: Annotated[
+        list[str] | None, typer.Option("--layers", help="Glob on layer names, repeatable (default: all layers).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override another classify field: --set classify.gn_scale_ratio=0.05 (repeatable)."),
+    ] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="table, json or csv (default: table on a terminal, else json).")
+    ] = None,
+    write: Annotated[
+        bool, typer.Option("--write/--no-write", help="Write the store's classification group.")
+    ] = True,
+) -> None:
+    """Label inactive channels of a trace (state, trajectory, mechanism, flags); writes its classification group."""
+    from vaedyn_cli import classify
+
+    options = {"method": method, "tau": tau, "threshold": threshold, "min_persist": min_persist}
+    sys.stdout.write(classify.run(
+        store, options, sets=set_ or [], from_step=from_step, to_step=to_step, layers=layers, write=write,
+        fmt=fmt, tty=sys.stdout.isatty(),
+    ))
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+@app.command("report")
+@handle_errors
+def report_cmd(
+    store: Annotated[
+        str, typer.Argument(help="Trace store, run folder (its trace.zarr), or - to read the path from stdin.")
+    ],
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Report folder (default: <run>/report/, or <store>.report/ beside a bare store)."),
+    ] = None,
+) -> None:
+    """Draw the channel dynamics of a trace (PNG figures) and an index.html that opens from disk; prints the folder."""
+    from vaedyn_cli import report
+
+    out(str(report.build_report(store, out_dir)))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -1,0 +1,412 @@
+"""`vaedyn classify`: planted trajectories, mechanisms and flags, chunked == in memory, the
+`classification` group, and the CLI, on stores written directly with xarray + zarr."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from vaedyn_cli import classify
+from vaedyn_cli.config import ClassifyConfig
+
+STAT_VARS = ("in_std", "mean", "mean_abs", "std", "act_mean", "act_std", "gn_weight", "gn_bias",
+             "gn_weight_grad", "out_weight_norm")
+
+
+# ---------------------------------------------------------------------------------------------
+# a store "written by another program": plain xarray + zarr following DESIGN.md
+
+
+def make_trace(layers: list[tuple[str, int, bool]], steps: list[int] | np.ndarray, seed: int = 0,
+               **stats: np.ndarray) -> xr.Dataset:
+    """A schema-conformant root group: every stat defaults to a healthy channel (std ~1, gamma 1)."""
+    rng = np.random.default_rng(seed)
+    names = [n for n, c, _ in layers for _ in range(c)]
+    cidx = [i for _, c, _ in layers for i in range(c)]
+    has_act = [a for _, c, a in layers for _ in range(c)]
+    n_steps, n_ch = len(steps), len(names)
+    healthy = (1.0 + 0.05 * rng.standard_normal((n_steps, n_ch))).astype(np.float32)
+    defaults = {
+        "in_std": healthy, "mean": np.zeros_like(healthy), "mean_abs": 0.8 * healthy, "std": healthy,
+        "act_mean": 0.3 * healthy, "act_std": 0.6 * healthy, "gn_weight": np.ones_like(healthy),
+        "gn_bias": np.zeros_like(healthy), "gn_weight_grad": 1e-3 * healthy, "out_weight_norm": healthy,
+    }
+    data = {}
+    for name in STAT_VARS:
+        arr = np.array(stats.get(name, defaults[name]), np.float32)  # a copy: variables must not share memory
+        if name in ("act_mean", "act_std"):
+            arr = np.where(np.asarray(has_act)[None, :], arr, np.nan).astype(np.float32)
+        data[name] = (("step", "channel"), arr)
+    for name in ("loss", "rec_loss", "kl_loss", "lr"):
+        data[name] = ("step", np.full(n_steps, np.nan))
+    return xr.Dataset(
+        data,
+        coords={
+            "step": ("step", np.asarray(steps, np.int64)),
+            "layer": ("channel", np.array(names, dtype=object)),
+            "channel_index": ("channel", np.array(cidx, np.int64)),
+            "part": ("channel", np.array([n.split(".")[0] for n in names], dtype=object)),
+            "has_activation": ("channel", np.array(has_act, bool)),
+        },
+        attrs={"schema": "vaedyn.trace", "schema_version": 1, "vaedyn_version": "other-program",
+               "source": "track", "run_name": "synthetic", "committed_steps": n_steps},
+    )
+
+
+def write_store(ds: xr.Dataset, path: Path, config: dict | None = None, model_config: dict | None = None,
+                committed: int | None = None) -> Path:
+    ds = ds.copy()
+    if config is not None:
+        ds.attrs["config"] = json.dumps(config)
+    if model_config is not None:
+        ds.attrs["model_config"] = json.dumps(model_config)
+    if committed is not None:
+        ds.attrs["committed_steps"] = committed
+    ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False)
+    return path
+
+
+def labels_of(labels: xr.Dataset, layer: str, index: int) -> dict:
+    rec = [r for r in classify.to_records(labels) if r["layer"] == layer and r["channel_index"] == index]
+    assert len(rec) == 1
+    return rec[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# planted trajectories
+
+STEPS = np.arange(40) * 10  # tracked every 10 optimizer steps
+PLANT = "decoder.up_blocks.0.resnets.0.norm1"
+
+
+def planted_trace() -> xr.Dataset:
+    """Layer PLANT: 24 healthy channels (act_std ~0.6) plus planted ones; one attention-like layer
+    without activation. min_persist 3 is the default."""
+    layers = [(PLANT, 32, True), ("decoder.mid_block.attentions.0.group_norm", 8, False)]
+    ds = make_trace(layers, STEPS)
+    act = ds["act_std"].values.copy()
+    low = 0.01  # score ~0.017 <= tau 0.1: dormant, not dead
+    act[20:, 0] = low  # 0: dies at index 20 (step 200)
+    act[20:, 1] = 0.0  # 1: dies at step 200, dead
+    act[:12, 2] = low  # 2: dormant until index 12, revives (step 120)
+    act[:, 3] = low  # 3: born dormant
+    for a in (5, 15, 25):  # 4: off at 5-9, 15-19, 25-29: six persistent changes
+        act[a:a + 5, 4] = low
+    act[[3, 4, 10, 17, 18, 30], 5] = low  # 5: glitches shorter than min_persist: stays active
+    act[10:20, 6] = low  # 6: dies at 100, revives at 200: two changes
+    act[37:, 7] = low  # 7: inactive in the last 3 steps only: dies at 370
+    act[38:, 8] = low  # 8: inactive in the last 2 steps only (< min_persist): still active
+    act[0, 9] = low  # 9: inactive at the first step only, active from step 10 on: revived at 10
+    act[39, 10] = np.nan  # 10: not observed at the last step; dormant before: dies at 350
+    act[35:39, 10] = low
+    ds["act_std"].values[:] = act
+    std = ds["std"].values.copy()
+    std[30:, 32] = 0.01  # attention channel 0 (activity = std): dormant from step 300
+    ds["std"].values[:] = std
+    return ds
+
+
+def test_planted_trajectories_are_labelled_with_exact_steps() -> None:
+    labels = classify.classify_trace(planted_trace(), ClassifyConfig())
+    expect = {  # channel: (state, trajectory, onset, revival, n_transitions)
+        0: ("dormant", "died", 200, None, 1),
+        1: ("dead", "died", 200, None, 1),
+        2: ("active", "revived", None, 120, 1),
+        3: ("dormant", "born_dormant", None, None, 0),
+        4: ("active", "intermittent", 250, 300, 6),
+        5: ("active", "active", None, None, 0),
+        6: ("active", "intermittent", 100, 200, 2),
+        7: ("dormant", "died", 370, None, 1),
+        8: ("active", "active", None, None, 0),
+        9: ("active", "revived", None, 10, 1),
+        10: ("dormant", "died", 350, None, 1),
+        11: ("active", "active", None, None, 0),
+    }
+    for i, (state, traj, onset, revival, n) in expect.items():
+        rec = labels_of(labels, PLANT, i)
+        got = (rec["state"], rec["trajectory"], rec["onset_step"], rec["revival_step"], rec["n_transitions"])
+        assert got == (state, traj, onset, revival, n), f"channel {i}: {got}"
+    att = labels_of(labels, "decoder.mid_block.attentions.0.group_norm", 0)
+    assert (att["state"], att["trajectory"], att["onset_step"]) == ("dormant", "died", 300)
+    healthy = [r for r in classify.to_records(labels) if r["layer"] == PLANT and r["channel_index"] >= 11]
+    assert {r["trajectory"] for r in healthy} == {"active"}
+    # scores: the last observed step; a dormant channel's score is its activity over the layer mean
+    rec0 = labels_of(labels, PLANT, 0)
+    layer_mean = np.nanmean(planted_trace()["act_std"].values[-1, :32])
+    assert rec0["score"] == pytest.approx(0.01 / layer_mean, rel=1e-5)
+    assert labels.attrs["first_step"] == 0 and labels.attrs["last_step"] == 390
+
+
+def test_min_persist_one_counts_every_flip() -> None:
+    labels = classify.classify_trace(planted_trace(), ClassifyConfig(min_persist=1))
+    rec5 = labels_of(labels, PLANT, 5)  # glitches at 3,4 | 10 | 17,18 | 30 -> 8 flips
+    assert (rec5["trajectory"], rec5["n_transitions"], rec5["revival_step"]) == ("intermittent", 8, 310)
+    assert labels_of(labels, PLANT, 8)["state"] == "dormant"
+
+
+def test_window_from_to_step() -> None:
+    ds = planted_trace()
+    labels = classify.classify_trace(ds, ClassifyConfig(), from_step=210, to_step=300)
+    assert (labels.attrs["first_step"], labels.attrs["last_step"], labels.attrs["n_steps"]) == (210, 300, 10)
+    assert labels_of(labels, PLANT, 0)["trajectory"] == "born_dormant"  # dead before the window
+    rec4 = labels_of(labels, PLANT, 4)  # on 210-240, off 250-290, on again only at 300 (< min_persist)
+    assert (rec4["state"], rec4["trajectory"], rec4["onset_step"], rec4["n_transitions"]) == ("dormant", "died", 250, 1)
+    with pytest.raises(classify.VaedynError, match="no tracked step"):
+        classify.classify_trace(ds, ClassifyConfig(), from_step=1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# chunked == in memory
+
+
+def flicker_trace(seed: int, n_steps: int = 53) -> xr.Dataset:
+    rng = np.random.default_rng(seed)
+    layers = [("encoder.down_blocks.0.resnets.0.norm1", 16, True), ("encoder.mid_block.attentions.0.group_norm", 8,
+                                                                     False),
+              ("decoder.conv_norm_out", 12, True)]
+    ds = make_trace(layers, np.arange(n_steps) * 3 + 7, seed=seed)
+    for name in ("act_std", "std", "mean_abs"):
+        arr = ds[name].values.copy()
+        p_off = rng.random(arr.shape[1]) * 0.6
+        off = rng.random(arr.shape) < p_off
+        arr[off] *= 0.01
+        arr[rng.random(arr.shape) < 0.02] = 0.0
+        arr[rng.random(arr.shape) < 0.03] = np.nan
+        arr[:, :3] = arr[0, :3]  # constant channels take the bulk path
+        ds[name].values[:] = np.where(np.isnan(ds[name].values), np.nan, arr)
+    return ds
+
+
+@pytest.mark.parametrize("method", ["dormancy", "mean_abs_threshold"])
+def test_chunked_equals_whole_in_memory(tmp_path: Path, method: str) -> None:
+    ds = flicker_trace(1)
+    store = write_store(ds, tmp_path / "t.zarr")
+    whole = classify.classify_trace(ds, ClassifyConfig(method=method, chunk_steps=10_000, min_persist=2))
+    assert (whole["n_transitions"] >= 2).sum() > 5  # the trace really flickers
+    for chunk in (1, 2, 5, 16, 52, 53):
+        lazy = classify.classify_trace(classify.open_trace(store), ClassifyConfig(method=method, chunk_steps=chunk,
+                                                                                min_persist=2))
+        xr.testing.assert_identical(lazy, whole.assign_attrs(params=lazy.attrs["params"]))
+
+
+def test_debounce_matches_a_plain_reference() -> None:
+    """The vectorised machine equals the definition written out step by step (random codes, gaps)."""
+
+    def reference(codes: np.ndarray, steps: np.ndarray, k: int) -> tuple | None:
+        seen, n, onset, revival = False, 0, -1, -1
+        for s, code in zip(steps.tolist(), codes.tolist(), strict=True):
+            if code < 0:
+                continue
+            x = code >= 1
+            if not seen:
+                seen, initial, cur, run, length, start = True, x, x, x, 0, s
+            if x != run:
+                run, length, start = x, 0, s
+            length += 1
+            if run != cur and length >= k:
+                cur, n = run, n + 1
+                onset, revival = (start, revival) if cur else (onset, start)
+        return (initial, cur, n, onset, revival) if seen else None
+
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        n_steps, n_ch, k = int(rng.integers(1, 40)), int(rng.integers(1, 30)), int(rng.integers(1, 5))
+        codes = np.where(rng.random((n_steps, n_ch)) < rng.random(n_ch), rng.integers(1, 3, (n_steps, n_ch)), 0)
+        codes[rng.random(codes.shape) < 0.1] = -1
+        codes = codes.astype(np.int8)
+        steps = np.arange(n_steps) * 5
+        for chunk in (1, 3, n_steps):
+            m = classify._Debounce(n_ch, k)
+            for a in range(0, n_steps, chunk):
+                m.update(steps[a:a + chunk], codes[a:a + chunk], np.zeros((len(steps[a:a + chunk]), n_ch)))
+            for j in range(n_ch):
+                ref = reference(codes[:, j], steps, k)
+                got = (bool(m.initial[j]), bool(m.cur[j]), int(m.n_trans[j]), int(m.onset[j]), int(m.revival[j]))
+                assert (got if m.seen[j] else None) == ref
+
+
+# ---------------------------------------------------------------------------------------------
+# mechanisms and flags
+
+MECH = "encoder.down_blocks.1.resnets.0.norm2"
+
+
+def mechanism_trace() -> xr.Dataset:
+    """16 channels in 2 groups of 8; group 1's inputs are 100x larger than group 0's."""
+    ds = make_trace([(MECH, 16, True)], np.arange(6))
+    act, gamma, mean, std, in_std, out = (ds[v].values.copy() for v in
+                                          ("act_std", "gn_weight", "mean", "std", "in_std", "out_weight_norm"))
+    in_std[:, 8:] *= 100
+    act[:, 0:5] = 0.01  # five dormant channels
+    gamma[:, 0] = 1e-3  # 0: gamma ~0 -> gn_scale
+    mean[:, 1], std[:, 1] = -12.0, 2.0  # 1: y far below zero before SiLU -> saturated
+    in_std[:, 2] = 1e-4  # 2: the norm's input is flat -> input_collapse
+    gamma[:, 3], in_std[:, 3] = 0.0, 0.0  # 3: both; gn_scale comes first
+    # 4: dormant for no visible reason -> other
+    out[:, 5] = 0.0  # 5: active but nobody reads it -> unused (flag only)
+    in_std[:, 6] = 0.5  # 6: small for the layer, normal for its group 0 -> not collapsed
+    in_std[:, 9] = 5.0  # 9: normal for the layer, tiny for its group 1 -> collapsed (flag only)
+    mean[:, 10], std[:, 10] = -1.0, 2.0  # 10: mean below zero but y not far below: not saturated
+    for name, arr in zip(("act_std", "gn_weight", "mean", "std", "in_std", "out_weight_norm"),
+                         (act, gamma, mean, std, in_std, out), strict=True):
+        ds[name].values[:] = arr
+    return ds
+
+
+def test_mechanisms_and_flags_on_synthetic_trace(tmp_path: Path) -> None:
+    store = write_store(mechanism_trace(), tmp_path / "m.zarr", model_config={"norm_num_groups": 2})
+    labels = classify.classify_store(store, ClassifyConfig(), write=False)
+    recs = {r["channel_index"]: r for r in classify.to_records(labels)}
+    assert [recs[i]["mechanism"] for i in range(5)] == ["gn_scale", "saturated", "input_collapse", "gn_scale", "other"]
+    assert all(recs[i]["mechanism"] is None for i in range(5, 16))
+    assert {i for i, r in recs.items() if r["unused"]} == {5}
+    assert {i for i, r in recs.items() if r["input_collapsed"]} == {2, 3, 9}
+    assert {i for i, r in recs.items() if r["state"] != "active"} == {0, 1, 2, 3, 4}
+
+
+def test_without_model_config_the_layer_is_one_group(tmp_path: Path) -> None:
+    store = write_store(mechanism_trace(), tmp_path / "m.zarr")
+    recs = {r["channel_index"]: r for r in classify.to_records(classify.classify_store(store, write=False))}
+    # the layer mean of in_std is ~44: all of group 0 (~1) falls under 0.1 * 44, channel 9 (5.0) does not
+    assert {i for i, r in recs.items() if r["input_collapsed"]} == set(range(8))
+
+
+def test_mean_abs_threshold_flags_exactly_the_channels_under_the_threshold() -> None:
+    rng = np.random.default_rng(5)
+    n_steps, n_ch = 9, 40
+    level = rng.uniform(0.0, 0.5, n_ch)
+    level[0] = 0.2  # exactly at the threshold: not under it
+    mean_abs = np.repeat(level[None, :], n_steps, axis=0)
+    ds = make_trace([("decoder.up_blocks.3.resnets.2.norm2", n_ch, True)], np.arange(n_steps), mean_abs=mean_abs)
+    labels = classify.classify_trace(ds, ClassifyConfig(method="mean_abs_threshold", threshold=0.2))
+    flagged = labels["state"].values != "active"
+    np.testing.assert_array_equal(flagged, level.astype(np.float32) < 0.2)
+    assert set(labels["state"].values[flagged]) == {"dormant"}
+    np.testing.assert_allclose(labels["score"].values, level.astype(np.float32))
+    # with a varying trace and no persistence, the final state is the last step's rule
+    mean_abs = rng.uniform(0.0, 0.5, (n_steps, n_ch)).astype(np.float32)
+    ds = make_trace([("decoder.up_blocks.3.resnets.2.norm2", n_ch, True)], np.arange(n_steps), mean_abs=mean_abs)
+    labels = classify.classify_trace(ds, ClassifyConfig(method="mean_abs_threshold", threshold=0.2, min_persist=1))
+    np.testing.assert_array_equal(labels["state"].values != "active", mean_abs[-1] < 0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# the store: parameters from its config, committed steps, the classification group
+
+
+def test_store_config_supplies_defaults_and_committed_steps_trim(tmp_path: Path) -> None:
+    ds = planted_trace()
+    store = write_store(ds, tmp_path / "t.zarr", config={"classify": {"min_persist": 1}}, committed=30)
+    labels = classify.classify_store(store, write=False)
+    assert json.loads(labels.attrs["params"])["min_persist"] == 1
+    assert labels.attrs["last_step"] == 290
+    assert labels_of(labels, PLANT, 5)["n_transitions"] == 6  # min_persist 1; the glitch at index 30 is uncommitted
+    text = classify.run(str(store), {"min_persist": 3}, write=False, fmt="json")
+    assert json.loads(text)["params"]["min_persist"] == 3
+    with pytest.raises(classify.VaedynError, match="invalid classify parameters: tau"):
+        classify.run(str(store), {"tau": -1}, write=False, fmt="json")
+
+
+@pytest.mark.filterwarnings("error")
+def test_classification_group_round_trip_and_rewrite(tmp_path: Path) -> None:
+    store = write_store(planted_trace(), tmp_path / "t.zarr")
+    root_meta = (store / "zarr.json").read_text()
+    labels = classify.classify_store(store)
+    assert (store / "zarr.json").read_text() == root_meta  # the root group is untouched
+    back = classify.read_classification(store)
+    assert back.sizes["channel"] == 40 and bool(back["classified"].all())
+    for name in ("state", "trajectory", "unused", "input_collapsed", "score", "onset_step", "revival_step",
+                 "n_transitions"):
+        np.testing.assert_array_equal(back[name].values.astype(labels[name].dtype), labels[name].values)
+    assert back["mechanism"].values.tolist() == [m or "" for m in labels["mechanism"].values.tolist()]
+    assert back.attrs["method"] == "dormancy" and json.loads(back.attrs["params"])["tau"] == 0.1
+    # the whole store opens as a DataTree: the group is aligned with the root's channel dim
+    tree = xr.open_datatree(store, engine="zarr", consolidated=False)
+    assert str(tree["classification"]["state"].values[1]) == "dead"
+    assert tree["classification"].sizes["channel"] == tree.sizes["channel"]  # row i is the root's channel i
+    # rewritten as a whole: now only the attention layer is classified
+    classify.classify_store(store, ClassifyConfig(tau=0.5), layers=["*attentions*"])
+    back = classify.read_classification(store)
+    assert back["classified"].values.tolist() == [False] * 32 + [True] * 8
+    assert set(back["state"].values[:32].tolist()) == {""}
+    assert back["onset_step"].values[32] == 300 and back["onset_step"].values[0] == classify.NO_STEP
+    assert json.loads(back.attrs["params"])["tau"] == 0.5
+    assert sorted(p.name for p in store.iterdir() if p.name.startswith("classification")) == ["classification"]
+
+
+def test_layer_globs_and_errors(tmp_path: Path) -> None:
+    ds = planted_trace()
+    labels = classify.classify_trace(ds, ClassifyConfig(), layers=["*norm1", "decoder.up_blocks.0.*"])
+    assert set(labels["layer"].values.tolist()) == {PLANT}
+    with pytest.raises(classify.VaedynError, match="matches no layer"):
+        classify.classify_trace(ds, ClassifyConfig(), layers=["encoder.*"])
+    with pytest.raises(classify.VaedynError, match="not a trace store"):
+        classify.resolve_store_path(str(tmp_path))
+    bad = write_store(ds.assign_attrs(schema="other"), tmp_path / "o.zarr")
+    with pytest.raises(classify.VaedynError, match="not a vaedyn trace store"):
+        classify.open_trace(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _run_folder(tmp_path: Path) -> Path:
+    run = tmp_path / "runs" / "tiny"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("run_name: tiny\n")
+    write_store(planted_trace(), run / "trace.zarr", config={"classify": {"tau": 0.1}})
+    return run
+
+
+def test_cli_json_from_stdin_run_folder(cli, tmp_path: Path) -> None:
+    run = _run_folder(tmp_path)
+    res = cli("classify", "-", input=f"some log line\n{run}\n")
+    assert res.exit_code == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert list(data) == ["store", "method", "params", "steps", "layers", "channels"]
+    assert data["store"] == str(run / "trace.zarr") and data["method"] == "dormancy"
+    assert data["steps"] == [0, 390]
+    assert data["layers"] == {PLANT: 32, "decoder.mid_block.attentions.0.group_norm": 8}
+    assert len(data["channels"]) == 40
+    assert list(data["channels"][0]) == list(classify.RECORD_KEYS)
+    assert data["channels"][1] == {**data["channels"][1], "state": "dead", "trajectory": "died", "onset_step": 200,
+                                   "revival_step": None, "mechanism": "other", "part": "decoder"}
+    assert (run / "trace.zarr" / "classification" / "zarr.json").is_file()
+
+
+def test_cli_csv_table_and_options(cli, tmp_path: Path) -> None:
+    run = _run_folder(tmp_path)
+    res = cli("classify", run, "--format", "csv", "--no-write", "--layers", "*attentions*", "--min-persist", "1")
+    assert res.exit_code == 0, res.stderr
+    rows = list(csv.DictReader(io.StringIO(res.stdout)))
+    assert len(rows) == 8 and rows[0]["onset_step"] == "300" and rows[1]["onset_step"] == ""
+    assert not (run / "trace.zarr" / "classification").exists()
+    res = cli("classify", run, "--format", "table", "--no-write", "--from-step", "100", "--to-step", "250")
+    assert res.exit_code == 0, res.stderr
+    assert PLANT in res.stdout and "total" in res.stdout and "100..250" in res.stdout
+    res = cli("classify", run, "--method", "mean_abs_threshold", "--threshold", "0.9", "--format", "json",
+              "--no-write")
+    data = json.loads(res.stdout)
+    assert data["method"] == "mean_abs_threshold" and data["params"]["threshold"] == 0.9
+    assert sum(c["state"] == "dormant" for c in data["channels"]) > 20  # mean_abs ~0.8 < 0.9
+
+
+def test_cli_bad_input_exits_2(cli, tmp_path: Path) -> None:
+    res = cli("classify", tmp_path)
+    assert res.exit_code == 2 and "not a trace store" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+    run = _run_folder(tmp_path)
+    for args, msg in ((["--layers", "nope*"], "matches no layer"), (["--method", "ring"], "method"),
+                      (["--format", "xml"], "--format"), (["--tau", "-1"], "tau")):
+        res = cli("classify", run, *args)
+        assert res.exit_code == 2 and msg in res.stderr, (args, res.stderr)
+    assert not (run / "trace.zarr" / "classification").exists()
+    res = cli("classify", "-", input="")
+    assert res.exit_code == 2 and "stdin is empty" in res.stderr

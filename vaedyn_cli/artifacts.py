@@ -15,8 +15,10 @@ CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
 LOGS_DIR = "logs"
 EVAL_DIR = "eval"
+REPORT_DIR = "report"  # written by `vaedyn report` for a run's trace
 METRICS_FILE = "metrics.json"
 NUDGE_FILE = "nudge.json"
+VALIDATION_FILE = "validation.jsonl"  # one JSON line per validation during training: step, epoch, val_* metrics
 # Written beside accelerate's own files in every step folder and in `final/`.
 RUN_CONFIG_IN_CHECKPOINT = "vaedyn_config.yaml"
 MODEL_CONFIG_FILE = "config.json"  # diffusers model config

@@ -1,0 +1,280 @@
+"""`vaedyn report`: figures and page from small trace stores with planted dynamics."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from tests.conftest import tiny_config_dict
+from vaedyn_cli import artifacts
+from vaedyn_cli.config import RunConfig
+from vaedyn_cli.errors import VaedynError
+from vaedyn_cli.report import FIGURES, INDEX_FILE, SUMMARY_FILE, build_report
+
+LAYERS = [  # (name, part, has_activation), 8 channels each
+    ("encoder.down_blocks.0.resnets.0.norm1", "encoder", True),
+    ("encoder.mid_block.attentions.0.group_norm", "encoder", False),
+    ("decoder.up_blocks.0.resnets.0.norm2", "decoder", True),
+    ("decoder.conv_norm_out", "decoder", True),
+]
+WIDTH = 8
+N_STEPS = 20
+STEPS = np.arange(N_STEPS, dtype=np.int64) * 2  # tracked every 2 steps: 0 .. 38
+PARAMS = ["encoder.conv_in.weight", "decoder.conv_out.weight", "decoder.up_blocks.0.resnets.0.conv1.weight"]
+ALL_FILES = sorted([*FIGURES, INDEX_FILE, SUMMARY_FILE])
+
+
+def _strings(values: list[str]) -> np.ndarray:
+    return np.asarray(values, dtype=np.dtypes.StringDType())
+
+
+def make_trace(tmp_path: Path, source: str = "train") -> xr.Dataset:
+    """A trace with planted dynamics (DESIGN.md schema), 32 channels x 20 steps:
+
+    encoder layer 0 channels 0, 1 die at step 10 (activity 1e-3, gamma 1e-3): dormant, `died`, gn_scale;
+    encoder attention channel 2 has std 0.05 throughout: dormant, `born_dormant`;
+    decoder conv_norm_out channel 3 has activity 0 throughout: dead, `born_dormant`;
+    decoder up0 channel 5 is at 0.01 until step 18, then active: `revived`.
+    """
+    rng = np.random.default_rng(0)
+    n_ch = WIDTH * len(LAYERS)
+    layer = [name for name, _, _ in LAYERS for _ in range(WIDTH)]
+    part = [p for _, p, _ in LAYERS for _ in range(WIDTH)]
+    has_act = np.array([a for _, _, a in LAYERS for _ in range(WIDTH)])
+    base = 1.0 + 0.01 * rng.standard_normal((N_STEPS, n_ch))
+    std = base.copy()
+    act_std = np.where(has_act, base * 0.6, np.nan)
+    gamma = np.ones((N_STEPS, n_ch))
+    died = [0, 1]
+    act_std[5:, died] = 1e-3
+    gamma[5:, died] = 1e-3
+    std[:, WIDTH + 2] = 0.05
+    act_std[:, 3 * WIDTH + 3] = 0.0
+    act_std[:9, 2 * WIDTH + 5] = 0.01
+    train = source == "train"
+    scalar = (lambda v: v) if train else (lambda v: np.full(N_STEPS, np.nan))
+    cfg = RunConfig.model_validate(tiny_config_dict(tmp_path))
+    step_ch = ("step", "channel")
+    ds = xr.Dataset(
+        {
+            "layer": ("channel", _strings(layer)),
+            "channel_index": ("channel", np.tile(np.arange(WIDTH, dtype=np.int64), len(LAYERS))),
+            "part": ("channel", _strings(part)),
+            "has_activation": ("channel", has_act),
+            "in_std": (step_ch, base.astype(np.float32)),
+            "mean": (step_ch, np.zeros((N_STEPS, n_ch), np.float32)),
+            "mean_abs": (step_ch, (0.8 * std).astype(np.float32)),
+            "std": (step_ch, std.astype(np.float32)),
+            "act_mean": (step_ch, (0.3 * act_std).astype(np.float32)),
+            "act_std": (step_ch, act_std.astype(np.float32)),
+            "gn_weight": (step_ch, gamma.astype(np.float32)),
+            "gn_bias": (step_ch, np.zeros((N_STEPS, n_ch), np.float32)),
+            "gn_weight_grad": (step_ch, np.full((N_STEPS, n_ch), 1e-3 if train else np.nan, np.float32)),
+            "out_weight_norm": (step_ch, np.ones((N_STEPS, n_ch), np.float32)),
+            "loss": ("step", scalar(np.linspace(0.5, 0.1, N_STEPS))),
+            "rec_loss": ("step", scalar(np.linspace(0.49, 0.09, N_STEPS))),
+            "kl_loss": ("step", scalar(np.linspace(200.0, 900.0, N_STEPS))),
+            "lr": ("step", scalar(np.full(N_STEPS, 1e-3))),
+            "near_zero_frac": (("step", "param"), np.linspace(0, 0.02, N_STEPS)[:, None] * np.arange(1, 4)),
+        },
+        coords={"step": STEPS, "param": _strings(PARAMS)},
+        attrs={
+            "schema": "vaedyn.trace", "schema_version": 1, "vaedyn_version": "0.1.0", "source": source,
+            "run_name": "tiny", "config": cfg.model_dump_json(),
+            "model_config": json.dumps({"norm_num_groups": 2, "block_out_channels": [8, 16, 32, 32]}),
+            "committed_steps": N_STEPS,
+        },
+    )
+    return ds
+
+
+def write_store(path: Path, ds: xr.Dataset, events: bool = False, extra_steps: int = 0) -> Path:
+    """Write a trace as a Zarr v3 store; `extra_steps` uncommitted steps are appended after the committed ones."""
+    if extra_steps:
+        tail = ds.isel(step=slice(-extra_steps, None)).assign_coords(step=ds.step[-extra_steps:] + 1000)
+        tail = tail.drop_vars(["layer", "channel_index", "part", "has_activation", "param"], errors="ignore")
+        for name in ("act_std", "std"):
+            tail[name] = xr.zeros_like(tail[name])
+        full = xr.concat([ds, tail], dim="step", data_vars="minimal", coords="minimal", compat="override")
+        full.attrs = ds.attrs
+        ds = full
+    ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False)
+    if events:
+        ev = xr.Dataset({
+            "step": ("event", np.array([20, 20, 30], np.int64)),
+            "layer": ("event", _strings(["decoder.up_blocks.0.resnets.0.norm2"] * 3)),
+            "channel_index": ("event", np.array([5, 5, 5], np.int64)),
+            "strategy": ("event", _strings(["gn_scale_nudge"] * 3)),
+            "param": ("event", _strings(["weight[5]", "bias[5]", "weight[5]"])),
+            "before": ("event", np.array([0.5, 0.0, 0.55])),
+            "after": ("event", np.array([0.55, 0.0, 0.6])),
+        })
+        ev.to_zarr(path, group="events", mode="w", zarr_format=3, consolidated=False)
+    return path
+
+
+def make_run(tmp_path: Path, events: bool = True, validation: bool = True) -> Path:
+    """A run folder with config.yaml, trace.zarr (with events) and validation.jsonl."""
+    run = tmp_path / "runs" / "tiny"
+    run.mkdir(parents=True)
+    cfg = RunConfig.model_validate(tiny_config_dict(tmp_path))
+    (run / artifacts.CONFIG_FILE).write_text(cfg.to_yaml())
+    write_store(run / artifacts.TRACE_DIR, make_trace(tmp_path), events=events)
+    if validation:
+        lines = [{"step": s, "epoch": 0, "val_rec_loss": 0.3 - 0.01 * s, "val_kl": 500.0 + s, "val_psnr": 20.0 + s / 10}
+                 for s in (6, 18, 30)]
+        (run / artifacts.VALIDATION_FILE).write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 3')
+    return run
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def _png_ok(path: Path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_report_of_run_writes_every_file_with_known_counts(tmp_path: Path, cli) -> None:
+    run = make_run(tmp_path)
+    result = cli("report", str(run))
+    assert result.exit_code == 0, result.stderr
+    out = Path(result.stdout.strip())
+    assert out == run / artifacts.REPORT_DIR
+    assert _listing(out) == ALL_FILES
+    assert all(_png_ok(out / f) for f in FIGURES)
+    s = json.loads((out / SUMMARY_FILE).read_text())
+    assert s["steps"] == {"count": 20, "first": 0, "last": 38, "shown_in_lines": 20, "shown_in_heatmap": 20}
+    assert s["channels"] == {"total": 32, "encoder": 16, "decoder": 16}
+    assert s["last_step"] == {"encoder": {"inactive": 3, "dead": 0, "channels": 16},
+                              "decoder": {"inactive": 1, "dead": 1, "channels": 16}}
+    counts = s["classification"]["counts"]
+    assert s["classification"]["from"].startswith("computed in memory")
+    assert counts["trajectory"]["died"] == {"encoder": 2, "decoder": 0}
+    assert counts["trajectory"]["born_dormant"] == {"encoder": 1, "decoder": 1}
+    assert counts["trajectory"]["revived"] == {"encoder": 0, "decoder": 1}
+    assert counts["trajectory"]["active"] == {"encoder": 13, "decoder": 14}
+    assert counts["mechanism"]["gn_scale"] == {"encoder": 2, "decoder": 0}
+    top = s["most_affected_layers"]
+    assert [(r["layer"], r["dormant"], r["dead"]) for r in top] == [
+        ("encoder.down_blocks.0.resnets.0.norm1", 2, 0),
+        ("encoder.mid_block.attentions.0.group_norm", 1, 0),
+        ("decoder.conv_norm_out", 0, 1),
+    ]
+    assert s["events"] == {"events": 3, "steps": 2, "first_step": 20, "last_step": 30, "channels_touched": 1,
+                           "by_strategy": {"gn_scale_nudge": 3}}
+    assert s["validation_records"] == 3  # the torn last line is ignored
+    assert all(v == "written" for v in s["figures"].values())
+    page = (out / INDEX_FILE).read_text()
+    assert sorted(re.findall(r'<img src="([^"]+)"', page)) == sorted(FIGURES)
+    assert "Not drawn" not in page and "encoder.down_blocks.0.resnets.0.norm1" in page
+    assert '"run_name": "tiny"' in html.unescape(page)  # the run's config is on the page
+
+
+def test_report_reads_stored_classification_and_replaces_an_old_report(tmp_path: Path) -> None:
+    from vaedyn_cli.classify import classify_store
+
+    store = write_store(tmp_path / "bare.zarr", make_trace(tmp_path))
+    classify_store(store)
+    out = build_report(store)
+    assert out == tmp_path / "bare.zarr.report"
+    s = json.loads((out / SUMMARY_FILE).read_text())
+    assert s["classification"]["from"] == "stored by `vaedyn classify`"
+    assert s["classification"]["counts"]["state"]["dead"] == {"encoder": 0, "decoder": 1}
+    (out / "stale.png").write_bytes(b"x")
+    assert build_report(store) == out and not (out / "stale.png").exists()
+    assert _listing(tmp_path) == ["bare.zarr", "bare.zarr.report"]  # no temporary or old folder left
+
+
+def test_store_without_classification_events_or_validation_skips_with_notes(tmp_path: Path) -> None:
+    ds = make_trace(tmp_path).drop_vars(["near_zero_frac", "param"])
+    store = write_store(tmp_path / "plain.zarr", ds, extra_steps=3)
+    out = build_report(store, tmp_path / "rep")
+    assert _listing(out) == sorted([*(f for f in FIGURES if f != "near_zero_weights.png"), INDEX_FILE, SUMMARY_FILE])
+    s = json.loads((out / SUMMARY_FILE).read_text())
+    assert s["steps"]["count"] == 20  # the 3 uncommitted steps are not shown
+    assert s["events"] == {"events": 0}
+    assert s["figures"]["near_zero_weights.png"].startswith("skipped: the trace has no near_zero_frac")
+    page = (out / INDEX_FILE).read_text()
+    assert page.count('class="note">Not drawn') == 1
+    assert "interventions</td><td class=\"l\">none recorded" in page
+
+
+def test_track_store_with_nan_losses_reports(tmp_path: Path, cli) -> None:
+    store = write_store(tmp_path / "track.zarr", make_trace(tmp_path, source="track"))
+    result = cli("report", "-", "--out", str(tmp_path / "r"), input=f"{store}\n")
+    assert result.exit_code == 0, result.stderr
+    out = Path(result.stdout.strip())
+    s = json.loads((out / SUMMARY_FILE).read_text())
+    assert s["source"] == "track"
+    assert s["figures"]["loss_curves.png"] == "skipped: a `track` store has no training scalars and no validation " \
+                                              "metrics were recorded"
+    assert not (out / "loss_curves.png").exists()
+    assert _png_ok(out / "dormant_counts.png")
+
+
+def test_bad_inputs_exit_2_and_write_nothing(tmp_path: Path, cli) -> None:
+    result = cli("report", str(tmp_path / "missing.zarr"))
+    assert result.exit_code == 2 and "not a trace store" in result.stderr
+    store = write_store(tmp_path / "s.zarr", make_trace(tmp_path))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    result = cli("report", str(store), "--out", str(busy))
+    assert result.exit_code == 2 and "is not a vaedyn report" in result.stderr
+    assert _listing(busy) == ["notes.txt"]
+    assert _listing(tmp_path) == ["busy", "s.zarr"]
+    with pytest.raises(VaedynError, match="is a file"):
+        build_report(store, tmp_path / "busy" / "notes.txt")
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+_CHECK = """<script>
+window.__errors = [];
+window.addEventListener("error", function (e) {
+  window.__errors.push(e.target && e.target.tagName ? "failed to load " + (e.target.src || e.target.href) : String(e.message));
+}, true);
+var _ce = console.error;
+console.error = function () { window.__errors.push(Array.from(arguments).join(" ")); _ce.apply(console, arguments); };
+window.addEventListener("load", function () {
+  var imgs = Array.from(document.images);
+  var bad = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); }).map(function (i) { return i.src; });
+  var v = document.createElement("pre"); v.id = "verdict";
+  v.textContent = JSON.stringify({images: imgs.length, bad: bad, errors: window.__errors});
+  document.body.appendChild(v);
+});
+</script>"""
+
+
+def test_html_opens_in_headless_chromium_with_every_image(tmp_path: Path) -> None:
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (the CI script installs it)")
+    out = build_report(make_run(tmp_path))
+    page = (out / INDEX_FILE).read_text()
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+    check = out / "_check.html"  # beside index.html so that relative image paths resolve the same way
+    check.write_text(page.replace("<head>", "<head>" + _CHECK, 1))
+    proc = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-dev-shm-usage", "--virtual-time-budget=5000", "--dump-dom", check.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    m = re.search(r'<pre id="verdict">(.*?)</pre>', proc.stdout)
+    assert m, f"no verdict in the DOM; chromium said: {proc.stderr[-2000:]}"
+    verdict = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert verdict == {"images": len(FIGURES), "bad": [], "errors": []}

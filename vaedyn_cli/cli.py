@@ -10,8 +10,9 @@ import functools
 import logging
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -195,6 +196,74 @@ def nudge_cmd(
     path = nudge.nudge_checkpoint(
         checkpoint, targets, out=out_dir, config_path=config, overrides=set_ or [], nudge_options=options,
         overwrite=overwrite,
+    )
+    out(str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# train and eval
+
+
+@app.command("train")
+@handle_errors
+def train_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[
+        str | None,
+        typer.Option("--resume", help="Continue from `latest` (the run's newest checkpoint) or a checkpoints/step-* folder."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run folder and start over.")] = False,
+) -> None:
+    """Train (or fine-tune) the VAE into <output_dir>/<run_name>/; prints the run folder."""
+    from vaedyn_cli import train
+
+    cfg = config_mod.load_config(config, set_ or [])
+    out(str(train.train(cfg, resume=resume, overwrite=overwrite)))
+
+
+@app.command("eval")
+@handle_errors
+def eval_cmd(
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="With --compare: metrics.json files or eval folders.", show_default=False)
+    ] = None,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option("--checkpoint", help="Diffusers folder, checkpoints/step-* folder, run folder (its final/) or hub id."),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML config (default: the config stored with the checkpoint).")
+    ] = None,
+    set_: SetOpt = None,
+    split: Annotated[str | None, typer.Option("--split", help="Split to evaluate (default: eval.split).")] = None,
+    num_samples_to_save: Annotated[
+        int | None, typer.Option("--num-samples-to-save", help="Original/reconstruction pairs saved as PNG.")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Evaluation batch size.")] = None,
+    max_samples: Annotated[int | None, typer.Option("--max-samples", help="Evaluate at most this many images.")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Results folder (default: <run>/eval/<split>).")
+    ] = None,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Compare finished evaluations (PATHS) in the original study's Table 1 layout.")
+    ] = False,
+    fmt: Annotated[str, typer.Option("--format", help="--compare output: table or json.")] = "table",
+) -> None:
+    """Evaluate a checkpoint (MSE, KL, PSNR, SSIM); prints the metrics.json path. With --compare, a table."""
+    from vaedyn_cli import evaluate
+
+    if compare:
+        out(evaluate.compare(list(paths or []), fmt))
+        return
+    if paths:
+        raise VaedynError(f"unexpected argument {paths[0]}: PATHS are for --compare; pass the model with --checkpoint")
+    if checkpoint is None:
+        raise VaedynError("missing --checkpoint: pass a run folder, a checkpoints/step-* folder or a diffusers folder")
+    cfg = config_mod.load_config(config, set_ or []) if config is not None else None
+    path = evaluate.evaluate(
+        checkpoint, cfg, split=split, batch_size=batch_size, max_samples=max_samples,
+        num_samples_to_save=num_samples_to_save, out=out_dir, overrides=None if config is not None else set_,
     )
     out(str(path))
 

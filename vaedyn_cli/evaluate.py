@@ -1,0 +1,356 @@
+"""Reconstruction evaluation: MSE, KL, PSNR and SSIM of a checkpoint on a split, sample images,
+and the original study's Table 1 comparison of several evaluations.
+
+Conventions (as the original project): the posterior MODE is decoded (deterministic); MSE is on
+[-1, 1] images; KL is the posterior's KL to N(0, I) summed over latent elements and averaged over
+images; PSNR and SSIM (torchmetrics) are per-image values averaged over images, computed on images
+mapped to [0, 1] (reconstructions clamped) with data range 1.0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vaedyn_cli import artifacts
+from vaedyn_cli.config import RunConfig, apply_overrides, validate_config
+from vaedyn_cli.errors import VaedynError
+
+log = logging.getLogger(__name__)
+
+METRICS = ("mse", "kl", "psnr", "ssim")
+LOWER_IS_BETTER = {"mse": True, "kl": True, "psnr": False, "ssim": False}
+# Table 1 of the original study: label, scale applied to the value, decimals.
+TABLE_FORMAT = {"mse": ("MSE (x1e-3)", 1e3, 3), "kl": ("KL", 1.0, 2), "psnr": ("PSNR (dB)", 1.0, 3), "ssim": ("SSIM", 1.0, 4)}
+GRID_IMAGES = 8
+SAMPLES_DIR = "samples"
+GRID_FILE = "grid.png"
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+def reconstruct(model: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode the posterior mode of `x`; returns (reconstruction, per-image KL summed over latent elements)."""
+    posterior = model.encode(x).latent_dist
+    recon = model.decode(posterior.mode()).sample
+    return recon, posterior.kl()
+
+
+def per_image_mse(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of each image (on the images' own scale), shape (batch,)."""
+    return (recon.float() - x.float()).pow(2).flatten(1).mean(1)
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clamped (reconstructions can overshoot)."""
+    return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def _ssim_kernel(side: int) -> int:
+    """SSIM's 11-pixel Gaussian window, shrunk to the largest odd size that fits small images."""
+    return min(11, side if side % 2 else side - 1)
+
+
+@dataclass
+class EvalResult:
+    """Metrics over a loader, the number of images, and the first images kept for pictures ([0, 1])."""
+
+    metrics: dict[str, float]
+    num_images: int
+    originals: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    reconstructions: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    model: Any, loader: Iterable[torch.Tensor], *, device: torch.device | str | None = None, keep: int = 0
+) -> EvalResult:
+    """MSE, KL, PSNR and SSIM of `model` (anything with diffusers' encode/decode) over `loader`
+    (batches of (B, 3, H, W) images in [-1, 1]); keeps the first `keep` pairs for pictures."""
+    from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+    device = torch.device(device) if device is not None else next(iter(model.parameters())).device
+    psnr = ssim = None
+    mse_sum = kl_sum = 0.0
+    n = 0
+    kept_x: list[torch.Tensor] = []
+    kept_r: list[torch.Tensor] = []
+    for batch in loader:
+        x = (batch[0] if isinstance(batch, list | tuple) else batch).to(device)
+        recon, kl = reconstruct(model, x)
+        if psnr is None:
+            psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3)).to(device)
+            kernel = _ssim_kernel(min(x.shape[-2:]))
+            ssim = StructuralSimilarityIndexMeasure(data_range=1.0, kernel_size=kernel).to(device)
+        ux, ur = to_unit(x), to_unit(recon)
+        # float64: SSIM's variances (E[x^2] - E[x]^2) lose ~1e-4 to cancellation in float32
+        psnr.update(ur.double(), ux.double())
+        ssim.update(ur.double(), ux.double())
+        mse_sum += float(per_image_mse(recon, x).double().sum())
+        kl_sum += float(kl.double().sum())
+        n += x.shape[0]
+        if sum(t.shape[0] for t in kept_x) < keep:
+            kept_x.append(ux.cpu())
+            kept_r.append(ur.cpu())
+    if n == 0 or psnr is None or ssim is None:
+        raise VaedynError("no images to evaluate: the split is empty; check the split name and max_samples")
+    metrics = {"mse": mse_sum / n, "kl": kl_sum / n, "psnr": float(psnr.compute()), "ssim": float(ssim.compute())}
+    originals = torch.cat(kept_x)[:keep] if kept_x else torch.empty(0)
+    recons = torch.cat(kept_r)[:keep] if kept_r else torch.empty(0)
+    return EvalResult(metrics, n, originals, recons)
+
+
+# ---------------------------------------------------------------------------------------------
+# pictures
+
+
+def _to_uint8(img: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [0, 1] -> (H, W, 3) uint8."""
+    return (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def image_grid(originals: torch.Tensor, reconstructions: torch.Tensor, gap: int = 2) -> Image.Image:
+    """Originals in the top row, their reconstructions below, separated by white lines."""
+    k, _, h, w = originals.shape
+    canvas = np.full((2 * h + 3 * gap, k * w + (k + 1) * gap, 3), 255, dtype=np.uint8)
+    for row, images in enumerate((originals, reconstructions)):
+        top = gap + row * (h + gap)
+        for i in range(k):
+            left = gap + i * (w + gap)
+            canvas[top : top + h, left : left + w] = _to_uint8(images[i])
+    return Image.fromarray(canvas)
+
+
+def _write_pictures(folder: Path, result: EvalResult, num_pairs: int) -> None:
+    if result.originals.numel() == 0:
+        return
+    k = min(GRID_IMAGES, result.originals.shape[0])
+    image_grid(result.originals[:k], result.reconstructions[:k]).save(folder / GRID_FILE)
+    if num_pairs:
+        samples = folder / SAMPLES_DIR
+        samples.mkdir()
+        for i in range(min(num_pairs, result.originals.shape[0])):
+            Image.fromarray(_to_uint8(result.originals[i])).save(samples / f"{i:04d}_original.png")
+            Image.fromarray(_to_uint8(result.reconstructions[i])).save(samples / f"{i:04d}_reconstruction.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# the eval stage
+
+
+def _resolve_config(cfg: RunConfig | None, stored: RunConfig | None, overrides: list[str] | None, source: str) -> RunConfig:
+    """The config given with -c, else the one stored with the checkpoint (with --set applied)."""
+    if cfg is not None:
+        return cfg
+    if stored is None:
+        raise VaedynError(
+            f"checkpoint {source} carries no vaedyn config, so the data to evaluate on is unknown; pass -c CONFIG"
+        )
+    if not overrides:
+        return stored
+    data = apply_overrides(stored.model_dump(mode="json"), overrides)
+    return validate_config(data, f"stored with {source} with --set " + " ".join(overrides))
+
+
+def default_out_dir(ckpt: Any, split: str) -> Path:
+    """`<run>/eval/<split>` for a run's final model, `<run>/eval/<folder>/<split>` for any other
+    folder of the run (a step checkpoint, a nudged copy), so evaluations never overwrite each other."""
+    if ckpt.run_dir is None:
+        raise VaedynError(
+            f"checkpoint {ckpt.source} does not belong to a run folder, so there is no default place for the "
+            "results; pass --out DIR"
+        )
+    base = Path(ckpt.run_dir) / artifacts.EVAL_DIR
+    if ckpt.path is not None and Path(ckpt.path).resolve() == (Path(ckpt.run_dir) / artifacts.FINAL_DIR).resolve():
+        return base / split
+    return base / Path(ckpt.path).name / split
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move a finished folder into place; a previous result at `target` is replaced."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".old-{target.name}-{os.getpid()}")
+        os.rename(target, old)
+    os.rename(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def evaluate(
+    checkpoint: str,
+    cfg: RunConfig | None = None,
+    split: str | None = None,
+    batch_size: int | None = None,
+    max_samples: int | None = None,
+    num_samples_to_save: int | None = None,
+    out: Path | None = None,
+    *,
+    overrides: list[str] | None = None,
+) -> Path:
+    """Evaluate a checkpoint on a split; writes metrics.json, grid.png and sample pairs; returns metrics.json.
+
+    Unset arguments come from the config's `eval` section (from -c, or stored with the checkpoint).
+    Inputs (checkpoint, config, data) are checked before anything is written.
+    """
+    from vaedyn_cli import data as data_mod
+    from vaedyn_cli import model as model_mod
+
+    ckpt = model_mod.resolve_checkpoint(checkpoint)
+    cfg = _resolve_config(cfg, ckpt.config, overrides, str(checkpoint))
+    split = split or cfg.eval.split
+    batch_size = batch_size or cfg.eval.batch_size
+    max_samples = max_samples if max_samples is not None else cfg.eval.max_samples
+    num_pairs = cfg.eval.num_samples_to_save if num_samples_to_save is None else num_samples_to_save
+    if batch_size < 1 or (max_samples is not None and max_samples < 1) or num_pairs < 0:
+        raise VaedynError("--batch-size and --max-samples must be at least 1 and --num-samples-to-save at least 0")
+    target = Path(out) if out is not None else default_out_dir(ckpt, split)
+
+    dataset = data_mod.image_dataset(cfg.data, split, max_samples=max_samples, seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=cfg.data.num_workers
+    )
+    from accelerate import PartialState
+
+    device = PartialState().device
+    vae = ckpt.load().to(device).eval()
+    log.info("evaluating %s (step %d) on split %s of %s", checkpoint, ckpt.step, split, cfg.data.dataset_name)
+    result = reconstruction_metrics(vae, loader, device=device, keep=max(num_pairs, GRID_IMAGES))
+
+    resolved = cfg.model_copy(deep=True)
+    resolved.eval.split, resolved.eval.batch_size = split, batch_size
+    resolved.eval.max_samples, resolved.eval.num_samples_to_save = max_samples, num_pairs
+    record = {
+        "checkpoint": str(checkpoint),
+        "step": ckpt.step,
+        "split": split,
+        "num_images": result.num_images,
+        "metrics": result.metrics,
+        "config": resolved.model_dump(mode="json"),
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        (tmp / artifacts.METRICS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        _write_pictures(tmp, result, num_pairs)
+        _replace_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _print_metrics(record)
+    return target / artifacts.METRICS_FILE
+
+
+def _print_metrics(record: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    console.print(f"{record['checkpoint']} · step {record['step']} · split {record['split']} · {record['num_images']} images")
+    table = Table()
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in METRICS:
+        label, scale, digits = TABLE_FORMAT[key]
+        table.add_row(label, f"{record['metrics'][key] * scale:.{digits}f}")
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# comparison (Table 1)
+
+
+def load_metrics(path: Path) -> dict[str, Any]:
+    """A metrics.json file, or the eval folder holding one."""
+    path = Path(path)
+    file = path / artifacts.METRICS_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise VaedynError(f"{path} has no {artifacts.METRICS_FILE}: pass files or folders written by `vaedyn eval`")
+    try:
+        record = json.loads(file.read_text())
+        values = record["metrics"]
+        missing = [m for m in METRICS if m not in values]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise VaedynError(f"{file} is not a metrics file written by `vaedyn eval`; rerun the evaluation") from None
+    if missing:
+        raise VaedynError(f"{file} lacks metrics {', '.join(missing)}; rerun `vaedyn eval`")
+    record["path"] = str(file)
+    return record
+
+
+def _labels(records: list[dict[str, Any]]) -> list[str]:
+    """Run names from the stored configs; made unique with the step, then the position."""
+    names = [str((r.get("config") or {}).get("run_name") or Path(r["path"]).parent.name) for r in records]
+    if len(set(names)) < len(names):
+        names = [f"{n}@{r.get('step', 0)}" for n, r in zip(names, records, strict=True)]
+    if len(set(names)) < len(names):
+        names = [f"{n}#{i + 1}" for i, n in enumerate(names)]
+    return names
+
+
+def _better(values: list[float], labels: list[str], lower: bool) -> str:
+    best = min(values) if lower else max(values)
+    winners = [lab for lab, v in zip(labels, values, strict=True) if v == best]
+    return winners[0] if len(winners) == 1 else "tie"
+
+
+def comparison(paths: list[Path]) -> dict[str, Any]:
+    """Metric by metric: each run's value, delta (last minus first) and which run is better."""
+    if len(paths) < 2:
+        raise VaedynError("--compare needs at least two metrics.json files or eval folders")
+    records = [load_metrics(p) for p in paths]
+    if len({r.get("split") for r in records}) > 1 or len({r.get("num_images") for r in records}) > 1:
+        log.warning("warning: the evaluations differ in split or number of images; the comparison is not like for like")
+    labels = _labels(records)
+    rows = []
+    for key in METRICS:
+        values = [float(r["metrics"][key]) for r in records]
+        rows.append({
+            "metric": key,
+            "values": dict(zip(labels, values, strict=True)),
+            "delta": values[-1] - values[0],
+            "better": _better(values, labels, LOWER_IS_BETTER[key]),
+        })
+    runs = [
+        {k: r.get(k) for k in ("path", "checkpoint", "step", "split", "num_images")} | {"label": lab}
+        for lab, r in zip(labels, records, strict=True)
+    ]
+    return {"runs": runs, "rows": rows}
+
+
+def compare(paths: list[Path], fmt: str = "table") -> str:
+    """The original study's Table 1 layout as a markdown table (or JSON with fmt="json")."""
+    if fmt not in {"table", "json"}:
+        raise VaedynError(f"--format {fmt!r}: choose table or json")
+    result = comparison(paths)
+    if fmt == "json":
+        return json.dumps(result, indent=2)
+    labels = [r["label"] for r in result["runs"]]
+    header = ["metric", *labels, "delta", "better"]
+    lines = [header]
+    for row in result["rows"]:
+        label, scale, digits = TABLE_FORMAT[row["metric"]]
+        cells = [f"{row['values'][lab] * scale:.{digits}f}" for lab in labels]
+        lines.append([label, *cells, f"{row['delta'] * scale:+.{digits}f}", row["better"]])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+
+    def fmt_line(cells: list[str]) -> str:
+        padded = [c.rjust(w) if numeric[i] else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        return "| " + " | ".join(padded) + " |"
+
+    numeric = [0 < i < len(header) - 1 for i in range(len(header))]
+    sep = "|" + "|".join("-" * (w + 1) + (":" if numeric[i] else "-") for i, w in enumerate(widths)) + "|"
+    return "\n".join([fmt_line(lines[0]), sep, *(fmt_line(line) for line in lines[1:])])

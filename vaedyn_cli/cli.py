@@ -219,7 +219,9 @@ def train_cmd(
     from vaedyn_cli import train
 
     cfg = config_mod.load_config(config, set_ or [])
-    out(str(train.train(cfg, resume=resume, overwrite=overwrite)))
+    run_dir = train.train(cfg, resume=resume, overwrite=overwrite)
+    if train.is_main_process():  # under `accelerate launch` every process returns here; print once
+        out(str(run_dir))
 
 
 @app.command("eval")

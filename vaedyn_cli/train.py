@@ -738,6 +738,13 @@ def _accelerator(cfg: RunConfig, run_dir: Path, logs_dir: Path) -> Any:
         raise VaedynError(f"train.mixed_precision={cfg.train.mixed_precision}: {str(e).splitlines()[0]}") from None
 
 
+def is_main_process() -> bool:
+    """Whether this is the process that writes artifacts and stdout (always true without a launcher)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def _drop_later_checkpoints(run_dir: Path, step: int) -> None:
     """A resumed run abandons what came after its checkpoint (as the trace store truncates to it)."""
     for s, path in artifacts.list_checkpoints(run_dir):
@@ -746,3 +753,4 @@ def _drop_later_checkpoints(run_dir: Path, step: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+import vaedyn_cli.tb  # noqa: E402,F401  registers the TensorBoard hook (dormant counts, |gamma|, reconstructions)

@@ -278,3 +278,78 @@ def test_html_opens_in_headless_chromium_with_every_image(tmp_path: Path) -> Non
     assert m, f"no verdict in the DOM; chromium said: {proc.stderr[-2000:]}"
     verdict = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
     assert verdict == {"images": len(FIGURES), "bad": [], "errors": []}
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard during training
+
+
+def test_channel_activity_counts_a_planted_dead_channel_and_matches_torch() -> None:
+    import torch
+
+    from vaedyn_cli.config import ClassifyConfig
+    from vaedyn_cli.model import build_preset
+    from vaedyn_cli.tb import ChannelActivity, gamma_by_part
+
+    model = build_preset(0.0625, seed=0).eval()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    activity = ChannelActivity(model)
+
+    def counts() -> dict:
+        activity.attach()
+        with torch.no_grad():
+            model(x, sample_posterior=False)
+        activity.detach()
+        return activity.counts(ClassifyConfig())
+
+    before = counts()
+    layer = "encoder.down_blocks.1.resnets.0.norm2"
+    norm = dict(model.named_modules())[layer]
+    seen = []
+    handle = norm.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
+    with torch.no_grad():
+        norm.weight[:3] = 0.0
+        norm.bias[:3] = 0.0
+    after = counts()
+    handle.remove()
+    assert before["encoder"]["dead"] == 0 and before["decoder"]["dead"] == 0
+    ds = activity.trace()
+    activity_ = np.where(ds["has_activation"].values, ds["act_std"].values[0], ds["std"].values[0])
+    layers = ds["layer"].values
+    score = activity_ / np.array([activity_[layers == n].mean() for n in layers])
+    inactive = (score <= 0.1) | (activity_ <= 1e-6)
+    part = ds["part"].values
+    assert after == {p: {"inactive": int(inactive[part == p].sum()), "dead": int((activity_[part == p] <= 1e-6).sum())}
+                     for p in ("encoder", "decoder")}
+    assert after["encoder"]["dead"] == 3 and after["decoder"]["dead"] == 0
+    sel = (ds["layer"].values == layer)
+    y = seen[0].double()
+    torch.testing.assert_close(torch.from_numpy(ds["std"].values[0, sel]).double(),
+                               y.transpose(0, 1).reshape(16, -1).std(dim=1, unbiased=False), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(ds["act_std"].values[0, sel]).double(),
+                               torch.nn.functional.silu(y).transpose(0, 1).reshape(16, -1).std(dim=1, unbiased=False),
+                               atol=1e-5, rtol=1e-5)
+    gammas = gamma_by_part(model)
+    assert gammas["encoder"].numel() == 520 and gammas["decoder"].numel() == 720  # 1,240 GN channels
+    assert int((gammas["encoder"] == 0).sum()) == 3
+
+
+def test_training_writes_dormant_counts_gamma_histograms_and_reconstructions(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vaedyn_cli.train import train
+
+    cfg = RunConfig.model_validate(tiny_config_dict(
+        tmp_path, log={"report_to": "tensorboard", "log_interval": 2}, track={"enabled": False},
+        train={"max_steps": 4, "save_interval": 100, "validation_interval": 2},
+    ))
+    run = train(cfg)
+    ea = EventAccumulator(str(run / artifacts.LOGS_DIR), size_guidance={"images": 0, "histograms": 0})
+    ea.Reload()
+    for part in ("encoder", "decoder"):
+        for kind in ("inactive", "dead"):
+            assert [e.step for e in ea.Scalars(f"channels/{kind}_{part}")] == [2, 4]
+        hist = ea.Histograms(f"gamma_abs/{part}")
+        assert [h.step for h in hist] == [2, 4] and hist[0].histogram_value.num == {"encoder": 520, "decoder": 720}[part]
+    images = ea.Images("validation/reconstruction")
+    assert [(i.step, i.width, i.height) for i in images] == [(2, 64, 32), (4, 64, 32)]  # 4 images over 4 reconstructions

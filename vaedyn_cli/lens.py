@@ -85,6 +85,10 @@ def layer_activations(model: torch.nn.Module, images: torch.Tensor, layer: str) 
         handle.remove()
         model.train(was_training)
     maps = captured[0]
+    if maps.ndim == 3:  # attention's group_norm reads (N, C, h*w): back to maps of the image's aspect
+        n, c, length = maps.shape
+        h = round(math.sqrt(length * images.shape[-2] / images.shape[-1]))
+        maps = maps.reshape(n, c, h, length // h)
     if activated:
         from diffusers.models.activations import get_activation
 

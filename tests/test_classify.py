@@ -224,7 +224,7 @@ def test_debounce_matches_a_plain_reference() -> None:
         for chunk in (1, 3, n_steps):
             m = classify._Debounce(n_ch, k)
             for a in range(0, n_steps, chunk):
-                m.update(steps[a:a + chunk], codes[a:a + chunk], np.zeros((len(steps[a:a + chunk]), n_ch)))
+                m.update(steps[a:a + chunk], codes[a:a + chunk])
             for j in range(n_ch):
                 ref = reference(codes[:, j], steps, k)
                 got = (bool(m.initial[j]), bool(m.cur[j]), int(m.n_trans[j]), int(m.onset[j]), int(m.revival[j]))

@@ -60,6 +60,7 @@ import os
 import shutil
 import sys
 import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,18 +100,16 @@ _UNOBSERVED, _ACTIVE, _DORMANT, _DEAD = -1, 0, 1, 2
 
 @dataclass
 class _Channels:
-    """The selected channels: root positions, layer segments, groups, activation flags."""
+    """The selected channels, grouped by layer (each layer one contiguous segment)."""
 
-    pos: np.ndarray  # positions along the root `channel` dim, in store order
+    pos: np.ndarray  # positions along the root `channel` dim
     layer: np.ndarray  # layer name per channel (object)
     channel_index: np.ndarray
     part: np.ndarray
     has_activation: np.ndarray  # bool
     seg: np.ndarray  # per channel: index of its layer among the selected layers
-    order: np.ndarray | None  # permutation making layers contiguous (None: already contiguous)
-    starts: np.ndarray  # start of each layer segment in the (permuted) channel order
+    bounds: list[tuple[int, int]]  # [start, end) of each layer's segment
     group: np.ndarray  # global GroupNorm group id per channel
-    names: list[str]  # selected layer names, in order of first appearance
 
     @property
     def n(self) -> int:
@@ -134,7 +133,8 @@ def _norm_groups(ds: xr.Dataset) -> int | None:
 
 
 def select_channels(ds: xr.Dataset, layers: Sequence[str] | None = None) -> _Channels:
-    """Channels of the layers whose names match any glob in `layers` (all layers when None)."""
+    """Channels of the layers whose names match any glob in `layers` (all layers when None), in
+    store order; should a layer's channels not be contiguous in the store, they are grouped."""
     for name in ("layer", "channel_index"):
         if name not in ds.variables:
             raise VaedynError(f"trace has no '{name}' variable: not a vaedyn.trace store (see DESIGN.md)")
@@ -153,14 +153,14 @@ def select_channels(ds: xr.Dataset, layers: Sequence[str] | None = None) -> _Cha
         pos = np.flatnonzero(keep)
     else:
         pos = np.arange(len(layer_all))
-    layer = layer_all[pos]
-    names = list(dict.fromkeys(layer.tolist()))
+    names = list(dict.fromkeys(layer_all[pos].tolist()))
     code = {n: i for i, n in enumerate(names)}
+    pos = pos[np.argsort([code[n] for n in layer_all[pos]], kind="stable")]
+    layer = layer_all[pos]
     seg = np.array([code[n] for n in layer], np.int64)
-    order = np.argsort(seg, kind="stable")
-    contiguous = bool(np.all(order == np.arange(len(order))))
     counts = np.bincount(seg, minlength=len(names))
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    ends = np.cumsum(counts)
+    bounds = [(int(e - c), int(e)) for c, e in zip(counts, ends, strict=True)]
     cidx = np.asarray(ds["channel_index"].values)[pos].astype(np.int64)
     part = _strings(ds["part"].values)[pos] if "part" in ds.variables else np.full(len(pos), "", object)
     if "has_activation" in ds.variables:
@@ -171,11 +171,10 @@ def select_channels(ds: xr.Dataset, layers: Sequence[str] | None = None) -> _Cha
     local = np.zeros(len(pos), np.int64)
     if n_groups:
         width = counts[seg]
-        per = np.where(width % n_groups == 0, width // n_groups, width)
-        local = np.where(width % n_groups == 0, cidx // np.maximum(per, 1), 0)
+        divisible = width % n_groups == 0
+        local = np.where(divisible, cidx // np.maximum(width // n_groups, 1), 0)
     group = seg * (int(local.max(initial=0)) + 1) + local
-    return _Channels(pos, layer, cidx, part, has_act, seg, None if contiguous else order, starts,
-                     group, names)
+    return _Channels(pos, layer, cidx, part, has_act, seg, bounds, group)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,63 +182,95 @@ def select_channels(ds: xr.Dataset, layers: Sequence[str] | None = None) -> _Cha
 
 
 def _indexer(pos: np.ndarray) -> slice | np.ndarray:
-    """A slice when the positions are one contiguous range (a cheaper read), else the array."""
+    """A slice when the positions are one increasing contiguous range (a cheaper read), else the array."""
     if len(pos) and pos[-1] - pos[0] + 1 == len(pos) and np.all(np.diff(pos) == 1):
         return slice(int(pos[0]), int(pos[-1]) + 1)
     return pos
 
 
 def _read(ds: xr.Dataset, name: str, steps: slice, pos: np.ndarray) -> np.ndarray:
+    """A (steps, channels) block as float32; never modified in place (it may be the caller's data)."""
     if name not in ds.variables:
         raise VaedynError(f"trace has no '{name}' variable, needed by the classification method; "
                           "write it (see DESIGN.md 'Trace store') or choose another --method")
     return np.asarray(ds[name].isel(step=steps, channel=_indexer(pos)).values, dtype=np.float32)
 
 
-def _activity(ds: xr.Dataset, ch: _Channels, steps: slice) -> np.ndarray:
-    """act_std where an activation follows, else std: shape (steps, channels)."""
-    ha = ch.has_activation
-    if ha.all():
-        return _read(ds, "act_std", steps, ch.pos)
-    if not ha.any():
-        return _read(ds, "std", steps, ch.pos)
-    out = _read(ds, "std", steps, ch.pos).copy()
-    out[:, ha] = _read(ds, "act_std", steps, ch.pos[ha])
-    return out
+class _Activity:
+    """The activity of a chunk, layer by layer: act_std where an activation follows, else std.
+
+    Each source is read once for the whole chunk (a store chunk spans many layers), then sliced.
+    """
+
+    def __init__(self, ds: xr.Dataset, ch: _Channels, steps: slice, method: str) -> None:
+        self.ch = ch
+        self.act = self.std = None
+        self.std_from = 0
+        if method == "mean_abs_threshold":
+            self.act = _read(ds, "mean_abs", steps, ch.pos)
+            self.ha = np.ones(ch.n, bool)
+            return
+        self.ha = ch.has_activation
+        if self.ha.any():
+            self.act = _read(ds, "act_std", steps, ch.pos)
+        if not self.ha.all():
+            no_act = np.flatnonzero(~self.ha)
+            self.std_from = int(no_act[0])
+            self.std = _read(ds, "std", steps, ch.pos[self.std_from:int(no_act[-1]) + 1])
+
+    def segment(self, start: int, end: int) -> np.ndarray:
+        ha = self.ha[start:end]
+        if ha.all():
+            return self.act[:, start:end]
+        std = self.std[:, start - self.std_from:end - self.std_from]
+        return std if not ha.any() else np.where(ha, self.act[:, start:end], std)
 
 
-def _layer_mean(values: np.ndarray, ch: _Channels) -> np.ndarray:
-    """Per step, the mean over each channel's layer of the finite values, broadcast back to channels."""
-    v = values if ch.order is None else values[:, ch.order]
-    finite = np.isfinite(v)
-    if finite.all():
-        sums = np.add.reduceat(v, ch.starts, axis=1, dtype=np.float64)
-        counts = np.diff(np.append(ch.starts, v.shape[1]))[None, :]
-    else:
-        sums = np.add.reduceat(np.where(finite, v, 0), ch.starts, axis=1, dtype=np.float64)
-        counts = np.add.reduceat(finite, ch.starts, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = (sums / counts).astype(np.float32)
-    return means[:, ch.seg]
+def _last_observed_rows(finite: np.ndarray) -> np.ndarray:
+    """Per column, the index of its last finite row (-1 when none)."""
+    flipped = finite[::-1].argmax(axis=0)
+    rows = finite.shape[0] - 1 - flipped
+    rows[~finite.any(axis=0)] = -1
+    return rows
 
 
 def _raw_states(ds: xr.Dataset, ch: _Channels, p: ClassifyConfig, steps: slice) -> tuple[np.ndarray, np.ndarray]:
-    """Per-step state codes and scores for one chunk of steps."""
-    if p.method == "mean_abs_threshold":
-        score = _read(ds, "mean_abs", steps, ch.pos)
-        codes = np.where(score < p.threshold, _DORMANT, _ACTIVE).astype(np.int8)
-        codes[~np.isfinite(score)] = _UNOBSERVED
-        return codes, score
-    act = _activity(ds, ch, steps)
-    score = _layer_mean(act, ch)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        np.divide(act, score, out=score, where=score > 0)
-    score[(score == 0) | ~np.isfinite(score)] = 0.0  # a silent layer: every channel scores 0
-    codes = np.where(score <= p.tau, _DORMANT, _ACTIVE).astype(np.int8)
-    codes[act <= p.dead_threshold] = _DEAD
-    unobserved = ~np.isfinite(act)
-    codes[unobserved] = _UNOBSERVED
-    score[unobserved] = np.nan
+    """Per-step state codes (steps, channels) of one chunk, and each channel's score at its last
+    observed step of the chunk (NaN when not observed in the chunk)."""
+    source = _Activity(ds, ch, steps, p.method)
+    n_steps = steps.stop - steps.start
+    codes = np.empty((n_steps, ch.n), np.int8)
+    score = np.full(ch.n, np.nan, np.float32)
+    for start, end in ch.bounds:
+        a = source.segment(start, end)
+        out = codes[:, start:end]
+        if p.method == "mean_abs_threshold":
+            np.less(a, p.threshold, out=out, casting="unsafe")
+            norm = np.ones(n_steps, np.float32)
+        else:
+            norm = a.mean(axis=1, dtype=np.float64)  # NaN in any row when a value is missing
+            if not np.isfinite(norm).all():
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: NaN mean, on purpose
+                    norm = np.nanmean(a, axis=1, dtype=np.float64)
+            limit = (p.tau * norm).astype(np.float32)[:, None]
+            np.less_equal(a, limit, out=out, casting="unsafe")
+            dead = a <= p.dead_threshold
+            if (limit >= p.dead_threshold).all():  # then dead implies dormant: 1 + 1 = 2
+                out += dead
+            else:
+                out[dead] = _DEAD
+        finite = np.isfinite(a)
+        if finite.all():
+            rows = np.full(end - start, n_steps - 1)
+        else:
+            out[~finite] = _UNOBSERVED
+            rows = _last_observed_rows(finite)
+        seen = rows >= 0
+        cols = np.flatnonzero(seen)
+        value, base = a[rows[seen], cols], norm[rows[seen]]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            score[start + cols] = np.where(base > 0, value / base, 0.0)  # a silent layer scores 0
     return codes, score
 
 
@@ -270,7 +301,7 @@ class _Debounce:
     """
 
     _FIELDS = ("seen", "initial", "cur", "run", "run_len", "run_start", "n_trans", "onset", "revival",
-               "last_dead", "last_code", "score")
+               "last_dead", "last_code")
     BATCH = 1 << 21  # (steps x channels) processed at once on the run path: bounds its memory
 
     def __init__(self, n: int, min_persist: int) -> None:
@@ -286,10 +317,9 @@ class _Debounce:
         self.revival = np.full(n, NO_STEP, np.int64)
         self.last_dead = np.zeros(n, bool)  # the most recent inactive observed step was dead
         self.last_code = np.full(n, _UNOBSERVED, np.int8)  # raw code of the most recent observed step
-        self.score = np.full(n, np.nan, np.float32)  # score at the most recent observed step
 
-    def update(self, steps: np.ndarray, codes: np.ndarray, score: np.ndarray) -> None:
-        """A chunk of tracked steps: codes and scores of shape (len(steps), channels)."""
+    def update(self, steps: np.ndarray, codes: np.ndarray) -> None:
+        """A chunk of tracked steps: raw codes of shape (len(steps), channels)."""
         steps = np.asarray(steps, np.int64)
         ref = np.where(self.seen, self.last_code, codes[0])
         same = (codes == ref).all(axis=0)
@@ -310,16 +340,15 @@ class _Debounce:
             self.n_trans += change
             self.onset[change & self.cur] = self.run_start[change & self.cur]
             self.revival[change & ~self.cur] = self.run_start[change & ~self.cur]
-        self.score[held] = score[-1, held]
         other = np.flatnonzero(~same)
         if other.size:
             busy = other[~(codes[:, other] == _UNOBSERVED).all(axis=0)]
             per = max(1, self.BATCH // len(steps))
             for a in range(0, len(busy), per):
                 cols = busy[a:a + per]
-                self._runs(cols, steps, codes[:, cols], score[:, cols])
+                self._runs(cols, steps, codes[:, cols])
 
-    def _runs(self, cols: np.ndarray, steps: np.ndarray, codes: np.ndarray, score: np.ndarray) -> None:
+    def _runs(self, cols: np.ndarray, steps: np.ndarray, codes: np.ndarray) -> None:
         """Update channels `cols` (each observed at least once in the chunk) run by run."""
         n_steps, n_cols = codes.shape
         flat = np.ascontiguousarray(codes.T).ravel()  # channel-major: each channel's steps in order
@@ -362,10 +391,9 @@ class _Debounce:
         run_len, run_start = self.run_len[cols], self.run_start[cols]
         run_len[rc[rl]] = rlen[rl]
         run_start[rc[rl]] = rstart[rl]
-        last_code, last_score = self.last_code[cols], self.score[cols]
+        last_code = self.last_code[cols]
         el = _last_of_group(c)
         last_code[c[el]] = code[el]
-        last_score[c[el]] = score[t[el], c[el]]
         last_dead = self.last_dead[cols]
         ix = np.flatnonzero(x)
         if ix.size:
@@ -375,7 +403,7 @@ class _Debounce:
         self.initial[cols], self.cur[cols], self.run[cols] = initial, cur, run
         self.run_len[cols], self.run_start[cols], self.n_trans[cols] = run_len, run_start, n_trans
         self.onset[cols], self.revival[cols] = onset, revival
-        self.last_code[cols], self.score[cols], self.last_dead[cols] = last_code, last_score, last_dead
+        self.last_code[cols], self.last_dead[cols] = last_code, last_dead
 
     def states(self) -> np.ndarray:
         out = np.where(self.cur, np.where(self.last_dead, "dead", "dormant"), "active").astype(object)
@@ -403,15 +431,23 @@ def _last(ds: xr.Dataset, name: str, step_i: int, pos: np.ndarray) -> np.ndarray
     return _read(ds, name, slice(step_i, step_i + 1), pos)[0]
 
 
-def _by(keys: np.ndarray, values: np.ndarray, reduce: str) -> np.ndarray:
-    """Per-key mean or median of the finite values, broadcast back to each element."""
-    out = np.full(len(values), np.nan, np.float64)
-    for k in np.unique(keys):
-        sel = keys == k
-        v = values[sel]
+def _group_mean(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per-key mean of the finite values, broadcast back to each element (NaN for a key without any)."""
+    finite = np.isfinite(values)
+    sums = np.bincount(keys, np.where(finite, values, 0.0))
+    counts = np.bincount(keys, finite)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (sums / counts)[keys]
+
+
+def _layer_median(ch: _Channels, values: np.ndarray) -> np.ndarray:
+    """Per layer median of the finite values, broadcast back to each channel."""
+    out = np.full(len(values), np.nan)
+    for start, end in ch.bounds:
+        v = values[start:end]
         v = v[np.isfinite(v)]
         if len(v):
-            out[sel] = np.median(v) if reduce == "median" else v.mean()
+            out[start:end] = np.median(v)
     return out
 
 
@@ -424,9 +460,9 @@ def _mechanisms(ds: xr.Dataset, ch: _Channels, p: ClassifyConfig, last_i: int,
     in_std = _last(ds, "in_std", last_i, ch.pos).astype(np.float64)
     out_norm = _last(ds, "out_weight_norm", last_i, ch.pos).astype(np.float64)
     with np.errstate(invalid="ignore"):
-        unused = out_norm <= p.unused_ratio * _by(ch.seg, out_norm, "mean")
-        collapsed = in_std <= p.input_collapse_ratio * _by(ch.group, in_std, "mean")
-        gn_scale = gamma <= p.gn_scale_ratio * _by(ch.seg, gamma, "median")
+        unused = out_norm <= p.unused_ratio * _group_mean(ch.seg, out_norm)
+        collapsed = in_std <= p.input_collapse_ratio * _group_mean(ch.group, in_std)
+        gn_scale = gamma <= p.gn_scale_ratio * _layer_median(ch, gamma)
         m = p.saturation_margin
         saturated = ch.has_activation & (mean + m * std < -m)
     mech = np.select([gn_scale, saturated, collapsed], ["gn_scale", "saturated", "input_collapse"], "other")
@@ -475,11 +511,13 @@ def classify_trace(
     lo, hi = _step_window(steps, from_step, to_step)
     ch = select_channels(ds, layers)
     machine = _Debounce(ch.n, params.min_persist)
+    score = np.full(ch.n, np.nan, np.float32)  # at each channel's last observed step
     for a in range(lo, hi, params.chunk_steps):
         b = min(hi, a + params.chunk_steps)
-        codes, score = _raw_states(ds, ch, params, slice(a, b))
-        machine.update(steps[a:b], codes, score)
-        del codes, score
+        codes, chunk_score = _raw_states(ds, ch, params, slice(a, b))
+        machine.update(steps[a:b], codes)
+        np.copyto(score, chunk_score, where=~np.isnan(chunk_score))
+        del codes
     state = machine.states()
     inactive = (state == "dormant") | (state == "dead")
     mech, unused, collapsed = _mechanisms(ds, ch, params, hi - 1, inactive)
@@ -492,7 +530,7 @@ def classify_trace(
             "mechanism": ("channel", mech),
             "unused": ("channel", unused),
             "input_collapsed": ("channel", collapsed),
-            "score": ("channel", machine.score.astype(np.float64)),
+            "score": ("channel", score.astype(np.float64)),
             "onset_step": ("channel", machine.onset),
             "revival_step": ("channel", machine.revival),
             "n_transitions": ("channel", machine.n_trans),

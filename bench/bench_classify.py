@@ -1,0 +1,183 @@
+"""Benchmark of `vaedyn classify`: a synthetic trace of STEPS x 19,840 channels (every GroupNorm
+channel of the SDXL VAE) classified out of core, against loading the whole trace with xarray and
+classifying it in memory.
+
+Targets (issue 5): 10,000 steps classify in <= 10 s on a 2-core machine with peak memory <= 1 GB;
+twice the steps take <= 2.1x the time.
+
+    .venv/bin/python bench/bench_classify.py                 # the real figures (10k and 20k steps)
+    .venv/bin/python bench/bench_classify.py --steps 500     # a smoke run
+
+Each measurement runs in a fresh subprocess; memory is its peak RSS (VmHWM of /proc, the
+whole process: interpreter, numpy, xarray, zarr) and the increase of that peak over the RSS
+just before classifying (after imports and opening the store). Stores are generated
+under bench/out/ (git-ignored) chunk by chunk, so generation memory is bounded too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+OUT = Path(__file__).resolve().parent / "out"
+ZARR_CHUNK = 64  # steps per zarr chunk (track.chunk_steps)
+
+
+def layout() -> tuple[list[str], list[int], list[bool], dict]:
+    """Layer name, channel index and has_activation of every GroupNorm channel of the SDXL VAE."""
+    from vaedyn_cli.model import build_preset, groupnorm_layers, sdxl_config
+
+    names, cidx, has_act = [], [], []
+    for name, norm in groupnorm_layers(build_preset(1.0)):
+        for i in range(norm.num_channels):
+            names.append(name)
+            cidx.append(i)
+            has_act.append(not name.endswith("attentions.0.group_norm"))
+    return names, cidx, has_act, sdxl_config(1.0)
+
+
+def generate(path: Path, n_steps: int, seed: int = 0) -> Path:
+    """A trace store with realistic dynamics: most channels active, some die, revive, flicker,
+    are born dormant or dead; 5% step-to-step noise."""
+    import xarray as xr
+
+    names, cidx, has_act, model_cfg = layout()
+    n = len(names)
+    rng = np.random.default_rng(seed)
+    base = rng.lognormal(0.0, 0.3, n).astype(np.float32)
+    kind = rng.choice(6, n, p=[0.84, 0.08, 0.03, 0.02, 0.02, 0.01])  # active died revived born flicker dead
+    change = rng.integers(0, n_steps, n)
+    flick_period = rng.integers(2, 40, n)
+    if path.exists():
+        shutil.rmtree(path)
+    attrs = {"schema": "vaedyn.trace", "schema_version": 1, "source": "track", "run_name": "bench",
+             "config": json.dumps({"classify": {}}), "model_config": json.dumps(model_cfg), "committed_steps": 0}
+    for a in range(0, n_steps, ZARR_CHUNK):
+        t = np.arange(a, min(n_steps, a + ZARR_CHUNK))[:, None]
+        scale = np.ones((len(t), n), np.float32)
+        scale[:, kind == 1] = np.where(t >= change[kind == 1], 0.01, 1.0)
+        scale[:, kind == 2] = np.where(t < change[kind == 2], 0.01, 1.0)
+        scale[:, kind == 3] = 0.01
+        scale[:, kind == 4] = np.where((t // flick_period[kind == 4]) % 2 == 1, 0.01, 1.0)
+        scale[:, kind == 5] = 0.0
+        noise = 1.0 + 0.05 * rng.standard_normal((len(t), n), dtype=np.float32)
+        act = base * scale * noise
+        last = np.broadcast_to(base, (len(t), n))
+        data = {
+            "act_std": (("step", "channel"), np.where(has_act, act, np.nan).astype(np.float32)),
+            "std": (("step", "channel"), (1.5 * act).astype(np.float32)),
+            "mean": (("step", "channel"), np.zeros((len(t), n), np.float32)),
+            "in_std": (("step", "channel"), last.astype(np.float32)),
+            "gn_weight": (("step", "channel"), last.astype(np.float32)),
+            "out_weight_norm": (("step", "channel"), last.astype(np.float32)),
+        }
+        # xarray's append rewrites the group's attributes: pass them every time
+        ds = xr.Dataset(data, coords={"step": ("step", (t[:, 0] * 10).astype(np.int64))}, attrs=attrs)
+        if a == 0:
+            ds = ds.assign_coords(
+                layer=("channel", np.array(names, dtype=object)),
+                channel_index=("channel", np.array(cidx, np.int64)),
+                part=("channel", np.array([s.split(".")[0] for s in names], dtype=object)),
+                has_activation=("channel", np.array(has_act, bool)),
+            )
+            encoding = {v: {"chunks": (ZARR_CHUNK, n)} for v in data}
+            ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
+        else:
+            ds.to_zarr(path, append_dim="step", zarr_format=3, consolidated=False)
+    import zarr
+
+    zarr.open_group(path, mode="r+", zarr_format=3).attrs["committed_steps"] = n_steps
+    return path
+
+
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    """Peak RSS of this process. VmHWM, not getrusage's ru_maxrss: on Linux a fork+exec'd child's
+    ru_maxrss starts at its parent's peak (here the generator's, which built the full-size model)."""
+    peak = _status_mb("VmHWM")
+    return peak if peak == peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _current_rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def measure(path: str, mode: str) -> dict:
+    """One measurement inside this (fresh) process: out of core, or whole trace in memory."""
+    import xarray as xr
+
+    from vaedyn_cli import classify
+
+    ds = classify.open_trace(Path(path))
+    params = classify.resolve_params(ds)
+    base = _current_rss_mb()
+    t0 = time.perf_counter()
+    if mode == "stream":
+        labels = classify.classify_trace(ds, params)
+    else:  # the time series the classifier reads, loaded whole; then one chunk spanning the trace
+        whole = xr.open_zarr(path, consolidated=False, chunks=None)[["act_std", "std"]].load()
+        loaded = ds.assign(act_std=whole["act_std"], std=whole["std"])
+        labels = classify.classify_trace(loaded, params.model_copy(update={"chunk_steps": ds.sizes["step"]}))
+    seconds = time.perf_counter() - t0
+    return {"mode": mode, "steps": ds.sizes["step"], "channels": ds.sizes["channel"], "seconds": round(seconds, 3),
+            "peak_rss_mb": round(_peak_rss_mb(), 1), "rss_before_mb": round(base, 1),
+            "increase_mb": round(_peak_rss_mb() - base, 1),
+            "inactive": int((labels["state"].values != "active").sum())}
+
+
+def run_child(path: Path, mode: str) -> dict:
+    res = subprocess.run([sys.executable, __file__, "--child", str(path), mode], capture_output=True, text=True,
+                         check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=10_000, help="Steps of the base trace (twice this is also run).")
+    ap.add_argument("--keep", action="store_true", help="Keep the generated stores.")
+    ap.add_argument("--child", nargs=2, metavar=("STORE", "MODE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(measure(*args.child)))
+        return
+    OUT.mkdir(exist_ok=True)
+    results = []
+    for n_steps in (args.steps, 2 * args.steps):
+        path = OUT / f"classify-{n_steps}.zarr"
+        t0 = time.perf_counter()
+        generate(path, n_steps)
+        print(f"generated {n_steps} steps in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        for mode in ("stream", "memory"):
+            r = run_child(path, mode)
+            results.append(r)
+            print(json.dumps(r), file=sys.stderr)
+        if not args.keep:
+            shutil.rmtree(path)
+    base = next(r for r in results if r["mode"] == "stream" and r["steps"] == args.steps)
+    double = next(r for r in results if r["mode"] == "stream" and r["steps"] == 2 * args.steps)
+    ratio = double["seconds"] / base["seconds"]
+    print("| mode | steps | channels | seconds | peak RSS (MB) | RSS before (MB) | increase (MB) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['mode']} | {r['steps']} | {r['channels']} | {r['seconds']} | {r['peak_rss_mb']} | "
+              f"{r['rss_before_mb']} | {r['increase_mb']} |")
+    print(f"\n2x steps / 1x steps (stream): {ratio:.2f}; targets at 10,000 steps: <= 10 s, <= 1024 MB; ratio <= 2.1")
+    (OUT / "bench_classify.json").write_text(json.dumps({"results": results, "ratio": ratio}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

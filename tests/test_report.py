@@ -8,10 +8,10 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-import xarray as xr
 
 from tests.conftest import tiny_config_dict
 from vaedyn_cli import artifacts
@@ -32,12 +32,8 @@ PARAMS = ["encoder.conv_in.weight", "decoder.conv_out.weight", "decoder.up_block
 ALL_FILES = sorted([*FIGURES, INDEX_FILE, SUMMARY_FILE])
 
 
-def _strings(values: list[str]) -> np.ndarray:
-    return np.asarray(values, dtype=np.dtypes.StringDType())
-
-
-def make_trace(tmp_path: Path, source: str = "train") -> xr.Dataset:
-    """A trace with planted dynamics (DESIGN.md schema), 32 channels x 20 steps:
+def planted(source: str = "train", steps: int = N_STEPS) -> dict[str, np.ndarray]:
+    """Statistics with planted dynamics, (steps, 32 channels) each:
 
     encoder layer 0 channels 0, 1 die at step 10 (activity 1e-3, gamma 1e-3): dormant, `died`, gn_scale;
     encoder attention channel 2 has std 0.05 throughout: dormant, `born_dormant`;
@@ -46,78 +42,62 @@ def make_trace(tmp_path: Path, source: str = "train") -> xr.Dataset:
     """
     rng = np.random.default_rng(0)
     n_ch = WIDTH * len(LAYERS)
-    layer = [name for name, _, _ in LAYERS for _ in range(WIDTH)]
-    part = [p for _, p, _ in LAYERS for _ in range(WIDTH)]
     has_act = np.array([a for _, _, a in LAYERS for _ in range(WIDTH)])
-    base = 1.0 + 0.01 * rng.standard_normal((N_STEPS, n_ch))
+    base = 1.0 + 0.01 * rng.standard_normal((steps, n_ch))
     std = base.copy()
     act_std = np.where(has_act, base * 0.6, np.nan)
-    gamma = np.ones((N_STEPS, n_ch))
-    died = [0, 1]
-    act_std[5:, died] = 1e-3
-    gamma[5:, died] = 1e-3
+    gamma = np.ones((steps, n_ch))
+    act_std[5:, [0, 1]] = 1e-3
+    gamma[5:, [0, 1]] = 1e-3
     std[:, WIDTH + 2] = 0.05
     act_std[:, 3 * WIDTH + 3] = 0.0
     act_std[:9, 2 * WIDTH + 5] = 0.01
-    train = source == "train"
-    scalar = (lambda v: v) if train else (lambda v: np.full(N_STEPS, np.nan))
+    out = {
+        "in_std": base, "mean": np.zeros_like(base), "mean_abs": 0.8 * std, "std": std,
+        "act_mean": 0.3 * act_std, "act_std": act_std, "gn_weight": gamma, "gn_bias": np.zeros_like(base),
+        "gn_weight_grad": np.full_like(base, 1e-3 if source == "train" else np.nan),
+        "out_weight_norm": np.ones_like(base),
+    }
+    return out
+
+
+def write_store(path: Path, tmp_path: Path, *, source: str = "train", events: bool = False, near_zero: bool = True,
+                uncommitted: int = 0) -> Path:
+    """A trace store written by the project's own TraceWriter (DESIGN.md schema), 32 channels x 20 steps;
+    `uncommitted` more steps are written but not committed (as a crash between write and commit leaves)."""
+    from vaedyn_cli import store
+
+    n = N_STEPS + uncommitted
+    stats = planted(source, n)
+    layout = store.ChannelLayout.from_layers([(name, WIDTH, part, act) for name, part, act in LAYERS],
+                                             params=PARAMS if near_zero else ())
     cfg = RunConfig.model_validate(tiny_config_dict(tmp_path))
-    step_ch = ("step", "channel")
-    ds = xr.Dataset(
-        {
-            "layer": ("channel", _strings(layer)),
-            "channel_index": ("channel", np.tile(np.arange(WIDTH, dtype=np.int64), len(LAYERS))),
-            "part": ("channel", _strings(part)),
-            "has_activation": ("channel", has_act),
-            "in_std": (step_ch, base.astype(np.float32)),
-            "mean": (step_ch, np.zeros((N_STEPS, n_ch), np.float32)),
-            "mean_abs": (step_ch, (0.8 * std).astype(np.float32)),
-            "std": (step_ch, std.astype(np.float32)),
-            "act_mean": (step_ch, (0.3 * act_std).astype(np.float32)),
-            "act_std": (step_ch, act_std.astype(np.float32)),
-            "gn_weight": (step_ch, gamma.astype(np.float32)),
-            "gn_bias": (step_ch, np.zeros((N_STEPS, n_ch), np.float32)),
-            "gn_weight_grad": (step_ch, np.full((N_STEPS, n_ch), 1e-3 if train else np.nan, np.float32)),
-            "out_weight_norm": (step_ch, np.ones((N_STEPS, n_ch), np.float32)),
-            "loss": ("step", scalar(np.linspace(0.5, 0.1, N_STEPS))),
-            "rec_loss": ("step", scalar(np.linspace(0.49, 0.09, N_STEPS))),
-            "kl_loss": ("step", scalar(np.linspace(200.0, 900.0, N_STEPS))),
-            "lr": ("step", scalar(np.full(N_STEPS, 1e-3))),
-            "near_zero_frac": (("step", "param"), np.linspace(0, 0.02, N_STEPS)[:, None] * np.arange(1, 4)),
-        },
-        coords={"step": STEPS, "param": _strings(PARAMS)},
-        attrs={
-            "schema": "vaedyn.trace", "schema_version": 1, "vaedyn_version": "0.1.0", "source": source,
-            "run_name": "tiny", "config": cfg.model_dump_json(),
-            "model_config": json.dumps({"norm_num_groups": 2, "block_out_channels": [8, 16, 32, 32]}),
-            "committed_steps": N_STEPS,
-        },
-    )
-    return ds
-
-
-def write_store(path: Path, ds: xr.Dataset, events: bool = False, extra_steps: int = 0) -> Path:
-    """Write a trace as a Zarr v3 store; `extra_steps` uncommitted steps are appended after the committed ones."""
-    if extra_steps:
-        tail = ds.isel(step=slice(-extra_steps, None)).assign_coords(step=ds.step[-extra_steps:] + 1000)
-        tail = tail.drop_vars(["layer", "channel_index", "part", "has_activation", "param"], errors="ignore")
-        for name in ("act_std", "std"):
-            tail[name] = xr.zeros_like(tail[name])
-        full = xr.concat([ds, tail], dim="step", data_vars="minimal", coords="minimal", compat="override")
-        full.attrs = ds.attrs
-        ds = full
-    ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False)
-    if events:
-        ev = xr.Dataset({
-            "step": ("event", np.array([20, 20, 30], np.int64)),
-            "layer": ("event", _strings(["decoder.up_blocks.0.resnets.0.norm2"] * 3)),
-            "channel_index": ("event", np.array([5, 5, 5], np.int64)),
-            "strategy": ("event", _strings(["gn_scale_nudge"] * 3)),
-            "param": ("event", _strings(["weight[5]", "bias[5]", "weight[5]"])),
-            "before": ("event", np.array([0.5, 0.0, 0.55])),
-            "after": ("event", np.array([0.55, 0.0, 0.6])),
-        })
-        ev.to_zarr(path, group="events", mode="w", zarr_format=3, consolidated=False)
+    model_config = json.dumps({"norm_num_groups": 2, "block_out_channels": [8, 16, 32, 32]})
+    train = source == "train"
+    records = [
+        store.TraceRecord(
+            step=2 * i,
+            channels={k: v[i] for k, v in stats.items()},
+            scalars={"loss": 0.5 - 0.02 * i, "rec_loss": 0.49 - 0.02 * i, "kl_loss": 200.0 + 35 * i, "lr": 1e-3}
+            if train else {},
+            near_zero_frac=np.array([0.001, 0.002, 0.003]) * i if near_zero else None,
+        )
+        for i in range(n)
+    ]
+    with store.TraceWriter(path, layout, store.store_attrs(source, "tiny", cfg.model_dump_json(), model_config),
+                           mode="w", chunk_steps=8) as writer:
+        for r in records:
+            writer.append(r)
+        if events:
+            writer.add_events([
+                {"step": s, "layer": "decoder.up_blocks.0.resnets.0.norm2", "channel_index": 5,
+                 "strategy": "gn_scale_nudge", "param": p, "before": b, "after": a}
+                for s, p, b, a in ((20, "weight[5]", 0.5, 0.55), (20, "bias[5]", 0.0, 0.0), (30, "weight[5]", 0.55, 0.6))
+            ])
+    if uncommitted:
+        meta = json.loads((path / "zarr.json").read_text())
+        meta["attributes"]["committed_steps"] = N_STEPS
+        (path / "zarr.json").write_text(json.dumps(meta))
     return path
 
 
@@ -127,7 +107,7 @@ def make_run(tmp_path: Path, events: bool = True, validation: bool = True) -> Pa
     run.mkdir(parents=True)
     cfg = RunConfig.model_validate(tiny_config_dict(tmp_path))
     (run / artifacts.CONFIG_FILE).write_text(cfg.to_yaml())
-    write_store(run / artifacts.TRACE_DIR, make_trace(tmp_path), events=events)
+    write_store(run / artifacts.TRACE_DIR, tmp_path, events=events)
     if validation:
         lines = [{"step": s, "epoch": 0, "val_rec_loss": 0.3 - 0.01 * s, "val_kl": 500.0 + s, "val_psnr": 20.0 + s / 10}
                  for s in (6, 18, 30)]
@@ -146,9 +126,19 @@ def _png_ok(path: Path) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_report_of_run_writes_every_file_with_known_counts(tmp_path: Path, cli) -> None:
-    run = make_run(tmp_path)
-    result = cli("report", str(run))
+@pytest.fixture(scope="module")
+def run_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """`vaedyn report RUN` on a run folder with events and validation lines (shared by two tests)."""
+    from typer.testing import CliRunner
+
+    from vaedyn_cli.cli import app
+
+    run = make_run(tmp_path_factory.mktemp("report"))
+    return run, CliRunner().invoke(app, ["report", str(run)], catch_exceptions=False)
+
+
+def test_report_of_run_writes_every_file_with_known_counts(run_report: tuple[Path, Any]) -> None:
+    run, result = run_report
     assert result.exit_code == 0, result.stderr
     out = Path(result.stdout.strip())
     assert out == run / artifacts.REPORT_DIR
@@ -185,7 +175,7 @@ def test_report_of_run_writes_every_file_with_known_counts(tmp_path: Path, cli) 
 def test_report_reads_stored_classification_and_replaces_an_old_report(tmp_path: Path) -> None:
     from vaedyn_cli.classify import classify_store
 
-    store = write_store(tmp_path / "bare.zarr", make_trace(tmp_path))
+    store = write_store(tmp_path / "bare.zarr", tmp_path)
     classify_store(store)
     out = build_report(store)
     assert out == tmp_path / "bare.zarr.report"
@@ -198,8 +188,7 @@ def test_report_reads_stored_classification_and_replaces_an_old_report(tmp_path:
 
 
 def test_store_without_classification_events_or_validation_skips_with_notes(tmp_path: Path) -> None:
-    ds = make_trace(tmp_path).drop_vars(["near_zero_frac", "param"])
-    store = write_store(tmp_path / "plain.zarr", ds, extra_steps=3)
+    store = write_store(tmp_path / "plain.zarr", tmp_path, near_zero=False, uncommitted=3)
     out = build_report(store, tmp_path / "rep")
     assert _listing(out) == sorted([*(f for f in FIGURES if f != "near_zero_weights.png"), INDEX_FILE, SUMMARY_FILE])
     s = json.loads((out / SUMMARY_FILE).read_text())
@@ -212,7 +201,7 @@ def test_store_without_classification_events_or_validation_skips_with_notes(tmp_
 
 
 def test_track_store_with_nan_losses_reports(tmp_path: Path, cli) -> None:
-    store = write_store(tmp_path / "track.zarr", make_trace(tmp_path, source="track"))
+    store = write_store(tmp_path / "track.zarr", tmp_path, source="track")
     result = cli("report", "-", "--out", str(tmp_path / "r"), input=f"{store}\n")
     assert result.exit_code == 0, result.stderr
     out = Path(result.stdout.strip())
@@ -226,8 +215,8 @@ def test_track_store_with_nan_losses_reports(tmp_path: Path, cli) -> None:
 
 def test_bad_inputs_exit_2_and_write_nothing(tmp_path: Path, cli) -> None:
     result = cli("report", str(tmp_path / "missing.zarr"))
-    assert result.exit_code == 2 and "not a trace store" in result.stderr
-    store = write_store(tmp_path / "s.zarr", make_trace(tmp_path))
+    assert result.exit_code == 2 and "missing.zarr not found" in result.stderr
+    store = write_store(tmp_path / "s.zarr", tmp_path)
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
@@ -260,11 +249,11 @@ window.addEventListener("load", function () {
 </script>"""
 
 
-def test_html_opens_in_headless_chromium_with_every_image(tmp_path: Path) -> None:
+def test_html_opens_in_headless_chromium_with_every_image(run_report: tuple[Path, Any], tmp_path: Path) -> None:
     browser = _chromium()
     if browser is None:
         pytest.skip("chromium is not installed (the CI script installs it)")
-    out = build_report(make_run(tmp_path))
+    out = Path(shutil.copytree(run_report[0] / artifacts.REPORT_DIR, tmp_path / "report"))
     page = (out / INDEX_FILE).read_text()
     assert "<script" not in page and "http://" not in page and "https://" not in page
     check = out / "_check.html"  # beside index.html so that relative image paths resolve the same way

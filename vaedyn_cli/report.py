@@ -32,6 +32,7 @@ import xarray as xr
 
 from vaedyn_cli import artifacts
 from vaedyn_cli import classify as classify_mod
+from vaedyn_cli import store as store_mod
 from vaedyn_cli.config import ClassifyConfig
 from vaedyn_cli.errors import VaedynError
 
@@ -92,6 +93,81 @@ class Skip(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
+# per-step states (DESIGN.md "Activity, state"; the raw rule of vaedyn_cli.classify, no persistence filter)
+
+UNOBSERVED, ACTIVE, DORMANT, DEAD = -1, 0, 1, 2
+
+
+@dataclass
+class Channels:
+    """The store's `channel` axis: layer, part and activation flag of every channel, and its layer's number."""
+
+    layer: np.ndarray
+    part: np.ndarray
+    has_activation: np.ndarray
+    names: list[str]  # layers in store order
+    layer_id: np.ndarray  # per channel: index into names
+
+    @property
+    def n(self) -> int:
+        return len(self.layer)
+
+    @classmethod
+    def from_arrays(cls, layer: Any, part: Any, has_activation: Any) -> Channels:
+        layer_arr = _text(layer)
+        names = list(dict.fromkeys(layer_arr.tolist()))
+        index = {n: i for i, n in enumerate(names)}
+        return cls(layer_arr, _text(part), np.asarray(has_activation, bool), names,
+                   np.array([index[n] for n in layer_arr.tolist()], np.int64))
+
+    @classmethod
+    def of(cls, ds: xr.Dataset) -> Channels:
+        part = ds["part"].values if "part" in ds.variables else [str(n).split(".", 1)[0] for n in ds["layer"].values]
+        has_act = ds["has_activation"].values if "has_activation" in ds.variables else np.zeros(ds.sizes["channel"], bool)
+        return cls.from_arrays(ds["layer"].values, part, has_act)
+
+
+def step_states(activity: np.ndarray, ch: Channels, params: ClassifyConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Raw state codes and scores, both (steps, channels), from an activity block (see `activity_of`).
+
+    `dormancy`: score = activity / mean finite activity of its layer at that step (0 in a silent layer);
+    dead when activity <= dead_threshold, else dormant when score <= tau. `mean_abs_threshold`: the
+    activity is mean |y|, dormant when below threshold, score = mean |y|. NaN activity: unobserved."""
+    a = np.asarray(activity, np.float64)
+    finite = np.isfinite(a)
+    if params.method == "mean_abs_threshold":
+        codes = np.where(a < params.threshold, DORMANT, ACTIVE).astype(np.int8)
+        score = a.copy()
+    else:
+        sums = np.zeros((a.shape[0], len(ch.names)))
+        counts = np.zeros_like(sums)
+        for i in range(a.shape[0]):
+            sums[i] = np.bincount(ch.layer_id, np.where(finite[i], a[i], 0.0), minlength=len(ch.names))
+            counts[i] = np.bincount(ch.layer_id, finite[i], minlength=len(ch.names))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = (sums / counts)[:, ch.layer_id]
+            score = np.where(mean > 0, a / mean, 0.0)
+        codes = np.where(score <= params.tau, DORMANT, ACTIVE).astype(np.int8)
+        codes[a <= params.dead_threshold] = DEAD
+    codes[~finite] = UNOBSERVED
+    score[~finite] = np.nan
+    return codes, score.astype(np.float32)
+
+
+def activity_of(ds: xr.Dataset, idx: np.ndarray, ch: Channels, params: ClassifyConfig) -> np.ndarray:
+    """The activity at the step positions `idx`: act_std where an activation follows, else std
+    (mean_abs for method mean_abs_threshold)."""
+    if params.method == "mean_abs_threshold":
+        return _read_steps(ds, "mean_abs", idx)
+    if ch.has_activation.all():
+        return _read_steps(ds, "act_std", idx)
+    std = _read_steps(ds, "std", idx)
+    if not ch.has_activation.any():
+        return std
+    return np.where(ch.has_activation, _read_steps(ds, "act_std", idx), std)
+
+
+# ---------------------------------------------------------------------------------------------
 # gathering what the figures need
 
 
@@ -103,7 +179,7 @@ class ReportData:
     ds: xr.Dataset
     run_dir: Path | None
     params: ClassifyConfig
-    channels: Any  # classify._Channels
+    channels: Channels
     steps: np.ndarray  # all committed steps
     line_idx: np.ndarray  # positions of the steps used by line plots
     heat_idx: np.ndarray  # positions of the heatmap's columns
@@ -148,9 +224,8 @@ def _has(ds: xr.Dataset, name: str) -> bool:
     return name in ds.variables
 
 
-def _read_steps(ds: xr.Dataset, name: str, idx: np.ndarray, pos: Any = None) -> np.ndarray:
-    sel = ds[name].isel(step=idx) if pos is None else ds[name].isel(step=idx, channel=pos)
-    return np.asarray(sel.values, dtype=np.float64)
+def _read_steps(ds: xr.Dataset, name: str, idx: np.ndarray) -> np.ndarray:
+    return np.asarray(ds[name].isel(step=idx).values, dtype=np.float64)
 
 
 def _reduce_steps(d: ReportData) -> None:
@@ -167,9 +242,9 @@ def _reduce_steps(d: ReportData) -> None:
     chunk = max(1, d.params.chunk_steps)
     for a in range(0, n, chunk):
         idx = d.line_idx[a : a + chunk]
-        codes, score = classify_mod._raw_states(ds, ch, d.params, idx)
-        inactive = codes >= classify_mod._DORMANT
-        dead = codes == classify_mod._DEAD
+        codes, score = step_states(activity_of(ds, idx, ch, d.params), ch, d.params)
+        inactive = codes >= DORMANT
+        dead = codes == DEAD
         for p, sel in parts.items():
             d.inactive[p][a : a + len(idx)] = inactive[:, sel].sum(axis=1)
             d.dead[p][a : a + len(idx)] = dead[:, sel].sum(axis=1)
@@ -177,7 +252,7 @@ def _reduce_steps(d: ReportData) -> None:
         if keep:
             heat_cols.append(score[keep].T)
         if want_gamma:
-            g = np.abs(_read_steps(ds, "gn_weight", idx, classify_mod._indexer(ch.pos)))
+            g = np.abs(_read_steps(ds, "gn_weight", idx))
             for p, sel in parts.items():
                 if sel.any():
                     with np.errstate(all="ignore"):
@@ -187,24 +262,6 @@ def _reduce_steps(d: ReportData) -> None:
             d.last_codes = codes[-1]
     d.heat_score = np.concatenate(heat_cols, axis=1) if heat_cols else None
     d.gamma_q = gq if want_gamma else {}
-
-
-def _load_events(path: Path) -> xr.Dataset | None:
-    try:
-        from vaedyn_cli import store as store_mod  # the store's reader, once it exists
-
-        reader = getattr(store_mod, "read_events", None)
-    except ImportError:
-        reader = None
-    if reader is not None:
-        ev = reader(path)
-        if ev is None:
-            return None
-        return ev if isinstance(ev, xr.Dataset) else xr.Dataset.from_dataframe(ev)
-    if not (path / "events" / "zarr.json").is_file():
-        return None
-    with xr.open_zarr(path, group="events", consolidated=False, chunks=None, zarr_format=3) as ev:
-        return ev.load()
 
 
 def _load_validation(d: ReportData) -> list[dict[str, Any]]:
@@ -238,7 +295,7 @@ def gather(path: Path, ds: xr.Dataset) -> ReportData:
         raise VaedynError(f"trace {path} has no committed step yet; report after the first tracked step is written")
     params = classify_mod.resolve_params(ds)
     d = ReportData(path=path, ds=ds, run_dir=_run_dir(path), params=params,
-                   channels=classify_mod.select_channels(ds), steps=steps,
+                   channels=Channels.of(ds), steps=steps,
                    line_idx=_spread(len(steps), MAX_LINE_STEPS), heat_idx=np.array([], np.int64))
     d.heat_idx = d.line_idx[_spread(len(d.line_idx), MAX_HEATMAP_STEPS)]
     _reduce_steps(d)
@@ -254,7 +311,7 @@ def gather(path: Path, ds: xr.Dataset) -> ReportData:
         d.labels, d.labels_from = stored, "stored by `vaedyn classify`"
     else:
         d.labels, d.labels_from = classify_mod.classify_trace(ds, params), "computed in memory (store has none)"
-    d.events = _load_events(path)
+    d.events = store_mod.read_events(path)
     d.validation = _load_validation(d)
     return d
 
@@ -375,12 +432,12 @@ def layer_table(d: ReportData) -> list[dict[str, Any]]:
     ch, codes = d.channels, d.last_codes
     gamma = None
     if _has(d.ds, "gn_weight"):
-        gamma = np.abs(_read_steps(d.ds, "gn_weight", d.line_idx[-1:], classify_mod._indexer(ch.pos))[0])
+        gamma = np.abs(_read_steps(d.ds, "gn_weight", d.line_idx[-1:])[0])
     rows = []
     for name in ch.names:
         sel = ch.layer == name
         c = codes[sel] if codes is not None else np.array([])
-        dormant, dead = int((c == classify_mod._DORMANT).sum()), int((c == classify_mod._DEAD).sum())
+        dormant, dead = int((c == DORMANT).sum()), int((c == DEAD).sum())
         g = gamma[sel] if gamma is not None else np.array([np.nan])
         rows.append({
             "layer": str(name), "part": str(ch.part[sel][0]), "channels": int(sel.sum()),
@@ -391,7 +448,7 @@ def layer_table(d: ReportData) -> list[dict[str, Any]]:
 
 
 def fig_by_layer(d: ReportData):  # noqa: ANN201
-    if d.last_codes is None or not (d.last_codes >= classify_mod._ACTIVE).any():
+    if d.last_codes is None or not (d.last_codes >= ACTIVE).any():
         raise Skip("no channel is observed at the last step")
     plt = _plt()
     rows = layer_table(d)
@@ -791,8 +848,8 @@ def _swap_in(tmp: Path, out: Path) -> None:
 def build_report(store: str | Path, out: Path | None = None) -> Path:
     """Write the report of a trace store (a store path, a run folder, or '-' for a path on stdin)
     into `out` (default: <run>/report/ or <store>.report/); returns the folder."""
-    path = classify_mod.resolve_store_path(str(store))
-    ds = classify_mod.open_trace(path)
+    path = store_mod.resolve_store_path(store)
+    ds = store_mod.open_trace(path)
     out = Path(out) if out is not None else default_out(path)
     _check_out(out)
     d = gather(path, ds)

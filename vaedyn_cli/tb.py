@@ -5,7 +5,7 @@ and histograms of |gamma| per part; at every validation: the probe images over t
 reconstructions. Enabled when `log.report_to` is `tensorboard` or `all`; it writes through
 accelerate's TensorBoard tracker, into the run's `logs/`.
 
-The counts use the classification's per-step rule (vaedyn_cli.classify, no persistence filter) on
+The counts use the classification's per-step rule (`report.step_states`, no persistence filter) on
 statistics of that step's training forward, collected by forward hooks attached for that step
 only. They are a live view; the trace store and `vaedyn classify` are the record.
 """
@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import xarray as xr
 
-from vaedyn_cli import classify as classify_mod
 from vaedyn_cli.config import ClassifyConfig
 from vaedyn_cli.lens import follows_activation
 from vaedyn_cli.model import groupnorm_layers
@@ -110,17 +109,15 @@ class ChannelActivity:
 
     def counts(self, params: ClassifyConfig) -> dict[str, dict[str, int]] | None:
         """{part: {"inactive": dormant + dead, "dead": dead}} by the classification's per-step rule."""
+        from vaedyn_cli.report import DEAD, DORMANT, Channels, activity_of, step_states
+
         ds = self.trace()
         if ds is None:
             return None
-        ch = classify_mod.select_channels(ds)
-        codes, _ = classify_mod._raw_states(ds, ch, params, slice(0, 1))
-        out = {}
-        for p in PARTS:
-            sel = ch.part == p
-            out[p] = {"inactive": int((codes[0, sel] >= classify_mod._DORMANT).sum()),
-                      "dead": int((codes[0, sel] == classify_mod._DEAD).sum())}
-        return out
+        ch = Channels.of(ds)
+        codes, _ = step_states(activity_of(ds, np.arange(1), ch, params), ch, params)
+        return {p: {"inactive": int((codes[0, ch.part == p] >= DORMANT).sum()),
+                    "dead": int((codes[0, ch.part == p] == DEAD).sum())} for p in PARTS}
 
 
 def gamma_by_part(model: torch.nn.Module) -> dict[str, torch.Tensor]:

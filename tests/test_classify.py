@@ -13,6 +13,7 @@ import pytest
 import xarray as xr
 
 from vaedyn_cli import classify
+from vaedyn_cli import store as store_mod
 from vaedyn_cli.config import ClassifyConfig
 
 STAT_VARS = ("in_std", "mean", "mean_abs", "std", "act_mean", "act_std", "gn_weight", "gn_bias",
@@ -190,8 +191,8 @@ def test_chunked_equals_whole_in_memory(tmp_path: Path, method: str) -> None:
     whole = classify.classify_trace(ds, ClassifyConfig(method=method, chunk_steps=10_000, min_persist=2))
     assert (whole["n_transitions"] >= 2).sum() > 5  # the trace really flickers
     for chunk in (1, 2, 5, 16, 52, 53):
-        lazy = classify.classify_trace(classify.open_trace(store), ClassifyConfig(method=method, chunk_steps=chunk,
-                                                                                min_persist=2))
+        lazy = classify.classify_trace(store_mod.open_trace(store), ClassifyConfig(method=method, chunk_steps=chunk,
+                                                                                 min_persist=2))
         xr.testing.assert_identical(lazy, whole.assign_attrs(params=lazy.attrs["params"]))
 
 
@@ -347,10 +348,10 @@ def test_layer_globs_and_errors(tmp_path: Path) -> None:
     with pytest.raises(classify.VaedynError, match="matches no layer"):
         classify.classify_trace(ds, ClassifyConfig(), layers=["encoder.*"])
     with pytest.raises(classify.VaedynError, match="not a trace store"):
-        classify.resolve_store_path(str(tmp_path))
+        classify.classify_store(tmp_path)
     bad = write_store(ds.assign_attrs(schema="other"), tmp_path / "o.zarr")
-    with pytest.raises(classify.VaedynError, match="not a vaedyn trace store"):
-        classify.open_trace(bad)
+    with pytest.raises(classify.VaedynError, match="not a vaedyn.trace store"):
+        classify.classify_store(bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,3 +411,79 @@ def test_cli_bad_input_exits_2(cli, tmp_path: Path) -> None:
     assert not (run / "trace.zarr" / "classification").exists()
     res = cli("classify", "-", input="")
     assert res.exit_code == 2 and "stdin is empty" in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# stores written by vaedyn itself: consolidated metadata, and the planted-model ground truth
+
+
+@pytest.mark.filterwarnings("error")
+def test_rewrite_refreshes_consolidated_metadata(tmp_path: Path) -> None:
+    ds = planted_trace()
+    layout = store_mod.ChannelLayout.from_layers(
+        [(PLANT, 32, "decoder", True), ("decoder.mid_block.attentions.0.group_norm", 8, "decoder", False)])
+    path = tmp_path / "trace.zarr"
+    attrs = store_mod.store_attrs("track", "planted", json.dumps({"classify": {"tau": 0.1}}), "{}")
+    with store_mod.TraceWriter(path, layout, attrs, mode="w", chunk_steps=16) as writer:
+        for i, step in enumerate(ds["step"].values.tolist()):
+            writer.append(store_mod.TraceRecord(step, {v: ds[v].values[i] for v in STAT_VARS}))
+    root_attrs = json.loads((path / "zarr.json").read_text())["attributes"]
+    for tau in (0.1, 0.5):
+        labels = classify.classify_store(path, ClassifyConfig(tau=tau))
+        tree = xr.open_datatree(path, engine="zarr")  # through the consolidated metadata
+        group = tree["classification"]
+        assert json.loads(group.attrs["params"])["tau"] == tau
+        assert [str(v) for v in group["state"].values.tolist()] == labels["state"].values.tolist()
+    assert json.loads((path / "zarr.json").read_text())["attributes"] == root_attrs
+    assert labels_of(labels, PLANT, 1)["onset_step"] == 200
+    assert not [p.name for p in path.iterdir() if p.name.startswith(".")]
+
+
+def test_planted_channels_of_a_tracked_model_are_found(tmp_path: Path, tiny_cfg) -> None:
+    """Plant inactive channels in the tiny SDXL-architecture model, track it with `track`, classify:
+    each plant is found with its mechanism or flag, nothing new is flagged elsewhere."""
+    import torch
+
+    from vaedyn_cli import model as model_mod
+    from vaedyn_cli import track
+
+    vae = model_mod.build_preset(tiny_cfg.model.width, seed=0)
+    folders = []
+    for step in (0, 10):
+        folders.append(model_mod.save_model(vae, tmp_path / f"ckpt-{step}", tiny_cfg, step=step))
+    m = dict(vae.named_modules())
+    gn_scale = ("decoder.up_blocks.0.resnets.0.norm1", 3)
+    saturated = ("encoder.down_blocks.1.resnets.0.norm2", 5)
+    collapsed = ("encoder.down_blocks.2.resnets.1.norm2", 6)  # reads conv1 of the same resnet
+    unused = ("decoder.up_blocks.1.resnets.1.norm1", 2)  # read by conv1 of the same resnet
+    with torch.no_grad():
+        m[gn_scale[0]].weight[gn_scale[1]] = 0.0
+        m[saturated[0]].bias[saturated[1]] = -30.0
+        conv = m[collapsed[0].replace("norm2", "conv1")]
+        conv.weight[collapsed[1]] = 0.0
+        conv.bias[collapsed[1]] = 0.0
+        m[unused[0].replace("norm1", "conv1")].weight[:, unused[1]] = 0.0
+    for step in (20, 30, 40):
+        folders.append(model_mod.save_model(vae, tmp_path / f"ckpt-{step}", tiny_cfg, step=step))
+    store = track.track_checkpoints(tiny_cfg, [str(f) for f in folders], out=tmp_path / "trace.zarr", device="cpu")
+
+    after = {(r["layer"], r["channel_index"]): r for r in classify.to_records(classify.classify_store(store))}
+    before = {(r["layer"], r["channel_index"]): r for r in classify.to_records(
+        classify.classify_store(store, to_step=10, write=False))}
+    assert len(after) == 1240
+    rec = after[gn_scale]
+    assert (rec["state"], rec["mechanism"], rec["trajectory"], rec["onset_step"]) == ("dead", "gn_scale", "died", 20)
+    rec = after[saturated]
+    assert rec["state"] in ("dead", "dormant") and rec["mechanism"] == "saturated" and rec["onset_step"] == 20
+    rec = after[collapsed]
+    assert rec["input_collapsed"] and (rec["state"], rec["mechanism"], rec["onset_step"]) == (
+        "dormant", "input_collapse", 20)
+    assert after[unused]["unused"] and after[unused]["state"] == "active"
+
+    def flags(r: dict) -> set[str]:
+        return {k for k in ("unused", "input_collapsed") if r[k]} | ({"inactive"} if r["state"] != "active" else set())
+
+    planted = {gn_scale, saturated, collapsed, unused}
+    new = {key: flags(r) - flags(before[key]) for key, r in after.items() if key not in planted}
+    assert not {k: v for k, v in new.items() if v}, "flagged only after planting"
+    assert not any(flags(before[key]) for key in planted)

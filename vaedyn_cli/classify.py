@@ -58,7 +58,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -70,13 +69,13 @@ import numpy as np
 import xarray as xr
 from pydantic import ValidationError
 
-from vaedyn_cli import artifacts
+from vaedyn_cli import store as store_mod
 from vaedyn_cli.config import ClassifyConfig, parse_override
 from vaedyn_cli.errors import VaedynError
 
 log = logging.getLogger(__name__)
 
-GROUP = "classification"
+GROUP = store_mod.CLASSIFICATION_GROUP
 NO_STEP = -1  # onset_step / revival_step in the store when there is none
 STATES = ("active", "dormant", "dead")
 TRAJECTORIES = ("active", "born_dormant", "died", "revived", "intermittent")
@@ -87,8 +86,6 @@ RECORD_KEYS = (
     "score", "onset_step", "revival_step", "n_transitions",
 )
 FORMATS = ("table", "json", "csv")
-TRACE_SCHEMA = "vaedyn.trace"
-TRACE_SCHEMA_VERSION = 1
 
 # raw per-step codes
 _UNOBSERVED, _ACTIVE, _DORMANT, _DEAD = -1, 0, 1, 2
@@ -583,46 +580,6 @@ def to_records(labels: xr.Dataset) -> list[dict[str, Any]]:
 # the store
 
 
-def _stdin_path() -> str:
-    lines = [ln.strip() for ln in sys.stdin.read().splitlines() if ln.strip()]
-    if not lines:
-        raise VaedynError("STORE is '-' but stdin is empty; pipe a store or run folder path, "
-                          "e.g. `vaedyn train -c CFG | vaedyn classify -`")
-    return lines[-1]
-
-
-def resolve_store_path(arg: str) -> Path:
-    """A store path, a run folder (its trace.zarr), or '-' (the last line of stdin)."""
-    path = Path(_stdin_path() if arg == "-" else arg).expanduser()
-    if (path / artifacts.TRACE_DIR).is_dir():
-        path = path / artifacts.TRACE_DIR
-    if not (path / "zarr.json").is_file():
-        raise VaedynError(
-            f"{path} is not a trace store (no zarr.json): pass a trace.zarr folder or a run folder written by "
-            "`vaedyn train` or `vaedyn track`"
-        )
-    return path
-
-
-def open_trace(path: Path) -> xr.Dataset:
-    """The root group of a trace store, lazy, trimmed to its committed steps."""
-    try:
-        ds = xr.open_zarr(path, consolidated=False, chunks=None, zarr_format=3)
-    except Exception as e:  # noqa: BLE001 - zarr and xarray raise many types for a bad store
-        raise VaedynError(f"cannot open trace store {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
-    schema = ds.attrs.get("schema")
-    if schema != TRACE_SCHEMA:
-        raise VaedynError(f"{path} has schema {schema!r}, not {TRACE_SCHEMA!r}: not a vaedyn trace store")
-    version = int(ds.attrs.get("schema_version", 0))
-    if version > TRACE_SCHEMA_VERSION:
-        raise VaedynError(f"{path} has schema_version {version}, newer than this vaedyn reads "
-                          f"({TRACE_SCHEMA_VERSION}); upgrade vaedyn")
-    committed = ds.attrs.get("committed_steps")
-    if committed is not None:
-        ds = ds.isel(step=slice(0, int(committed)))
-    return ds
-
-
 def stored_params(ds: xr.Dataset) -> dict[str, Any]:
     """The `classify` section of the config stored in the trace (empty when there is none)."""
     raw = ds.attrs.get("config")
@@ -658,8 +615,8 @@ def classify_store(
     write: bool = True,
 ) -> xr.Dataset:
     """Classify a trace store (params default to its stored config) and write its `classification` group."""
-    path = resolve_store_path(str(path))
-    ds = open_trace(path)
+    path = store_mod.resolve_store_path(str(path))
+    ds = store_mod.open_trace(path)
     labels = classify_trace(ds, params or resolve_params(ds), from_step=from_step, to_step=to_step, layers=layers)
     if write:
         write_classification(path, labels, n_channels=ds.sizes["channel"])
@@ -691,30 +648,39 @@ def _full_span(labels: xr.Dataset, n_channels: int) -> xr.Dataset:
 def write_classification(store: Path, labels: xr.Dataset, n_channels: int) -> Path:
     """Replace the store's `classification` group as a whole.
 
-    The new group is written complete under a temporary sibling name, then swapped in by two
-    directory renames (old out, new in). A reader that opens and loads the group therefore sees
-    the old one, the new one, or (between the two renames, microseconds) none, never a mix; a
-    reader holding the old group open lazily across a rewrite should reopen it. One writer at a
-    time: concurrent classify runs on one store are not coordinated beyond that.
+    The new group is written complete under a hidden temporary name (`.classification.tmp-*`:
+    store consolidation skips it, though a non-consolidated listing shows it while it is written),
+    then swapped in by two directory renames (old out, new in); when the store has consolidated
+    metadata it is refreshed right after (`store.consolidate`). What a concurrent reader sees:
+    `read_classification` (the group's own metadata) sees the old group, the new one, or between
+    the two renames (microseconds) none, never a mix. A reader through the consolidated metadata
+    (plain `xarray.open_datatree`) may, until the refresh a few milliseconds later, pair the old
+    group's attributes with the new arrays (same shapes and types). A reader that keeps the old
+    group open lazily across a rewrite should reopen it. One classify writer per store at a time.
     """
     store = Path(store)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp_name, old_name = f"{GROUP}.tmp-{tag}", f"{GROUP}.old-{tag}"
+    tmp_name, old_name = f".{GROUP}.tmp-{tag}", f".{GROUP}.old-{tag}"
     full = _full_span(labels, n_channels)
+    final = store / GROUP
     try:
-        full.to_zarr(store, group=tmp_name, mode="w", zarr_format=3, consolidated=False)
-        final, old = store / GROUP, store / old_name
+        full.to_zarr(store / tmp_name, mode="w-", zarr_format=3, consolidated=False)
         if final.exists():
-            os.rename(final, old)
+            os.rename(final, store / old_name)
         os.rename(store / tmp_name, final)
     finally:
         shutil.rmtree(store / tmp_name, ignore_errors=True)
     shutil.rmtree(store / old_name, ignore_errors=True)
+    if "consolidated_metadata" in json.loads((store / "zarr.json").read_text()):
+        store_mod.consolidate(store)
     return final
 
 
 def read_classification(store: Path | str) -> xr.Dataset | None:
-    """The store's `classification` group, loaded (None when classify has not written one)."""
+    """The store's `classification` group, loaded (None when classify has not written one).
+
+    Read through the group's own metadata, never the root's consolidated copy, so that it is the
+    old or the new group during a rewrite (see `write_classification`)."""
     store = Path(store)
     if not (store / GROUP / "zarr.json").is_file():
         return None
@@ -818,8 +784,8 @@ def run(
         if len(keys) != 2 or keys[0] != "classify":
             raise VaedynError(f"--set {item!r}: classify takes only classify.FIELD=VALUE, e.g. classify.tau=0.05")
         extra[keys[1]] = value
-    path = resolve_store_path(store)
-    ds = open_trace(path)
+    path = store_mod.resolve_store_path(store)
+    ds = store_mod.open_trace(path)
     params = resolve_params(ds, {**extra, **(overrides or {})})
     labels = classify_trace(ds, params, from_step=from_step, to_step=to_step, layers=layers)
     if write:

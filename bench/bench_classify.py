@@ -8,10 +8,11 @@ twice the steps take <= 2.1x the time.
     .venv/bin/python bench/bench_classify.py                 # the real figures (10k and 20k steps)
     .venv/bin/python bench/bench_classify.py --steps 500     # a smoke run
 
+The store is written by vaedyn's TraceWriter (chunks of 64 steps x 4096 channels, Blosc-zstd),
+under bench/out/ (git-ignored), and deleted afterwards unless --keep.
 Each measurement runs in a fresh subprocess; memory is its peak RSS (VmHWM of /proc, the
 whole process: interpreter, numpy, xarray, zarr) and the increase of that peak over the RSS
-just before classifying (after imports and opening the store). Stores are generated
-under bench/out/ (git-ignored) chunk by chunk, so generation memory is bounded too.
+just before classifying (after imports and opening the store).
 """
 
 from __future__ import annotations
@@ -28,73 +29,51 @@ from pathlib import Path
 import numpy as np
 
 OUT = Path(__file__).resolve().parent / "out"
-ZARR_CHUNK = 64  # steps per zarr chunk (track.chunk_steps)
 
 
-def layout() -> tuple[list[str], list[int], list[bool], dict]:
-    """Layer name, channel index and has_activation of every GroupNorm channel of the SDXL VAE."""
+def layout() -> tuple[list[tuple[str, int, str, bool]], dict]:
+    """(layer, channels, part, has_activation) of every GroupNorm of the SDXL VAE, and its config."""
     from vaedyn_cli.model import build_preset, groupnorm_layers, sdxl_config
 
-    names, cidx, has_act = [], [], []
-    for name, norm in groupnorm_layers(build_preset(1.0)):
-        for i in range(norm.num_channels):
-            names.append(name)
-            cidx.append(i)
-            has_act.append(not name.endswith("attentions.0.group_norm"))
-    return names, cidx, has_act, sdxl_config(1.0)
+    layers = [(name, norm.num_channels, name.split(".")[0], not name.endswith("attentions.0.group_norm"))
+              for name, norm in groupnorm_layers(build_preset(1.0))]
+    return layers, sdxl_config(1.0)
 
 
 def generate(path: Path, n_steps: int, seed: int = 0) -> Path:
-    """A trace store with realistic dynamics: most channels active, some die, revive, flicker,
-    are born dormant or dead; 5% step-to-step noise."""
-    import xarray as xr
+    """A trace store written by vaedyn's own TraceWriter (its codec, chunks and commits), with
+    realistic dynamics: most channels active, some die, revive, flicker, are born dormant or dead;
+    5% step-to-step noise. Steps are 0, 10, 20, ..."""
+    from vaedyn_cli import store
 
-    names, cidx, has_act, model_cfg = layout()
-    n = len(names)
+    layers, model_cfg = layout()
+    chans = store.ChannelLayout.from_layers(layers)
+    n = chans.n_channels
+    has_act = np.array(chans.has_activation)
     rng = np.random.default_rng(seed)
     base = rng.lognormal(0.0, 0.3, n).astype(np.float32)
     kind = rng.choice(6, n, p=[0.84, 0.08, 0.03, 0.02, 0.02, 0.01])  # active died revived born flicker dead
     change = rng.integers(0, n_steps, n)
-    flick_period = rng.integers(2, 40, n)
+    period = rng.integers(2, 40, n)
     if path.exists():
         shutil.rmtree(path)
-    attrs = {"schema": "vaedyn.trace", "schema_version": 1, "source": "track", "run_name": "bench",
-             "config": json.dumps({"classify": {}}), "model_config": json.dumps(model_cfg), "committed_steps": 0}
-    for a in range(0, n_steps, ZARR_CHUNK):
-        t = np.arange(a, min(n_steps, a + ZARR_CHUNK))[:, None]
-        scale = np.ones((len(t), n), np.float32)
-        scale[:, kind == 1] = np.where(t >= change[kind == 1], 0.01, 1.0)
-        scale[:, kind == 2] = np.where(t < change[kind == 2], 0.01, 1.0)
-        scale[:, kind == 3] = 0.01
-        scale[:, kind == 4] = np.where((t // flick_period[kind == 4]) % 2 == 1, 0.01, 1.0)
-        scale[:, kind == 5] = 0.0
-        noise = 1.0 + 0.05 * rng.standard_normal((len(t), n), dtype=np.float32)
-        act = base * scale * noise
-        last = np.broadcast_to(base, (len(t), n))
-        data = {
-            "act_std": (("step", "channel"), np.where(has_act, act, np.nan).astype(np.float32)),
-            "std": (("step", "channel"), (1.5 * act).astype(np.float32)),
-            "mean": (("step", "channel"), np.zeros((len(t), n), np.float32)),
-            "in_std": (("step", "channel"), last.astype(np.float32)),
-            "gn_weight": (("step", "channel"), last.astype(np.float32)),
-            "out_weight_norm": (("step", "channel"), last.astype(np.float32)),
-        }
-        # xarray's append rewrites the group's attributes: pass them every time
-        ds = xr.Dataset(data, coords={"step": ("step", (t[:, 0] * 10).astype(np.int64))}, attrs=attrs)
-        if a == 0:
-            ds = ds.assign_coords(
-                layer=("channel", np.array(names, dtype=object)),
-                channel_index=("channel", np.array(cidx, np.int64)),
-                part=("channel", np.array([s.split(".")[0] for s in names], dtype=object)),
-                has_activation=("channel", np.array(has_act, bool)),
-            )
-            encoding = {v: {"chunks": (ZARR_CHUNK, n)} for v in data}
-            ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
-        else:
-            ds.to_zarr(path, append_dim="step", zarr_format=3, consolidated=False)
-    import zarr
-
-    zarr.open_group(path, mode="r+", zarr_format=3).attrs["committed_steps"] = n_steps
+    attrs = store.store_attrs("track", "bench", json.dumps({"classify": {}}), json.dumps(model_cfg))
+    block = 64
+    with store.TraceWriter(path, chans, attrs, mode="w", chunk_steps=block, queue_size=2 * block) as writer:
+        for a in range(0, n_steps, block):
+            t = np.arange(a, min(n_steps, a + block))[:, None]
+            scale = np.ones((len(t), n), np.float32)
+            scale[:, kind == 1] = np.where(t >= change[kind == 1], 0.01, 1.0)
+            scale[:, kind == 2] = np.where(t < change[kind == 2], 0.01, 1.0)
+            scale[:, kind == 3] = 0.01
+            scale[:, kind == 4] = np.where((t // period[kind == 4]) % 2 == 1, 0.01, 1.0)
+            scale[:, kind == 5] = 0.0
+            act = base * scale * (1.0 + 0.05 * rng.standard_normal((len(t), n), dtype=np.float32))
+            for i, step in enumerate(t[:, 0].tolist()):
+                writer.append(store.TraceRecord(10 * step, {
+                    "act_std": np.where(has_act, act[i], np.nan), "std": 1.5 * act[i], "mean": np.zeros(n),
+                    "in_std": base, "gn_weight": base, "out_weight_norm": base,
+                }))
     return path
 
 
@@ -120,9 +99,9 @@ def measure(path: str, mode: str) -> dict:
     """One measurement inside this (fresh) process: out of core, or whole trace in memory."""
     import xarray as xr
 
-    from vaedyn_cli import classify
+    from vaedyn_cli import classify, store
 
-    ds = classify.open_trace(Path(path))
+    ds = store.open_trace(Path(path))
     params = classify.resolve_params(ds)
     base = _current_rss_mb()
     t0 = time.perf_counter()

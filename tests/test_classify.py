@@ -393,9 +393,10 @@ def test_cli_csv_table_and_options(cli, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.stderr
     assert PLANT in res.stdout and "total" in res.stdout and "100..250" in res.stdout
     res = cli("classify", run, "--method", "mean_abs_threshold", "--threshold", "0.9", "--format", "json",
-              "--no-write")
+              "--no-write", "--set", "classify.gn_scale_ratio=0.5")
     data = json.loads(res.stdout)
     assert data["method"] == "mean_abs_threshold" and data["params"]["threshold"] == 0.9
+    assert data["params"]["gn_scale_ratio"] == 0.5 and data["params"]["tau"] == 0.1
     assert sum(c["state"] == "dormant" for c in data["channels"]) > 20  # mean_abs ~0.8 < 0.9
 
 
@@ -405,7 +406,8 @@ def test_cli_bad_input_exits_2(cli, tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
     run = _run_folder(tmp_path)
     for args, msg in ((["--layers", "nope*"], "matches no layer"), (["--method", "ring"], "method"),
-                      (["--format", "xml"], "--format"), (["--tau", "-1"], "tau")):
+                      (["--format", "xml"], "--format"), (["--tau", "-1"], "tau"),
+                      (["--set", "train.max_steps=3"], "classify.FIELD=VALUE")):
         res = cli("classify", run, *args)
         assert res.exit_code == 2 and msg in res.stderr, (args, res.stderr)
     assert not (run / "trace.zarr" / "classification").exists()
@@ -487,3 +489,23 @@ def test_planted_channels_of_a_tracked_model_are_found(tmp_path: Path, tiny_cfg)
     new = {key: flags(r) - flags(before[key]) for key, r in after.items() if key not in planted}
     assert not {k: v for k, v in new.items() if v}, "flagged only after planting"
     assert not any(flags(before[key]) for key in planted)
+
+
+def test_in_memory_window_of_records_equals_the_store_window(tmp_path: Path) -> None:
+    """The in-training nudge classifies the writer's recent records: same labels as the stored steps."""
+    ds = flicker_trace(2, n_steps=20)
+    layers = [(n, int((ds["layer"].values == n).sum()), n.split(".")[0],
+               bool(ds["has_activation"].values[list(ds["layer"].values).index(n)]))
+              for n in dict.fromkeys(ds["layer"].values.tolist())]
+    layout = store_mod.ChannelLayout.from_layers(layers)
+    records = [store_mod.TraceRecord(int(s), {v: ds[v].values[i] for v in STAT_VARS})
+               for i, s in enumerate(ds["step"].values)]
+    attrs = {"model_config": json.dumps({"norm_num_groups": 2})}
+    window = store_mod.records_to_dataset(records[-6:], layout, attrs)
+    store = write_store(ds, tmp_path / "t.zarr", model_config={"norm_num_groups": 2})
+    params = ClassifyConfig(min_persist=2)
+    live = classify.classify_trace(window, params)
+    stored = classify.classify_trace(store_mod.open_trace(store), params, from_step=int(ds["step"].values[-6]))
+    xr.testing.assert_identical(live.drop_attrs(), stored.drop_attrs())
+    one = classify.classify_trace(store_mod.records_to_dataset(records[-1:], layout, attrs), params)
+    assert set(one["trajectory"].values.tolist()) <= {"active", "born_dormant", "unknown"}

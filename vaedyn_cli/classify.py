@@ -28,8 +28,7 @@ when its most recent inactive observed step was dead, else `dormant`. `score` is
 the channel's last observed step.
 
 Mechanism, only for channels inactive at the end ("" in the Dataset and store, JSON null
-otherwise), from the statistics at the
-last step of the window, first match wins:
+otherwise), from the statistics at the last step of the window, first match wins:
     1. `gn_scale`: |gamma| <= gn_scale_ratio * median |gamma| of its layer (the norm's own
        scale silences the channel; nothing downstream of gamma matters then);
     2. `saturated`: an activation follows and mean + m * std < -m of the norm output y, with
@@ -43,6 +42,11 @@ Flags on every classified channel, at the last step of the window:
     (groups are consecutive channels; their number is `norm_num_groups` of the store's
     `model_config` attribute when that divides the layer's width, else the layer is one group).
 A statistic missing from the store or NaN makes its test false.
+
+The store's `classification` group (`write_classification`) spans every channel of the root, row
+i being the root's channel i (so `xarray.open_datatree` can align it); `classified` marks the
+channels of the selected layers, the others hold "" labels, NaN score and -1 steps. Attributes:
+`method`, `params` (JSON, with the window and layer globs), `first_step`, `last_step`, `n_steps`.
 
 Out of core: the trace is read `chunk_steps` steps at a time and a vectorised per-channel state
 machine carries the runs across chunks, so memory is bounded by the chunk, not the trace. The

@@ -228,6 +228,34 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path: Path, cli) -> None:
         build_report(store, tmp_path / "busy" / "notes.txt")
 
 
+def test_step_states_by_hand() -> None:
+    from vaedyn_cli.config import ClassifyConfig
+    from vaedyn_cli.report import ACTIVE, DEAD, DORMANT, UNOBSERVED, Channels, step_states
+
+    ch = Channels.from_arrays(["a"] * 4 + ["b"] * 2 + ["c"] * 2, ["encoder"] * 4 + ["decoder"] * 4, [True] * 8)
+    activity = np.array([[1.0, 1.0, 0.05, 0.0, 2.0, np.nan, 0.0, 0.0]])
+    codes, score = step_states(activity, ch, ClassifyConfig(tau=0.1, dead_threshold=1e-6))
+    # layer a: mean 0.5125 -> scores 1.95, 1.95, 0.098 (dormant), 0 (dead); b: NaN is unobserved, the
+    # mean is over the finite values; c: a silent layer scores 0 and is dead
+    np.testing.assert_allclose(score[0, :5], [1 / 0.5125, 1 / 0.5125, 0.05 / 0.5125, 0.0, 1.0], rtol=1e-6)
+    assert np.isnan(score[0, 5]) and (score[0, 6:] == 0).all()
+    assert codes[0].tolist() == [ACTIVE, ACTIVE, DORMANT, DEAD, ACTIVE, UNOBSERVED, DEAD, DEAD]
+    codes, score = step_states(activity, ch, ClassifyConfig(method="mean_abs_threshold", threshold=0.2))
+    assert codes[0].tolist() == [ACTIVE, ACTIVE, DORMANT, DORMANT, ACTIVE, UNOBSERVED, DORMANT, DORMANT]
+
+
+def test_long_traces_are_subsampled_keeping_the_last_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vaedyn_cli import report
+
+    monkeypatch.setattr(report, "MAX_LINE_STEPS", 8)
+    monkeypatch.setattr(report, "MAX_HEATMAP_STEPS", 5)
+    store = write_store(tmp_path / "long.zarr", tmp_path)
+    s = json.loads((build_report(store) / SUMMARY_FILE).read_text())
+    assert s["steps"] == {"count": 20, "first": 0, "last": 38, "shown_in_lines": 8, "shown_in_heatmap": 5}
+    assert s["last_step"]["encoder"] == {"inactive": 3, "dead": 0, "channels": 16}
+    assert report._spread(20, 8).tolist() == [0, 3, 5, 8, 11, 14, 16, 19]
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 

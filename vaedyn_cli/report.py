@@ -42,6 +42,7 @@ PARTS = ("encoder", "decoder")
 PART_COLOURS = {"encoder": "#1f77b4", "decoder": "#d62728"}
 MAX_LINE_STEPS = 2000
 MAX_HEATMAP_STEPS = 400
+MAX_HEATMAP_INCHES = 14  # beyond ~1,500 rows the heatmap averages neighbouring (sorted) channels
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 TOP_LAYERS = 15
 DPI = 110
@@ -53,7 +54,8 @@ FIGURES: dict[str, tuple[str, str]] = {
         "Dormancy over training, channel by channel",
         "Each row is a channel, each column a tracked step; colour is the dormancy score (activity / mean "
         "activity of its layer). Red: at or below the dormancy threshold; grey: not observed. Rows are grouped by "
-        "layer (lines) in module order, encoder and decoder apart.",
+        "layer (lines) in module order, encoder and decoder apart; within a layer, channels are sorted by their "
+        "score at the last step, so the channels that end inactive form the top of each band.",
     ),
     "dormant_counts.png": (
         "Number of inactive channels over training",
@@ -356,8 +358,9 @@ def fig_heatmap(d: ReportData):  # noqa: ANN201
     ch = d.channels
     parts = [p for p in PARTS if (ch.part == p).any()] or ["(all)"]
     sizes = [max(int((ch.part == p).sum()), 1) if p in PARTS else ch.n for p in parts]
-    fig, axes = plt.subplots(len(parts), 1, figsize=(11, 3 + 0.012 * sum(sizes) + 2 * len(parts)), squeeze=False,
-                             gridspec_kw={"height_ratios": sizes})
+    height = min(MAX_HEATMAP_INCHES, 3 + 0.012 * sum(sizes) + 2 * len(parts))
+    fig, axes = plt.subplots(len(parts), 1, figsize=(11, height), squeeze=False, gridspec_kw={"height_ratios": sizes},
+                             layout="constrained")
     mean_abs = d.params.method == "mean_abs_threshold"
     centre = d.params.threshold if mean_abs else d.params.tau
     finite = d.heat_score[np.isfinite(d.heat_score)]
@@ -368,25 +371,31 @@ def fig_heatmap(d: ReportData):  # noqa: ANN201
     image = None
     for ax, p in zip(axes[:, 0], parts, strict=True):
         sel = np.flatnonzero(ch.part == p) if p in PARTS else np.arange(ch.n)
+        last = d.heat_score[sel, -1]
+        sel = sel[np.lexsort((np.where(np.isfinite(last), last, np.inf), ch.layer_id[sel]))]
         block = d.heat_score[sel]
-        image = ax.imshow(np.ma.masked_invalid(block), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest",
+        image = ax.imshow(np.ma.masked_invalid(block), aspect="auto", cmap=cmap, norm=norm, interpolation="auto",
                           extent=(-0.5, len(steps) - 0.5, len(sel) - 0.5, -0.5))
         names = ch.layer[sel]
         bounds = [0] + [i for i in range(1, len(names)) if names[i] != names[i - 1]] + [len(names)]
         for b in bounds[1:-1]:
             ax.axhline(b - 0.5, color="black", linewidth=0.4)
-        centres = [(lo + hi - 1) / 2 for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-        ax.set_yticks(centres)
-        ax.set_yticklabels([short_layer(names[lo]) for lo in bounds[:-1]], fontsize=max(3, min(7, 300 // len(centres))))
+        # label the layers whose band is tall enough to read (about 7 px or more)
+        px_per_row = 0.75 * height * DPI / sum(sizes)
+        shown = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if (hi - lo) * px_per_row >= 7]
+        ax.set_yticks([(lo + hi - 1) / 2 for lo, hi in shown])
+        size = min(7.0, max(4.0, min(((hi - lo) * px_per_row for lo, hi in shown), default=7)))
+        ax.set_yticklabels([short_layer(names[lo]) for lo, _ in shown], fontsize=size)
+        n_layers = len(bounds) - 1
         ticks = _spread(len(steps), 8)
         ax.set_xticks(ticks)
         ax.set_xticklabels([str(s) for s in steps[ticks]])
-        ax.set_title(f"{p}: {len(sel)} channels in {len(centres)} layers", fontsize=10)
-        ax.set_ylabel("layer (channels in module order)")
+        ax.set_title(f"{p}: {len(sel)} channels in {n_layers} layers", fontsize=10)
+        ax.set_ylabel("layer (module order)")
     axes[-1, 0].set_xlabel(_step_xlabel(d) + (f", {len(steps)} of {len(d.steps)} steps shown"
                                               if len(steps) < len(d.steps) else ""))
     what = "mean |output|" if mean_abs else "dormancy score = activity / layer mean"
-    cbar = fig.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.03, pad=0.01)
+    cbar = fig.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.03, pad=0.01, shrink=0.8)
     cbar.set_label(f"{what} (dimensionless); threshold {centre:g}")
     fig.suptitle("Dormancy heatmap: channels x steps", fontsize=12)
     return fig

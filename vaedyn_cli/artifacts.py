@@ -11,6 +11,7 @@ from pathlib import Path
 
 CONFIG_FILE = "config.yaml"
 TRACE_DIR = "trace.zarr"
+TRACK_TRACE_DIR = "trace-track.zarr"  # written by `vaedyn track` into the run its checkpoints belong to
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
 LOGS_DIR = "logs"

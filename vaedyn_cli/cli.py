@@ -338,6 +338,64 @@ def report_cmd(
     out(str(report.build_report(store, out_dir)))
 
 
+# ---------------------------------------------------------------------------------------------
+# track and store
+
+
+@app.command("track")
+@handle_errors
+def track_cmd(
+    more: Annotated[
+        list[str] | None, typer.Argument(help="More checkpoints (so that `--checkpoint A B C` works).", show_default=False)
+    ] = None,
+    checkpoint: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--checkpoint",
+            help="Run folder (its final/), checkpoints/step-* folder, a run's checkpoints/ folder (all of its steps), "
+            "diffusers folder or hub id; repeatable.",
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML config (default: the config stored with the checkpoints).")
+    ] = None,
+    set_: SetOpt = None,
+    out_path: Annotated[
+        Path | None, typer.Option("--out", help="Trace store to write (default: <run>/trace-track.zarr).")
+    ] = None,
+) -> None:
+    """Trace checkpoints on a fixed probe set (one step per checkpoint at its global step); prints the store path."""
+    from vaedyn_cli import track
+
+    cfg = config_mod.load_config(config, set_ or []) if config is not None else None
+    overrides = [] if config is not None else (set_ or [])
+    out(str(track.track_checkpoints(cfg, [*(checkpoint or []), *(more or [])], out_path, overrides)))
+
+
+store_app = typer.Typer(help="Inspect trace stores.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("info")
+@handle_errors
+def store_info_cmd(
+    store: Annotated[str, typer.Argument(help="Trace store, run folder, or - to read the path from stdin.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of a table.")] = False,
+) -> None:
+    """Summarise a trace store: steps, channels, layers by part, variables, size, events, classification."""
+    import json
+
+    from vaedyn_cli import store as store_mod
+
+    info = store_mod.store_info(store_mod.resolve_store_path(store))
+    if as_json:
+        out(json.dumps(info, indent=2))
+        return
+    from rich.console import Console
+
+    Console(soft_wrap=True).print(store_mod.info_table(info))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

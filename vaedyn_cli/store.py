@@ -68,7 +68,8 @@ CHANNEL_VARS: dict[str, str] = {
     "gn_weight": "GroupNorm gamma used by this step's forward",
     "gn_bias": "GroupNorm beta used by this step's forward",
     "gn_weight_grad": "|d loss / d gamma| of this step (NaN when tracked without gradients)",
-    "out_weight_norm": "L2 norm of the weights of the next layer(s) that read this channel (NaN when unknown)",
+    "out_weight_norm": "L2 norm of the weights of the next layer(s) that read this channel (NaN when unknown; "
+    "in training traces recorded every track.weight_every tracked steps, NaN in between)",
 }
 SCALAR_VARS: dict[str, str] = {
     "loss": "training loss of the step (NaN when not training)",
@@ -77,7 +78,8 @@ SCALAR_VARS: dict[str, str] = {
     "lr": "learning rate of the step (NaN when not training)",
 }
 PARAM_VARS: dict[str, str] = {
-    "near_zero_frac": "share of near-zero weights of each conv/linear weight (track.near_zero)",
+    "near_zero_frac": "share of near-zero weights of each conv/linear weight (track.near_zero; in training "
+    "traces recorded every track.weight_every tracked steps, NaN in between)",
 }
 STEP_VARS = ("step", *CHANNEL_VARS, *SCALAR_VARS, *PARAM_VARS)
 CHANNEL_COORDS = ("layer", "channel_index", "part", "has_activation")
@@ -359,7 +361,11 @@ def resolve_store_path(arg: str | Path) -> Path:
         if not lines:
             raise VaedynError("STORE is '-' but stdin is empty; pipe a store or run folder path into it")
         text = lines[-1]
-    path = Path(text).expanduser()
+    return _locate(Path(text).expanduser())
+
+
+def _locate(path: Path) -> Path:
+    """A store path as given, or the trace store of a run folder."""
     if path.is_dir() and not (path / ZARR_JSON).is_file():
         for name in (artifacts.TRACE_DIR, artifacts.TRACK_TRACE_DIR):
             if (path / name / ZARR_JSON).is_file():
@@ -383,7 +389,7 @@ def _open_group(root: Path, group: str | None = None) -> xr.Dataset:
 
 def open_trace(path: str | Path) -> xr.Dataset:
     """The root group of a trace store, lazily loaded, trimmed to the committed steps."""
-    root = Path(path)
+    root = _locate(Path(path))
     attrs = check_store(root)
     try:
         ds = _open_group(root)
@@ -398,7 +404,7 @@ def open_trace(path: str | Path) -> xr.Dataset:
 
 def read_events(path: str | Path) -> xr.Dataset | None:
     """The `events` group, loaded (None when no intervention was recorded)."""
-    root = Path(path)
+    root = _locate(Path(path))
     check_store(root)
     if not (root / EVENTS_GROUP / ZARR_JSON).is_file():
         return None
@@ -421,7 +427,7 @@ def _dir_size(path: Path) -> int:
 
 def store_info(path: str | Path) -> dict[str, Any]:
     """A summary of a store: steps and range, channels, layers by part, variables, size, events, classification."""
-    root = Path(path)
+    root = _locate(Path(path))
     ds = open_trace(root)
     attrs = dict(ds.attrs)
     steps = ds["step"].values
@@ -492,7 +498,7 @@ def info_table(info: Mapping[str, Any]) -> Any:
 def _compressor() -> Any:
     from zarr.codecs import BloscCodec
 
-    return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+    return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")  # fast: commits re-encode the current chunk
 
 
 def _encoding(ds: xr.Dataset, chunk_steps: int) -> dict[str, dict[str, Any]]:

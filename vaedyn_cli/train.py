@@ -753,4 +753,13 @@ def _drop_later_checkpoints(run_dir: Path, step: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _tracker_factory(ctx: TrainContext) -> TrainHook | None:
+    """The trace store's Tracker (track.enabled), registered first so later hooks see its record."""
+    from vaedyn_cli.track import make_tracker
+
+    return make_tracker(ctx)
+
+
+HOOK_FACTORIES.append(_tracker_factory)
+
 import vaedyn_cli.tb  # noqa: E402,F401  registers the TensorBoard hook (dormant counts, |gamma|, reconstructions)

@@ -1,0 +1,387 @@
+"""Channel probes against direct computations, tracking while training, and `vaedyn track`."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from safetensors.torch import load_file
+
+from tests.conftest import TINY_WIDTH, tiny_config_dict
+from vaedyn_cli import artifacts, store
+from vaedyn_cli import train as train_mod
+from vaedyn_cli.config import NearZeroConfig, RunConfig, TrackConfig
+from vaedyn_cli.errors import VaedynError
+from vaedyn_cli.model import build_preset, save_model
+from vaedyn_cli.track import ChannelProbes, load_probe_batch, near_zero_fractions, run_probe, track_checkpoints
+
+pytestmark = pytest.mark.filterwarnings("error::UserWarning", "error::RuntimeWarning")
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    return build_preset(TINY_WIDTH, seed)
+
+
+class Capture:
+    """Independent hooks: the input and output of every GroupNorm, as float64 copies."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.seen: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.handles = [
+            m.register_forward_hook(self._hook(n)) for n, m in model.named_modules() if isinstance(m, torch.nn.GroupNorm)
+        ]
+
+    def _hook(self, name: str):  # noqa: ANN202
+        def hook(_m, inputs, output) -> None:  # noqa: ANN001
+            self.seen.setdefault(name, []).append((inputs[0].detach().double().clone(), output.detach().double().clone()))
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def pooled(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, everything) for input and output: batch, space and micro-batches pooled."""
+        def flat(ts: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in ts], dim=1)
+
+        pairs = self.seen[name]
+        return flat([x for x, _ in pairs]), flat([y for _, y in pairs])
+
+
+def expected_stats(cap: Capture, name: str, has_act: bool) -> dict[str, np.ndarray]:
+    x, y = cap.pooled(name)
+    a = torch.nn.functional.silu(y)
+    nan = np.full(y.shape[0], np.nan)
+    return {
+        "in_std": x.std(1, unbiased=False).numpy(),
+        "mean": y.mean(1).numpy(),
+        "mean_abs": y.abs().mean(1).numpy(),
+        "std": y.std(1, unbiased=False).numpy(),
+        "act_mean": a.mean(1).numpy() if has_act else nan,
+        "act_std": a.std(1, unbiased=False).numpy() if has_act else nan,
+    }
+
+
+def test_every_statistic_equals_a_direct_computation():
+    torch.manual_seed(0)
+    model = tiny_model()
+    # planted: a dead channel (gamma = beta = 0) and a conv weight that is exactly half zeros
+    dead = model.decoder.up_blocks[3].resnets[2].norm2
+    with torch.no_grad():
+        dead.weight[5] = 0.0
+        dead.bias[5] = 0.0
+        w = model.encoder.conv_in.weight
+        w.copy_(torch.where(torch.arange(w.numel()).reshape(w.shape) % 2 == 0, torch.zeros_like(w), torch.ones_like(w)))
+    probes = ChannelProbes(model, TrackConfig(near_zero=NearZeroConfig(mode="absolute", abs_threshold=1e-5)))
+    cap = Capture(model)
+    probes.reset()
+    probes.capture_params()
+    gamma_before = {layer.name: layer.module.weight.detach().clone() for layer in probes.layers}
+    probes.arm()
+    # two micro-batches of different sizes, gradients accumulated as in training
+    for x in (torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(3, 3, 16, 16) * 2 - 1):
+        model(x).sample.square().mean().backward()
+    probes.disarm()
+    probes.capture_grads()
+    probes.finish()
+    rec = probes.snapshot(7, {"loss": 0.5}).resolve()
+    cap.remove()
+
+    assert rec.step == 7 and rec.scalars == {"loss": 0.5}
+    assert len(probes.layers) == 52 and probes.n_channels == 1240
+    attention = [layer for layer in probes.layers if layer.name.endswith("attentions.0.group_norm")]
+    assert len(attention) == 2 and all(cap.seen[layer.name][0][0].ndim == 3 for layer in attention)
+    for layer in probes.layers:
+        cols = slice(layer.offset, layer.offset + layer.channels)
+        has_act = not layer.name.endswith("group_norm")
+        assert (layer.activation is not None) == has_act
+        for key, want in expected_stats(cap, layer.name, has_act).items():
+            np.testing.assert_allclose(rec.channels[key][cols], want, rtol=RTOL, atol=ATOL, err_msg=f"{layer.name} {key}")
+        m = layer.module
+        np.testing.assert_array_equal(rec.channels["gn_weight"][cols], gamma_before[layer.name].double().numpy())
+        np.testing.assert_array_equal(rec.channels["gn_bias"][cols], m.bias.detach().double().numpy())
+        np.testing.assert_allclose(rec.channels["gn_weight_grad"][cols], m.weight.grad.abs().double().numpy(), rtol=1e-7)
+        parent = model.get_submodule(layer.name.rpartition(".")[0])
+        attr = layer.name.rpartition(".")[2]
+        if attr == "group_norm":
+            reader = torch.cat([parent.to_q.weight, parent.to_k.weight, parent.to_v.weight]).detach().double()
+            want = reader.square().sum(0).sqrt()
+        else:
+            conv = {"norm1": "conv1", "norm2": "conv2", "conv_norm_out": "conv_out"}[attr]
+            want = getattr(parent, conv).weight.detach().double().square().sum((0, 2, 3)).sqrt()
+        np.testing.assert_allclose(rec.channels["out_weight_norm"][cols], want.numpy(), rtol=RTOL)
+
+    off = next(layer.offset for layer in probes.layers if layer.module is dead) + 5
+    assert rec.channels["std"][off] == 0 and rec.channels["mean"][off] == 0 and rec.channels["mean_abs"][off] == 0
+    assert rec.channels["act_std"][off] == 0
+    names = list(probes.layout.params)
+    assert names[0] == "encoder.conv_in.weight" and rec.near_zero_frac[0] == 0.5
+    for i, (name, weight) in enumerate(probes.weights):
+        assert names[i] == name
+        assert rec.near_zero_frac[i] == pytest.approx((weight.detach().abs() < 1e-5).double().mean().item(), abs=1e-12)
+
+
+def test_near_zero_modes_on_known_weights():
+    w = torch.tensor([0.0, 1e-7, -5e-6, 2e-4, -1e-3, 0.5, -1.0, 2.0])  # mean |w| = 0.43765
+    absolute = near_zero_fractions([w], NearZeroConfig(mode="absolute", abs_threshold=1e-5))
+    relative = near_zero_fractions([w], NearZeroConfig(mode="percent_of_mean", rel_threshold=0.01))
+    both = near_zero_fractions([w], NearZeroConfig(mode="both", abs_threshold=1e-6, rel_threshold=1e-3))
+    absolute_only = near_zero_fractions([w], NearZeroConfig(mode="both", abs_threshold=1e-5, rel_threshold=1e-6))
+    assert absolute.tolist() == [3 / 8]  # 0, 1e-7, -5e-6
+    assert relative.tolist() == [5 / 8]  # below 4.4e-3: also 2e-4 and -1e-3
+    assert both.tolist() == [4 / 8]  # below 1e-6 or below 4.4e-4: 0, 1e-7, -5e-6, 2e-4
+    assert absolute_only.tolist() == [3 / 8]  # the absolute threshold is the larger one here
+
+
+def test_hooks_exist_only_while_armed():
+    model = tiny_model()
+    probes = ChannelProbes(model, TrackConfig())
+
+    def hook_count() -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    assert hook_count() == 0
+    probes.reset()
+    model(torch.rand(1, 3, 16, 16))
+    probes.finish()
+    assert not probes.sums.any() and not probes.counts.any()
+    probes.arm()
+    # 52 norms, 26 activations (one SiLU per resnet block, 24, plus 2 conv_act), gates on encoder and decoder
+    assert hook_count() == 52 + 26 + 2 * 2
+    probes.disarm()
+    assert hook_count() == 0
+
+
+def test_gradient_checkpointing_recompute_is_not_counted():
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    records = []
+    for checkpointing in (False, True):
+        model = tiny_model()
+        model.train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        probes = ChannelProbes(model, TrackConfig())
+        probes.reset()
+        probes.arm()
+        model(x).sample.mean().backward()  # recomputes blocks in backward when checkpointing
+        probes.disarm()
+        probes.finish()
+        records.append((probes.counts.clone(), probes.snapshot(1).resolve()))
+    (c0, r0), (c1, r1) = records
+    assert torch.equal(c0, c1)
+    for key in ("in_std", "mean", "std", "act_std"):
+        np.testing.assert_allclose(r1.channels[key], r0.channels[key], rtol=1e-6, atol=1e-7)
+
+
+class SumWith:
+    """An accelerator stand-in for two processes: reduce(sum) adds the other process's buffer."""
+
+    num_processes = 2
+
+    def __init__(self, other: torch.Tensor):
+        self.other = other
+
+    def reduce(self, t: torch.Tensor, reduction: str) -> torch.Tensor:
+        assert reduction == "sum"
+        return t + self.other
+
+
+def test_processes_pool_like_one_process_seeing_the_global_batch():
+    model = tiny_model()
+    x = torch.rand(5, 3, 16, 16) * 2 - 1
+    parts = []
+    for m, xs in ((model, x[:2]), (copy.deepcopy(model), x[2:])):
+        p = ChannelProbes(m, TrackConfig())
+        p.reset()
+        p.arm()
+        m(xs)
+        p.disarm()
+        parts.append(p)
+    parts[1].finish()
+    parts[0].finish(SumWith(parts[1].reduced.clone()))
+    pooled = parts[0].snapshot(1).resolve()
+    single = ChannelProbes(model, TrackConfig())
+    single.reset()
+    single.arm()
+    model(x)
+    single.disarm()
+    single.finish()
+    whole = single.snapshot(1).resolve()
+    for key in ("in_std", "mean", "mean_abs", "std", "act_mean", "act_std"):
+        np.testing.assert_allclose(pooled.channels[key], whole.channels[key], rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+def test_layer_selection():
+    model = tiny_model()
+    probes = ChannelProbes(model, TrackConfig(layers=["decoder.up_blocks.3.*", "encoder.conv_norm_out"]))
+    names = [layer.name for layer in probes.layers]  # module order: the encoder first
+    assert names[:3] == ["encoder.conv_norm_out", "decoder.up_blocks.3.resnets.0.norm1",
+                         "decoder.up_blocks.3.resnets.0.norm2"]
+    assert len(names) == 7 and probes.n_channels == 32 + 16 + 5 * 8
+    assert probes.layout.part[0] == "encoder" and probes.layout.part[-1] == "decoder"
+    with pytest.raises(VaedynError, match="match no layer"):
+        ChannelProbes(model, TrackConfig(layers=["decoder.nothing.*"]))
+    with pytest.raises(VaedynError, match="not a normalisation layer"):
+        ChannelProbes(model, TrackConfig(module_types=["Conv2d"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# tracking while training
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt(train_mod.TrainHook):
+    def __init__(self, step: int):
+        self.step = step
+
+    def begin_step(self, step: int) -> None:
+        if step == self.step:
+            raise Crash(step)
+
+
+def train_cfg(root: Path, name: str, **track) -> RunConfig:
+    return RunConfig.model_validate(tiny_config_dict(root, run_name=name, track={"interval": 2, **track}))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run: 6 steps, tracked every 2, checkpoints at 3 and 6."""
+    return train_mod.train(train_cfg(tmp_path_factory.mktemp("train"), "tiny"))
+
+
+def test_train_run_trace_has_one_step_per_interval(trained):
+    tree = xr.open_datatree(trained / artifacts.TRACE_DIR, engine="zarr")
+    ds = tree.to_dataset()
+    assert ds["step"].values.tolist() == [2, 4, 6]
+    assert ds.attrs["source"] == "train" and ds.attrs["run_name"] == "tiny" and ds.attrs["committed_steps"] == 3
+    assert json.loads(ds.attrs["config"])["track"]["interval"] == 2
+    assert json.loads(ds.attrs["model_config"])["norm_num_groups"] == 2
+    assert ds.sizes["channel"] == 1240 and ds.sizes["param"] == 72  # every conv/linear weight
+    assert ds["lr"].values.tolist() == [1e-3] * 3  # constant schedule
+    assert np.isfinite(ds["loss"].values).all() and np.isfinite(ds["kl_loss"].values).all()
+    for name in ("in_std", "mean", "std", "gn_weight", "gn_weight_grad"):
+        assert np.isfinite(ds[name].values).all(), name
+    # the forward of step 4 used the weights after 3 updates, i.e. those of checkpoint step 3
+    saved = load_file(str(trained / artifacts.CHECKPOINTS_DIR / "step-000003" / artifacts.ACCELERATE_MODEL_FILE))
+    layers = ds["layer"].values
+    gamma = np.concatenate([saved[f"{name}.weight"].numpy() for name in dict.fromkeys(layers.tolist())])
+    np.testing.assert_array_equal(ds["gn_weight"].sel(step=4).values, gamma)
+    assert not np.array_equal(ds["gn_weight"].sel(step=2).values, gamma)
+    # weight statistics on the first tracked step, then every track.weight_every (10) tracked steps
+    assert np.isfinite(ds["out_weight_norm"].sel(step=2).values).all()
+    assert np.isnan(ds["out_weight_norm"].sel(step=[4, 6]).values).all()
+    assert np.isnan(ds["near_zero_frac"].sel(step=[4, 6]).values).all()
+
+
+def test_resume_truncates_the_trace_to_the_checkpoint(trained, tmp_path):
+    cfg = train_cfg(tmp_path, "crashed")
+    saved = list(train_mod.HOOK_FACTORIES)
+    try:
+        train_mod.HOOK_FACTORIES.append(lambda ctx: CrashAt(5))
+        with pytest.raises(Crash):
+            train_mod.train(cfg)
+    finally:
+        train_mod.HOOK_FACTORIES[:] = saved
+    trace = cfg.run_dir / artifacts.TRACE_DIR
+    assert store.open_trace(trace)["step"].values.tolist() == [2, 4]  # step 4 lies after checkpoint 3
+    train_mod.train(cfg, resume="latest")
+    resumed, ref = store.open_trace(trace), store.open_trace(trained)
+    assert resumed["step"].values.tolist() == [2, 4, 6]
+    for name in ("mean", "std", "act_std", "gn_weight", "gn_weight_grad", "loss"):
+        np.testing.assert_allclose(resumed[name].values, ref[name].values, rtol=1e-6, err_msg=name)
+
+
+def test_probe_source_equals_track_of_the_final_weights(tmp_path):
+    cfg = train_cfg(tmp_path, "probe", source="probe")
+    run = train_mod.train(cfg)
+    trace = store.open_trace(run / artifacts.TRACE_DIR)
+    assert trace["step"].values.tolist() == [2, 4, 6]
+    tracked = store.open_trace(track_checkpoints(None, [str(run)], tmp_path / "final.zarr"))
+    assert tracked["step"].values.tolist() == [6]  # final/ carries its global step
+    for name in ("in_std", "mean", "mean_abs", "std", "act_mean", "act_std", "gn_weight"):
+        np.testing.assert_allclose(trace[name].sel(step=6).values, tracked[name].sel(step=6).values,
+                                   rtol=RTOL, atol=ATOL, err_msg=name)
+    assert np.isfinite(trace["gn_weight_grad"].sel(step=6).values).all()
+    assert np.isnan(tracked["gn_weight_grad"].values).all() and np.isnan(tracked["loss"].values).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# `vaedyn track`
+
+
+def test_track_three_checkpoints_at_their_steps(tmp_path, tiny_cfg, cli):
+    folders = {}
+    for step, seed in ((30, 1), (0, 2), (10, 3)):  # given out of order
+        folders[step] = save_model(tiny_model(seed), tmp_path / f"ckpt-{step}", tiny_cfg, step=step)
+    out = tmp_path / "snap.zarr"
+    result = cli("track", "--checkpoint", folders[30], folders[0], folders[10], "--out", out)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    ds = xr.open_datatree(out, engine="zarr").to_dataset()
+    assert ds["step"].values.tolist() == [0, 10, 30] and ds.attrs["source"] == "track"
+    assert [c["step"] for c in json.loads(ds.attrs["checkpoints"])] == [0, 10, 30]
+
+    # step 10 holds exactly what the probes give on that model with the probe set
+    model = tiny_model(3)
+    probes = ChannelProbes(model, tiny_cfg.track)
+    probes.reset()
+    probes.capture_params()
+    probes.arm()
+    run_probe(model, load_probe_batch(tiny_cfg), tiny_cfg.data.validation_batch_size)
+    probes.disarm()
+    probes.finish()
+    want = probes.snapshot(10).resolve()
+    for name in ("in_std", "mean", "mean_abs", "std", "act_mean", "act_std", "gn_weight", "out_weight_norm"):
+        np.testing.assert_allclose(ds[name].sel(step=10).values, want.channels[name], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(ds["near_zero_frac"].sel(step=10).values, want.near_zero_frac, rtol=RTOL)
+
+    result = cli("store", "info", out, "--json")
+    info = json.loads(result.stdout)
+    assert (info["steps"], info["first_step"], info["last_step"], info["source"]) == (3, 0, 30, "track")
+
+
+def test_track_a_runs_checkpoints_folder_into_the_run(trained, cli):
+    result = cli("track", "--checkpoint", trained / artifacts.CHECKPOINTS_DIR)
+    assert result.exit_code == 0, result.stderr
+    out = Path(result.stdout.strip())
+    assert out == trained / artifacts.TRACK_TRACE_DIR
+    assert store.open_trace(out)["step"].values.tolist() == [3, 6]
+    # rerunning replaces its own store; the training trace is never overwritten
+    assert cli("track", "--checkpoint", trained / artifacts.CHECKPOINTS_DIR).exit_code == 0
+    result = cli("track", "--checkpoint", trained, "--out", trained / artifacts.TRACE_DIR)
+    assert result.exit_code == 2 and "vaedyn train" in result.stderr
+    assert store.open_trace(trained)["step"].values.tolist() == [2, 4, 6]
+
+
+def test_track_bad_inputs(tmp_path, tiny_config_file, cli):
+    bare = tmp_path / "bare"
+    tiny_model().save_pretrained(str(bare))
+    result = cli("track", "--checkpoint", bare, "--out", tmp_path / "x.zarr")
+    assert result.exit_code == 2 and "pass -c CFG" in result.stderr
+    result = cli("track", "-c", tiny_config_file, "--checkpoint", bare)
+    assert result.exit_code == 2 and "--out" in result.stderr
+    result = cli("track", "-c", tiny_config_file, "--checkpoint", tmp_path / "missing")
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep")
+    result = cli("track", "-c", tiny_config_file, "--checkpoint", bare, "--out", tmp_path / "busy")
+    assert result.exit_code == 2 and "not a trace store" in result.stderr
+    assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written
+    a = save_model(tiny_model(), tmp_path / "a", step=5)
+    b = save_model(tiny_model(), tmp_path / "b", step=5)
+    result = cli("track", "-c", tiny_config_file, "--checkpoint", a, b, "--out", tmp_path / "y.zarr")
+    assert result.exit_code == 2 and "two checkpoints at step 5" in result.stderr
+    assert not (tmp_path / "y.zarr").exists()
+

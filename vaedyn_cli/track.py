@@ -1,0 +1,689 @@
+"""Channel probes: forward hooks on the normalisation layers, on-device accumulation, one host copy.
+
+What is measured, per tracked channel and tracked step (DESIGN.md "Trace store"):
+`in_std` of the norm's input x; `mean`, `mean_abs`, `std` of its output y; `act_mean`, `act_std`
+of act(y) where a nonlinearity follows (read from that activation module's own output, so
+nothing is recomputed); gamma, beta, |grad gamma|; `out_weight_norm`, the L2 norm of the weights
+of the layer(s) reading the channel; `near_zero_frac` per conv/linear weight. Every std is the
+population std (ddof=0) over batch and spatial positions (the length axis for the attention
+norm's (batch, channel, length) input), pooled over all micro-batches of the step and, under
+several processes, over all processes: the numbers equal one process seeing the global batch.
+
+How. Hooks exist only on tracked steps (registered at `begin_step`, removed at `end_step`).
+Each hook reduces its tensor per (sample, channel) over the contiguous spatial axes
+(`var_mean`, L1 norm) and adds per-channel sums (of means, variances and squared means,
+weighted by the spatial size) into one preallocated float64 device buffer. At the end of the
+step the buffer (sums, counts, parameter statistics) is all-reduced when needed and copied to
+the host once (asynchronously into pinned memory on CUDA); turning sums into statistics happens
+on the store's writer thread. Hooks fire only inside the forward of the model's top-level parts,
+so gradient checkpointing's recomputation during backward is not counted twice.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import math
+import shutil
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vaedyn_cli import artifacts
+from vaedyn_cli import store as store_mod
+from vaedyn_cli.config import NearZeroConfig, RunConfig, TrackConfig, apply_overrides, validate_config
+from vaedyn_cli.errors import VaedynError
+from vaedyn_cli.store import ChannelLayout, TraceRecord, TraceWriter
+from vaedyn_cli.train import TrainHook
+
+log = logging.getLogger(__name__)
+
+# Rows of the sums buffer: for x (norm input), y (norm output) and a = act(y), the sums over
+# (sample, channel) of spatial means, spatial variances and squared spatial means, each times the
+# spatial size; plus sum |y|. Statistics: mean = S_m / N; var = S_v / N + S_m2 / N - mean^2.
+X_M, X_V, X_M2, Y_M, Y_V, Y_M2, Y_ABS, A_M, A_V, A_M2 = range(10)
+N_ROWS = 10
+# Rows of the parameter block.
+P_WEIGHT, P_BIAS, P_GRAD, P_OUT_NORM = range(4)
+N_PARAM_ROWS = 4
+
+
+# ---------------------------------------------------------------------------------------------
+# which layers, and what reads them
+
+
+@dataclass
+class ProbeLayer:
+    """A tracked layer, where its channels sit in the store, and its neighbours."""
+
+    name: str
+    module: nn.Module
+    offset: int
+    channels: int
+    part: str
+    activation: nn.Module | None  # the nonlinearity applied to this layer's output
+    readers: list[nn.Module]  # modules whose weights read this layer's output channels
+
+
+def _channels(module: nn.Module) -> int | None:
+    for attr in ("num_channels", "num_features"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def wiring(model: nn.Module, name: str) -> tuple[nn.Module | None, list[nn.Module]]:
+    """(activation after the layer, modules reading its output) for the norms of diffusers' VAE:
+    resnet norm1 -> SiLU -> conv1, norm2 -> SiLU -> conv2; encoder/decoder conv_norm_out -> SiLU ->
+    conv_out; attention group_norm -> to_q/to_k/to_v (no activation). Unknown places: (None, [])."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if attr in ("norm1", "norm2") and isinstance(getattr(parent, "nonlinearity", None), nn.Module):
+        conv = getattr(parent, "conv1" if attr == "norm1" else "conv2", None)
+        return parent.nonlinearity, [conv] if conv is not None else []
+    if attr == "conv_norm_out":
+        act = getattr(parent, "conv_act", None)
+        conv = getattr(parent, "conv_out", None)
+        return (act if isinstance(act, nn.Module) else None), [conv] if conv is not None else []
+    if attr == "group_norm":
+        readers = [getattr(parent, k, None) for k in ("to_q", "to_k", "to_v")]
+        return None, [r for r in readers if isinstance(r, nn.Module)]
+    return None, []
+
+
+def select_layers(model: nn.Module, cfg: TrackConfig) -> list[ProbeLayer]:
+    """The layers matched by track.layers (globs on module names) and track.module_types, in module order."""
+    layers: list[ProbeLayer] = []
+    offset = 0
+    types = set(cfg.module_types)
+    for name, module in model.named_modules():
+        if type(module).__name__ not in types or not any(fnmatch.fnmatchcase(name, p) for p in cfg.layers):
+            continue
+        channels = _channels(module)
+        if channels is None:
+            raise VaedynError(
+                f"track.module_types includes {type(module).__name__} ({name}), which is not a normalisation layer "
+                "with per-channel input and output; track GroupNorm (or BatchNorm/InstanceNorm) layers"
+            )
+        activation, readers = wiring(model, name)
+        part = name.split(".", 1)[0]
+        layers.append(ProbeLayer(name, module, offset, channels, part, activation, readers))
+        offset += channels
+    if not layers:
+        raise VaedynError(
+            f"track.layers {cfg.layers} with track.module_types {cfg.module_types} match no layer of the model; "
+            "use module names such as 'decoder.*' or 'encoder.down_blocks.0.*' (see `vaedyn store info`)"
+        )
+    return layers
+
+
+def weight_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every conv/linear weight (the original project's "dead weight" tracker covers these)."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose2d | nn.Linear):
+            found.append((f"{name}.weight", module.weight))
+    return found
+
+
+@torch.no_grad()
+def near_zero_fractions(weights: Sequence[torch.Tensor], cfg: NearZeroConfig) -> torch.Tensor:
+    """Share of entries with |w| < threshold per weight, on the weights' device (no sync).
+    absolute: abs_threshold; percent_of_mean: rel_threshold * mean|w|; both: either holds."""
+    out = []
+    for w in weights:
+        a = w.detach().abs()
+        if cfg.mode == "absolute":
+            thr: torch.Tensor | float = cfg.abs_threshold
+        else:
+            rel = a.mean() * cfg.rel_threshold
+            thr = rel if cfg.mode == "percent_of_mean" else torch.clamp(rel, min=cfg.abs_threshold)
+        out.append(torch.count_nonzero(a < thr).to(torch.float64) / a.numel())
+    if not out:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def out_weight_norm(readers: Sequence[nn.Module], channels: int) -> torch.Tensor | None:
+    """Per input channel, the L2 norm of the readers' weights taken together (dim 1 of a conv or
+    linear weight is its input channel); None without readers."""
+    total = None
+    for r in readers:
+        w = getattr(r, "weight", None)
+        if w is None or w.ndim < 2 or w.shape[1] != channels:
+            return None
+        dims = [d for d in range(w.ndim) if d != 1]
+        sq = torch.linalg.vector_norm(w.detach().float(), dim=dims).square()
+        total = sq if total is None else total + sq
+    return None if total is None else total.sqrt()
+
+
+# ---------------------------------------------------------------------------------------------
+# the probes
+
+
+class _Snapshot:
+    """A tracked step copied off the device; turned into a TraceRecord on the writer thread."""
+
+    def __init__(self, step: int, host: torch.Tensor, event: Any, probes: ChannelProbes, scalars: dict[str, float]):
+        self.step, self._host, self._event, self._probes, self._scalars = step, host, event, probes, scalars
+
+    def resolve(self) -> TraceRecord:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._probes.finalize(self._host.numpy(), self.step, self._scalars)
+
+
+class ChannelProbes:
+    """Hooks and device buffers for the tracked layers of one model."""
+
+    def __init__(self, model: nn.Module, cfg: TrackConfig, ring: int = 2):
+        self.model = model
+        self.cfg = cfg
+        self.layers = select_layers(model, cfg)
+        self.weights = weight_params(model) if cfg.near_zero.enabled else []
+        self.n_channels = sum(layer.channels for layer in self.layers)
+        self.layout = ChannelLayout.from_layers(
+            ((layer.name, layer.channels, layer.part, layer.activation is not None) for layer in self.layers),
+            [name for name, _ in self.weights],
+        )
+        first = next(iter(model.parameters()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        c, n_layers, p = self.n_channels, len(self.layers), len(self.weights)
+        # One flat buffer: sums | counts (x/y and act per layer) | parameter block | near-zero fractions.
+        self._sizes = (N_ROWS * c, 2 * n_layers, N_PARAM_ROWS * c, p)
+        self._flat = torch.zeros(sum(self._sizes), dtype=self._dtype(), device=self.device)
+        a, b, d, _ = np.cumsum(self._sizes)
+        self.sums = self._flat[:a].view(N_ROWS, c)
+        self.counts = self._flat[a:b].view(2, n_layers)
+        self.reduced = self._flat[:b]  # what is summed over processes
+        self.params = self._flat[b:d].view(N_PARAM_ROWS, c)
+        self.near_zero = self._flat[d:]
+        self._host_counts = np.zeros((2, n_layers), dtype=np.float64)
+        self._ring_size = max(2, ring)
+        self._ring: list[torch.Tensor] = []
+        self._ring_next = 0
+        self._handles: list[Any] = []
+        self._depth = 0
+        self._pending: tuple[int, torch.Tensor] | None = None
+        self._act_layers: dict[int, list[int]] = {}
+        for i, layer in enumerate(self.layers):
+            if layer.activation is not None:
+                self._act_layers.setdefault(id(layer.activation), []).append(i)
+
+    def _dtype(self) -> torch.dtype:
+        return torch.float32 if self.device.type == "mps" else torch.float64
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._handles)
+
+    def reset(self) -> None:
+        """Zero the sums and mark every parameter statistic as not measured (NaN)."""
+        self._flat.zero_()
+        self.params.fill_(math.nan)
+        self.near_zero.fill_(math.nan)
+        self._host_counts[:] = 0
+        self._pending = None
+
+    def arm(self) -> None:
+        """Register the hooks (statistics hooks first, so they run before a part's gate closes)."""
+        if self._handles:
+            return
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.module.register_forward_hook(self._make_norm_hook(i)))
+        seen: set[int] = set()
+        for layer in self.layers:
+            act = layer.activation
+            if act is not None and id(act) not in seen:
+                seen.add(id(act))
+                self._handles.append(act.register_forward_hook(self._act_hook))
+        for part in self._parts():
+            self._handles.append(part.register_forward_pre_hook(self._open_gate))
+            self._handles.append(part.register_forward_hook(self._close_gate))
+
+    def disarm(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._depth = 0
+        self._pending = None
+
+    def _parts(self) -> list[nn.Module]:
+        parts: dict[int, nn.Module] = {}
+        for layer in self.layers:
+            top = layer.name.split(".", 1)[0]
+            module = self.model.get_submodule(top)
+            parts[id(module)] = module
+        return list(parts.values())
+
+    # -- hooks --------------------------------------------------------------------------------
+
+    def _open_gate(self, _module: nn.Module, _inputs: Any) -> None:
+        self._depth += 1
+
+    def _close_gate(self, _module: nn.Module, _inputs: Any, _output: Any) -> None:
+        self._depth = max(0, self._depth - 1)
+
+    def _make_norm_hook(self, i: int) -> Callable[..., None]:
+        layer = self.layers[i]
+        cols = slice(layer.offset, layer.offset + layer.channels)
+
+        def hook(_module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            if self._depth <= 0 or not inputs or not isinstance(output, torch.Tensor):
+                return
+            with torch.no_grad():
+                n = self._accumulate(inputs[0], self.sums[X_M : X_M2 + 1, cols])
+                self._accumulate(output, self.sums[Y_M : Y_M2 + 1, cols], self.sums[Y_ABS, cols])
+            self._host_counts[0, i] += n
+            self._pending = (i, output) if layer.activation is not None else None
+
+        return hook
+
+    def _act_hook(self, _module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        pending = self._pending
+        if pending is None or self._depth <= 0 or not inputs or inputs[0] is not pending[1]:
+            return
+        self._pending = None
+        i = pending[0]
+        layer = self.layers[i]
+        cols = slice(layer.offset, layer.offset + layer.channels)
+        with torch.no_grad():
+            n = self._accumulate(output, self.sums[A_M : A_M2 + 1, cols])
+        self._host_counts[1, i] += n
+
+    @staticmethod
+    def _accumulate(t: torch.Tensor, moments: torch.Tensor, abs_row: torch.Tensor | None = None) -> int:
+        """Add L * (sum over samples of spatial mean, variance, mean^2) per channel; returns B * L."""
+        t = t.detach()
+        if t.dtype not in (torch.float32, torch.float64):
+            t = t.float()
+        if t.ndim == 2:
+            t = t.unsqueeze(-1)
+        dims = tuple(range(2, t.ndim))
+        spatial = math.prod(t.shape[2:])
+        var, mean = torch.var_mean(t, dim=dims, correction=0)  # (B, C)
+        # Squares in the buffer's precision: the between-sample variance S_m2/N - mean^2 cancels.
+        mean, var = mean.to(moments.dtype), var.to(moments.dtype)
+        moments.add_(torch.stack([mean, var, mean * mean]).sum(dim=1), alpha=spatial)
+        if abs_row is not None:
+            abs_row.add_(torch.linalg.vector_norm(t, ord=1, dim=dims).sum(dim=0))
+        return t.shape[0] * spatial
+
+    # -- parameters ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def capture_params(self, weights: bool = True) -> None:
+        """gamma and beta (and, with `weights`, out_weight_norm and near_zero_frac) as they are now."""
+        for i, row in ((P_WEIGHT, "weight"), (P_BIAS, "bias")):
+            vals = []
+            for layer in self.layers:
+                p = getattr(layer.module, row, None)
+                vals.append(p.detach().reshape(-1) if isinstance(p, torch.Tensor) else self._nan(layer.channels))
+            self.params[i].copy_(torch.cat(vals))
+        if not weights:
+            return
+        norms = []
+        for layer in self.layers:
+            v = out_weight_norm(layer.readers, layer.channels)
+            norms.append(v if v is not None else self._nan(layer.channels))
+        self.params[P_OUT_NORM].copy_(torch.cat(norms))
+        if self.weights:
+            self.near_zero.copy_(near_zero_fractions([w for _, w in self.weights], self.cfg.near_zero))
+
+    @torch.no_grad()
+    def capture_grads(self) -> None:
+        """|d loss / d gamma| (NaN where gamma has no gradient)."""
+        vals = []
+        for layer in self.layers:
+            w = getattr(layer.module, "weight", None)
+            g = w.grad if isinstance(w, torch.Tensor) else None
+            vals.append(g.detach().reshape(-1) if g is not None else self._nan(layer.channels))
+        self.params[P_GRAD].copy_(torch.cat(vals).abs())
+
+    def _nan(self, n: int) -> torch.Tensor:
+        return torch.full((n,), math.nan, dtype=self._flat.dtype, device=self.device)
+
+    # -- end of a tracked step ----------------------------------------------------------------
+
+    def finish(self, accelerator: Any = None) -> None:
+        """Close the step's sums: put the host-side element counts into the buffer and, under several
+        processes, sum sums and counts over them (as if one process had seen the global batch)."""
+        self.counts.copy_(torch.from_numpy(self._host_counts).to(self.counts.dtype))
+        if accelerator is not None and int(accelerator.num_processes) > 1:
+            self.reduced.copy_(accelerator.reduce(self.reduced, reduction="sum"))
+
+    def snapshot(self, step: int, scalars: Mapping[str, float] | None = None) -> _Snapshot:
+        """One device-to-host copy of the whole buffer (call `finish` first); the record is finished
+        on the writer thread."""
+        event = None
+        if self.device.type == "cuda":
+            if len(self._ring) < self._ring_size:
+                self._ring.append(torch.empty_like(self._flat, device="cpu").pin_memory())
+            host = self._ring[self._ring_next % len(self._ring)]
+            self._ring_next += 1
+            host.copy_(self._flat, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = self._flat.to("cpu", copy=True)
+        return _Snapshot(step, host, event, self, {k: float(v) for k, v in (scalars or {}).items()})
+
+    def finalize(self, flat: np.ndarray, step: int, scalars: Mapping[str, float]) -> TraceRecord:
+        """Sums -> statistics (float64 on the host)."""
+        c, n_layers = self.n_channels, len(self.layers)
+        a, b, d, _ = np.cumsum(self._sizes)
+        sums = flat[:a].reshape(N_ROWS, c).astype(np.float64)
+        counts = flat[a:b].reshape(2, n_layers)
+        params = flat[b:d].reshape(N_PARAM_ROWS, c)
+        sizes = [layer.channels for layer in self.layers]
+        n_xy = np.repeat(counts[0], sizes)
+        n_act = np.repeat(counts[1], sizes)
+
+        def moments(m: int, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = sums[m] / n
+                var = sums[m + 1] / n + (sums[m + 2] / n - mean * mean)
+            return mean, np.sqrt(np.maximum(var, 0.0))
+
+        _, in_std = moments(X_M, n_xy)
+        mean, std = moments(Y_M, n_xy)
+        act_mean, act_std = moments(A_M, n_act)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_abs = sums[Y_ABS] / n_xy
+        channels = {
+            "in_std": in_std,
+            "mean": mean,
+            "mean_abs": mean_abs,
+            "std": std,
+            "act_mean": act_mean,
+            "act_std": act_std,
+            "gn_weight": params[P_WEIGHT],
+            "gn_bias": params[P_BIAS],
+            "gn_weight_grad": params[P_GRAD],
+            "out_weight_norm": params[P_OUT_NORM],
+        }
+        for key in ("in_std", "mean", "mean_abs", "std"):
+            channels[key] = np.where(n_xy > 0, channels[key], np.nan)
+        for key in ("act_mean", "act_std"):
+            channels[key] = np.where(n_act > 0, channels[key], np.nan)
+        return TraceRecord(step, channels, dict(scalars), flat[d:].copy() if self.weights else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# probe passes (no gradients)
+
+
+def run_probe(
+    model: nn.Module,
+    batch: torch.Tensor,
+    batch_size: int,
+    autocast: Callable[[], AbstractContextManager[Any]] | None = None,
+) -> None:
+    """Encode (posterior mode) and decode `batch` in eval mode without gradients, `batch_size` at a time."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad(), (autocast() if autocast is not None else nullcontext()):
+            for chunk in batch.split(batch_size):
+                model(chunk.to(device), sample_posterior=False)
+    finally:
+        model.train(was_training)
+
+
+def probe_split(cfg: RunConfig) -> str:
+    return cfg.track.probe_split or cfg.data.validation_split_name
+
+
+def load_probe_batch(cfg: RunConfig) -> torch.Tensor:
+    """The fixed probe set: the first track.probe_samples images of the probe split."""
+    from vaedyn_cli import data
+
+    return data.probe_batch(cfg.data, probe_split(cfg), cfg.track.probe_samples, cfg.seed)
+
+
+def _model_config_json(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return json.dumps(dict(config) if config is not None else {}, default=str)
+
+
+# ---------------------------------------------------------------------------------------------
+# tracking while training
+
+
+class Tracker(TrainHook):
+    """The TrainHook that records a trace step every track.interval optimizer steps."""
+
+    def __init__(self, ctx: Any):
+        cfg: RunConfig = ctx.cfg
+        self.cfg = cfg
+        self.acc = ctx.accelerator
+        self.model = self.acc.unwrap_model(ctx.model)
+        self.main = bool(self.acc.is_main_process)
+        self.probes = ChannelProbes(self.model, cfg.track, ring=cfg.track.queue_size + 2)
+        self.probe_batch = load_probe_batch(cfg) if cfg.track.source == "probe" and self.main else None
+        self.tracked = False
+        self.writer: TraceWriter | None = None
+        if self.main:
+            path = Path(ctx.run_dir) / artifacts.TRACE_DIR
+            attrs = store_mod.store_attrs("train", cfg.run_name, cfg.to_json(), _model_config_json(self.model))
+            resume = ctx.resume_step
+            self.writer = TraceWriter(
+                path,
+                self.probes.layout,
+                attrs,
+                mode="a" if resume is not None else "w",
+                chunk_steps=cfg.track.chunk_steps,
+                queue_size=cfg.track.queue_size,
+                keep_recent=cfg.nudge.window,
+            )
+            if resume is not None:
+                self.writer.truncate(resume)
+
+    def begin_step(self, step: int) -> None:
+        self.tracked = step % self.cfg.track.interval == 0
+        if not self.tracked:
+            return
+        self.probes.reset()
+        if self.cfg.track.source == "batch":
+            self.probes.capture_params(weights=self._weights_due(step))
+            self.probes.arm()
+
+    def _weights_due(self, step: int) -> bool:
+        """Weight statistics on tracked steps number 1, 1 + weight_every, 1 + 2 * weight_every, ..."""
+        return (step // self.cfg.track.interval - 1) % self.cfg.track.weight_every == 0
+
+    def after_backward(self, step: int) -> None:
+        if self.tracked and self.cfg.track.gradients:
+            self.probes.capture_grads()
+
+    def end_step(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.tracked:
+            return
+        self.tracked = False
+        if self.cfg.track.source == "batch":
+            self.probes.disarm()
+            self.probes.finish(self.acc)
+        elif self.main:
+            assert self.probe_batch is not None
+            self.probes.capture_params(weights=self._weights_due(step))
+            self.probes.arm()
+            try:
+                run_probe(self.model, self.probe_batch, self.cfg.data.validation_batch_size, self.acc.autocast)
+            finally:
+                self.probes.disarm()
+            self.probes.finish()
+        if self.main and self.writer is not None:
+            self.writer.append(self.probes.snapshot(step, {k: scalars[k] for k in store_mod.SCALAR_VARS if k in scalars}))
+
+    def close(self) -> None:
+        self.probes.disarm()
+        if self.writer is not None:
+            writer, self.writer = self.writer, None
+            writer.close()
+
+
+def make_tracker(ctx: Any) -> Tracker | None:
+    """HOOK_FACTORIES entry: a Tracker when track.enabled."""
+    if not ctx.cfg.track.enabled:
+        return None
+    return Tracker(ctx)
+
+
+# ---------------------------------------------------------------------------------------------
+# `vaedyn track`: a trace from saved checkpoints
+
+
+def _expand(sources: Sequence[str]) -> list[str]:
+    """A run's `checkpoints/` folder (or any folder of step-* folders) stands for its checkpoints."""
+    out: list[str] = []
+    for src in sources:
+        path = Path(src).expanduser()
+        steps = []
+        if path.is_dir() and not (path / artifacts.MODEL_CONFIG_FILE).is_file():
+            steps = sorted(
+                (s, p) for p in path.iterdir() if p.is_dir() and (s := artifacts.parse_step(p.name)) is not None
+            )
+        if steps:
+            out.extend(str(p) for _, p in steps)
+        elif path.is_dir() and path.name == artifacts.CHECKPOINTS_DIR:
+            raise VaedynError(f"{path} holds no step-* checkpoints; train longer than train.save_interval steps")
+        else:
+            out.append(src)
+    return out
+
+
+def _resolve_config(cfg: RunConfig | None, overrides: Sequence[str], checkpoints: Sequence[Any]) -> RunConfig:
+    if cfg is not None:
+        return cfg
+    stored = next((c.config for c in checkpoints if c.config is not None), None)
+    if stored is None:
+        raise VaedynError(
+            "the checkpoints carry no vaedyn config (a hub id or a bare diffusers folder): pass -c CFG "
+            "(it names the probe data: data.* and track.probe_*)"
+        )
+    if not overrides:
+        return stored
+    data = apply_overrides(stored.model_dump(mode="json"), list(overrides))
+    return validate_config(data, "stored with the checkpoint, with --set " + " ".join(overrides))
+
+
+def _default_out(checkpoints: Sequence[Any]) -> Path:
+    runs = {c.run_dir.resolve() for c in checkpoints if c.run_dir is not None}
+    if len(runs) != 1 or any(c.run_dir is None for c in checkpoints):
+        raise VaedynError(
+            "pass --out STORE: the checkpoints do not all belong to one run folder "
+            f"(the default is <run>/{artifacts.TRACK_TRACE_DIR})"
+        )
+    return runs.pop() / artifacts.TRACK_TRACE_DIR
+
+
+def _check_out(out: Path) -> None:
+    if not out.exists():
+        return
+    if (out / store_mod.ZARR_JSON).is_file():
+        attrs = store_mod.check_store(out)
+        if attrs.get("source") != "track":
+            raise VaedynError(
+                f"{out} is a trace written by `vaedyn {attrs.get('source')}`; `vaedyn track` replaces only its own "
+                "stores: choose another --out"
+            )
+    elif out.is_dir() and any(out.iterdir()) or out.is_file():
+        raise VaedynError(f"--out {out} exists and is not a trace store; choose another path")
+
+
+def _device() -> torch.device:
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
+def track_checkpoints(
+    cfg: RunConfig | None,
+    checkpoints: Sequence[str],
+    out: Path | None = None,
+    overrides: Sequence[str] = (),
+    device: torch.device | str | None = None,
+) -> Path:
+    """Evaluate each checkpoint on the fixed probe set (eval mode, no grad) and write one trace step
+    per checkpoint at its global step (0 for a pretrained model); returns the store path."""
+    from vaedyn_cli import model as model_mod
+
+    if not checkpoints:
+        raise VaedynError("no checkpoint given: pass --checkpoint CKPT (a run folder, step folder, diffusers folder or hub id)")
+    ckpts = [model_mod.resolve_checkpoint(src) for src in _expand(checkpoints)]
+    ckpts.sort(key=lambda c: c.step)
+    for a, b in zip(ckpts, ckpts[1:], strict=False):
+        if a.step == b.step:
+            raise VaedynError(f"two checkpoints at step {a.step} ({a.source}, {b.source}): a trace has one entry per step")
+    cfg = _resolve_config(cfg, overrides, ckpts)
+    out = Path(out) if out is not None else _default_out(ckpts)
+    _check_out(out)
+    batch = load_probe_batch(cfg)
+    dev = torch.device(device) if device is not None else _device()
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    writer: TraceWriter | None = None
+    try:
+        for ckpt in ckpts:
+            log.info("tracking %s (step %d)", ckpt.source, ckpt.step)
+            model = ckpt.load().to(dev)
+            probes = ChannelProbes(model, cfg.track)
+            if writer is None:
+                layout = probes.layout
+                attrs = store_mod.store_attrs("track", cfg.run_name, cfg.to_json(), _model_config_json(model))
+                attrs["checkpoints"] = json.dumps([{"source": c.source, "step": c.step} for c in ckpts])
+                attrs["probe"] = json.dumps(
+                    {"split": probe_split(cfg), "samples": int(batch.shape[0]), "dataset": cfg.data.dataset_name}
+                )
+                writer = TraceWriter(tmp, layout, attrs, mode="w", chunk_steps=cfg.track.chunk_steps)
+            elif probes.layout != writer.layout:
+                raise VaedynError(
+                    f"checkpoint {ckpt.source} has another architecture than {ckpts[0].source}; track them into separate stores"
+                )
+            probes.reset()
+            probes.capture_params()
+            probes.arm()
+            try:
+                run_probe(model, batch, cfg.data.validation_batch_size)
+            finally:
+                probes.disarm()
+            probes.finish()
+            writer.append(probes.snapshot(ckpt.step).resolve())
+            del model, probes
+        assert writer is not None
+        writer.close()
+        writer = None
+        _replace(tmp, out)
+    finally:
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+

@@ -498,12 +498,16 @@ def fig_gamma(d: ReportData):  # noqa: ANN201
         ax.fill_between(x, q[0], q[4], color=c, alpha=0.15, label="5-95 %")
         ax.fill_between(x, q[1], q[3], color=c, alpha=0.35, label="25-75 %")
         ax.plot(x, q[2], color=c, marker=_marker(len(x)), label="median")
-        ax.set_yscale("symlog", linthresh=1e-3)
+        finite = q[np.isfinite(q)]
+        if len(finite) and finite.min() > 0 and finite.max() / finite.min() > 10:
+            ax.set_yscale("log")
+        elif len(finite) and finite.max() > 1e3 * max(finite.min(), 0):
+            ax.set_yscale("symlog", linthresh=1e-3)  # zeros among the values: linear near 0, log above 1e-3
         ax.set_xlabel(_step_xlabel(d))
         ax.set_title(f"{p} ({int((d.channels.part == p).sum())} channels)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0, 0].set_ylabel("|gamma| (GroupNorm scale, symlog)")
+    axes[0, 0].set_ylabel(f"|gamma| (GroupNorm scale, {axes[0, 0].get_yscale()} axis)")
     fig.suptitle("Distribution of |gamma| over training", fontsize=12)
     fig.tight_layout()
     return fig
@@ -522,16 +526,23 @@ def fig_near_zero(d: ReportData):  # noqa: ANN201
     peak = np.nan_to_num(np.nanmax(np.where(np.isfinite(values), values, np.nan), axis=0), nan=-1)
     top = list(np.argsort(-peak, kind="stable")[: min(8, len(params))])
     fig, ax = plt.subplots(figsize=(9, 4.8))
-    for j in range(len(params)):
-        if j not in top:
-            ax.plot(x, values[:, j], color="#999999", linewidth=0.6, alpha=0.6)
-    for j in top:
-        ax.plot(x, values[:, j], linewidth=1.4, marker=_marker(len(x)), label=params[j].removesuffix(".weight"))
+    for j in [j for j in range(len(params)) if j not in top] + top:  # steps without a record are left out
+        ok = np.isfinite(values[:, j])
+        if j in top:
+            ax.plot(x[ok], values[ok, j], linewidth=1.4, marker=_marker(int(ok.sum())),
+                    label=params[j].removesuffix(".weight"))
+        else:
+            ax.plot(x[ok], values[ok, j], color="#999999", linewidth=0.6, alpha=0.6)
     ax.set_xlabel(_step_xlabel(d))
+    if d.steps[-1] > d.steps[0]:
+        pad = 0.03 * float(d.steps[-1] - d.steps[0])
+        ax.set_xlim(d.steps[0] - pad, d.steps[-1] + pad)
     ax.set_ylabel("near-zero weights (% of the tensor)")
     nz = _stored_config(d).get("track", {}).get("near_zero", {})
     how = f" (mode {nz.get('mode')}, abs {nz.get('abs_threshold')}, rel {nz.get('rel_threshold')})" if nz else ""
-    ax.set_title(f"Share of near-zero weights per layer{how}; {len(top)} highest labelled, rest grey", fontsize=10)
+    recorded = int(np.isfinite(values).any(axis=1).sum())
+    when = f", recorded at {recorded} of {len(x)} steps" if recorded < len(x) else ""
+    ax.set_title(f"Share of near-zero weights per layer{how}{when}\n{len(top)} highest labelled, rest grey", fontsize=10)
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -584,14 +595,15 @@ def fig_classes(d: ReportData):  # noqa: ANN201
 
 
 def _val_series(d: ReportData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    series: dict[str, list[tuple[int, float]]] = {}
+    """Each validation metric as (steps, values), sorted by step; a step recorded twice keeps its last value."""
+    series: dict[str, dict[int, float]] = {}
     for rec in d.validation:
         for k, v in rec.items():
             if k in ("step", "epoch") or not isinstance(v, int | float) or isinstance(v, bool):
                 continue
             if np.isfinite(v):
-                series.setdefault(k, []).append((int(rec["step"]), float(v)))
-    return {k: (np.array([s for s, _ in v]), np.array([y for _, y in v])) for k, v in series.items()}
+                series.setdefault(k, {})[int(rec["step"])] = float(v)
+    return {k: (np.array(sorted(v)), np.array([v[s] for s in sorted(v)])) for k, v in series.items()}
 
 
 def _panel_of(metric: str) -> str:
@@ -632,7 +644,9 @@ def fig_losses(d: ReportData):  # noqa: ANN201
             ax.set_yscale("log")
         ax.set_xlabel(_step_xlabel(d))
         ax.set_ylabel(ylabels[key])
-        ax.set_title(key if key != "quality" else "validation quality", fontsize=10)
+        titles = {"loss": "total and reconstruction loss", "kl": "KL divergence", "quality": "validation quality",
+                  "lr": "learning rate"}
+        ax.set_title(titles[key], fontsize=10)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle("Training and validation curves", fontsize=12)

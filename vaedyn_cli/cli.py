@@ -251,6 +251,18 @@ def eval_cmd(
         bool, typer.Option("--compare", help="Compare finished evaluations (PATHS) in the original study's Table 1 layout.")
     ] = False,
     fmt: Annotated[str, typer.Option("--format", help="--compare output: table or json.")] = "table",
+    ablate: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ablate",
+            help="Mean-ablate the channels matching FIELD=VALUE (repeatable, all must match; syntax of "
+            "`vaedyn nudge --select`, e.g. state=dormant,dead) and, as a control, as many random active ones.",
+        ),
+    ] = None,
+    store: Annotated[
+        str | None,
+        typer.Option("--store", help="--ablate: trace store or run folder with the labels (default: the checkpoint's run)."),
+    ] = None,
 ) -> None:
     """Evaluate a checkpoint (MSE, KL, PSNR, SSIM); prints the metrics.json path. With --compare, a table."""
     from vaedyn_cli import evaluate
@@ -266,6 +278,7 @@ def eval_cmd(
     path = evaluate.evaluate(
         checkpoint, cfg, split=split, batch_size=batch_size, max_samples=max_samples,
         num_samples_to_save=num_samples_to_save, out=out_dir, overrides=None if config is not None else set_,
+        ablate=ablate or None, store=store,
     )
     out(str(path))
 

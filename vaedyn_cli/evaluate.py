@@ -147,6 +147,174 @@ def _write_pictures(folder: Path, result: EvalResult, num_pairs: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# ablation: the causal check of `vaedyn eval --ablate`
+#
+# Mean ablation of GroupNorm channel c: gamma_c <- 0, beta_c <- m_c, the channel's mean output over
+# the evaluated images (all images and positions, measured by forward hooks during the baseline
+# pass), so the layers after it see the channel's average instead of its signal. A dead channel
+# (gamma = 0, constant output beta) is left exactly as it was. The control ablates as many
+# randomly chosen active channels of the same layers (seeded by the config's seed).
+
+
+class ChannelMeans:
+    """Mean output per channel of some GroupNorms over the forwards made while attached (float64 sums)."""
+
+    def __init__(self, model: torch.nn.Module, layers: Iterable[str]):
+        self.modules = {name: model.get_submodule(name) for name in dict.fromkeys(layers)}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> ChannelMeans:
+        for name, module in self.modules.items():
+            self.handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _hook(self, name: str) -> Any:
+        def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            y = output.detach().double()
+            dims = [d for d in range(y.ndim) if d != 1]
+            total = y.sum(dims)
+            self.sums[name] = self.sums[name] + total if name in self.sums else total
+            self.counts[name] = self.counts.get(name, 0) + y.numel() // y.shape[1]
+
+        return hook
+
+    def mean(self, layer: str, index: int) -> float:
+        if not self.counts.get(layer):
+            raise VaedynError(f"layer {layer} produced no output during evaluation; it cannot be mean-ablated")
+        return float(self.sums[layer][index] / self.counts[layer])
+
+
+@dataclass
+class AblationPlan:
+    """What `--ablate` asked for and where the labels came from, checked before any pass runs."""
+
+    select: list[str]
+    source: str  # the trace store the classification belongs to
+    classification: dict[str, Any]  # the classify JSON
+    targets: list[Any] = field(default_factory=list)  # nudge.Target, filled by `plan_targets`
+    control: list[Any] = field(default_factory=list)
+
+    @property
+    def layers(self) -> list[str]:
+        return [t.layer for t in [*self.targets, *self.control]]
+
+
+def ablation_plan(select: list[str], store: str | Path | None, ckpt: Any) -> AblationPlan:
+    """Parse `--ablate` and read the classification (from --store, else the checkpoint's run trace)."""
+    from vaedyn_cli import nudge
+
+    nudge.parse_select(select)
+    if store is None:
+        if ckpt.run_dir is None:
+            raise VaedynError(
+                f"--ablate needs channel labels, and checkpoint {ckpt.source} belongs to no run folder: "
+                "pass --store STORE (a trace store or run folder)"
+            )
+        store = Path(ckpt.run_dir) / artifacts.TRACE_DIR
+        if not store.exists() and (Path(ckpt.run_dir) / artifacts.TRACK_TRACE_DIR).exists():
+            store = Path(ckpt.run_dir) / artifacts.TRACK_TRACE_DIR  # traced afterwards by `vaedyn track`
+    data = nudge.store_classification(store)
+    return AblationPlan(list(select), str(data["store"]), data)
+
+
+def control_targets(channels: list[dict[str, Any]], targets: list[Any], seed: int) -> list[Any]:
+    """Per layer of `targets`, as many channels drawn at random from the layer's active, untargeted
+    ones (all of them, with a warning, when there are too few); seeded per (seed, layer)."""
+    import zlib
+
+    from vaedyn_cli.nudge import Target
+
+    picked = {(t.layer, t.channel_index) for t in targets}
+    wanted: dict[str, int] = {}
+    for t in targets:
+        wanted[t.layer] = wanted.get(t.layer, 0) + 1
+    control = []
+    for layer, k in wanted.items():
+        pool = sorted(
+            int(r["channel_index"]) for r in channels
+            if r["layer"] == layer and r.get("state") == "active" and (layer, int(r["channel_index"])) not in picked
+        )
+        if len(pool) < k:
+            log.warning("control: %s has %d active channels for %d ablated ones; using all of them", layer, len(pool), k)
+        rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFF, zlib.crc32(layer.encode())]))
+        chosen = rng.choice(np.asarray(pool, dtype=np.int64), size=min(k, len(pool)), replace=False) if pool else []
+        control += [Target(layer, int(i)) for i in sorted(chosen)]
+    return control
+
+
+def plan_targets(plan: AblationPlan, model: torch.nn.Module, seed: int, where: str) -> None:
+    """Select the ablated channels and their control on this model (the labels must fit it)."""
+    from vaedyn_cli import nudge
+
+    data = plan.classification
+    nudge.check_classification_fits(data, model, f"from {plan.source}", where)
+    plan.targets = nudge.select_targets(data["channels"], plan.select, 1.0, data["layers"])
+    if not plan.targets:
+        log.warning("--ablate %s selects no channel of %s: nothing to ablate", " ".join(plan.select), plan.source)
+    plan.control = control_targets(data["channels"], plan.targets, seed)
+
+
+@torch.no_grad()
+def _mean_ablated_metrics(
+    model: torch.nn.Module, targets: list[Any], means: ChannelMeans, loader: Iterable[torch.Tensor], device: Any
+) -> tuple[dict[str, float] | None, list[dict[str, Any]]]:
+    """Metrics with `targets` mean-ablated (None without targets); the parameters are restored afterwards."""
+    saved = []
+    rows = []
+    for t in targets:
+        norm = model.get_submodule(t.layer)
+        c = t.channel_index
+        mean = means.mean(t.layer, c)
+        saved.append((norm, c, norm.weight[c].clone(), norm.bias[c].clone()))
+        rows.append({"layer": t.layer, "channel_index": c, "mean": mean})
+        norm.weight[c] = 0.0
+        norm.bias[c] = mean
+    try:
+        metrics = reconstruction_metrics(model, loader, device=device).metrics if targets else None
+    finally:
+        for norm, c, w, b in saved:
+            norm.weight[c] = w
+            norm.bias[c] = b
+    return metrics, rows
+
+
+def ablation_section(
+    plan: AblationPlan,
+    model: torch.nn.Module,
+    baseline: dict[str, float],
+    means: ChannelMeans,
+    loader: Iterable[torch.Tensor],
+    device: Any,
+) -> dict[str, Any]:
+    """metrics.json's `ablation`: baseline, mean-ablated and control metrics and their deltas."""
+    ablated, rows = _mean_ablated_metrics(model, plan.targets, means, loader, device)
+    control, control_rows = _mean_ablated_metrics(model, plan.control, means, loader, device)
+    ablated, control = ablated or dict(baseline), control or dict(baseline)
+    return {
+        "select": plan.select,
+        "store": plan.source,
+        "classification_steps": plan.classification.get("steps"),
+        "mean_source": "eval images (forward hooks during the baseline pass)",
+        "n_channels": len(plan.targets),
+        "channels": rows,
+        "n_control": len(plan.control),
+        "control_channels": control_rows,
+        "baseline": dict(baseline),
+        "ablated": ablated,
+        "control": control,
+        "delta_ablated": {k: ablated[k] - baseline[k] for k in METRICS},
+        "delta_control": {k: control[k] - baseline[k] for k in METRICS},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # the eval stage
 
 
@@ -199,11 +367,15 @@ def evaluate(
     out: Path | None = None,
     *,
     overrides: list[str] | None = None,
+    ablate: list[str] | None = None,
+    store: str | Path | None = None,
 ) -> Path:
     """Evaluate a checkpoint on a split; writes metrics.json, grid.png and sample pairs; returns metrics.json.
 
     Unset arguments come from the config's `eval` section (from -c, or stored with the checkpoint).
-    Inputs (checkpoint, config, data) are checked before anything is written.
+    Inputs (checkpoint, config, data, labels) are checked before anything is written. With `ablate`
+    (select expressions as `vaedyn nudge --select`), metrics.json also gets an `ablation` section:
+    the selected channels mean-ablated, and a control of as many random active channels.
     """
     from vaedyn_cli import data as data_mod
     from vaedyn_cli import model as model_mod
@@ -217,6 +389,9 @@ def evaluate(
     if batch_size < 1 or (max_samples is not None and max_samples < 1) or num_pairs < 0:
         raise VaedynError("--batch-size and --max-samples must be at least 1 and --num-samples-to-save at least 0")
     target = Path(out) if out is not None else default_out_dir(ckpt, split)
+    if store is not None and not ablate:
+        raise VaedynError("--store only serves --ablate (where the channel labels come from); add --ablate SELECT")
+    plan = ablation_plan(list(ablate), store, ckpt) if ablate else None
 
     dataset = data_mod.image_dataset(cfg.data, split, max_samples=max_samples, seed=cfg.seed)
     loader = torch.utils.data.DataLoader(
@@ -226,8 +401,12 @@ def evaluate(
 
     device = PartialState().device
     vae = ckpt.load().to(device).eval()
+    if plan is not None:
+        plan_targets(plan, vae, cfg.seed, f"checkpoint {checkpoint}")
     log.info("evaluating %s (step %d) on split %s of %s", checkpoint, ckpt.step, split, cfg.data.dataset_name)
-    result = reconstruction_metrics(vae, loader, device=device, keep=max(num_pairs, GRID_IMAGES))
+    means = ChannelMeans(vae, plan.layers if plan is not None else [])
+    with means:
+        result = reconstruction_metrics(vae, loader, device=device, keep=max(num_pairs, GRID_IMAGES))
 
     resolved = cfg.model_copy(deep=True)
     resolved.eval.split, resolved.eval.batch_size = split, batch_size
@@ -240,6 +419,8 @@ def evaluate(
         "metrics": result.metrics,
         "config": resolved.model_dump(mode="json"),
     }
+    if plan is not None:
+        record["ablation"] = ablation_section(plan, vae, result.metrics, means, loader, device)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -266,6 +447,19 @@ def _print_metrics(record: dict[str, Any]) -> None:
     for key in METRICS:
         label, scale, digits = TABLE_FORMAT[key]
         table.add_row(label, f"{record['metrics'][key] * scale:.{digits}f}")
+    console.print(table)
+    ab = record.get("ablation")
+    if ab is None:
+        return
+    console.print(f"ablation {' '.join(ab['select'])}: {ab['n_channels']} channels, control {ab['n_control']} active ones")
+    table = Table()
+    for col in ("metric", "baseline", "ablated", "delta", "control", "delta"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for key in METRICS:
+        label, scale, digits = TABLE_FORMAT[key]
+        cells = [ab["baseline"][key], ab["ablated"][key], ab["delta_ablated"][key], ab["control"][key],
+                 ab["delta_control"][key]]
+        table.add_row(label, *[f"{v * scale:{'+' if i in (2, 4) else ''}.{digits}f}" for i, v in enumerate(cells)])
     console.print(table)
 
 

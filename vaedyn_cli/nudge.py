@@ -552,6 +552,25 @@ def check_classification_fits(data: dict[str, Any], model: nn.Module, where: str
             )
 
 
+def store_classification(store: str | Path) -> dict[str, Any]:
+    """The classify JSON (as `vaedyn classify --format json` prints it) of a trace store or run folder:
+    its `classification` group when `vaedyn classify` wrote one, else classified in memory with the
+    store's own classify settings (nothing is written)."""
+    from vaedyn_cli import classify
+    from vaedyn_cli import store as store_mod
+
+    path = store_mod.resolve_store_path(str(store))
+    group = classify.read_classification(path)
+    if group is None:
+        log.info("%s has no classification group: classifying it in memory with its stored settings", path)
+        return classify.to_json(classify.classify_store(path, write=False), path)
+    trace = store_mod.open_trace(path)
+    keep = np.flatnonzero(np.asarray(group["classified"].values, dtype=bool))
+    coords = {k: ("channel", np.asarray(trace[k].values)[keep]) for k in ("layer", "channel_index", "part")}
+    labels = group.isel(channel=keep).assign_coords(coords)
+    return classify.to_json(labels, path)
+
+
 # ---------------------------------------------------------------------------------------------
 # offline: checkpoint -> nudged diffusers folder
 

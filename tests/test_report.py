@@ -172,7 +172,10 @@ def test_report_of_run_writes_every_file_with_known_counts(run_report: tuple[Pat
     assert '"run_name": "tiny"' in html.unescape(page)  # the run's config is on the page
 
 
-def test_report_reads_stored_classification_and_replaces_an_old_report(tmp_path: Path) -> None:
+def test_stored_classification_replacing_an_old_report_and_subsampled_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vaedyn_cli import report
     from vaedyn_cli.classify import classify_store
 
     store = write_store(tmp_path / "bare.zarr", tmp_path)
@@ -182,9 +185,16 @@ def test_report_reads_stored_classification_and_replaces_an_old_report(tmp_path:
     s = json.loads((out / SUMMARY_FILE).read_text())
     assert s["classification"]["from"] == "stored by `vaedyn classify`"
     assert s["classification"]["counts"]["state"]["dead"] == {"encoder": 0, "decoder": 1}
+    # a long trace: line plots and heatmap read evenly spaced steps, always with the last one
+    monkeypatch.setattr(report, "MAX_LINE_STEPS", 8)
+    monkeypatch.setattr(report, "MAX_HEATMAP_STEPS", 5)
     (out / "stale.png").write_bytes(b"x")
     assert build_report(store) == out and not (out / "stale.png").exists()
     assert _listing(tmp_path) == ["bare.zarr", "bare.zarr.report"]  # no temporary or old folder left
+    s = json.loads((out / SUMMARY_FILE).read_text())
+    assert s["steps"] == {"count": 20, "first": 0, "last": 38, "shown_in_lines": 8, "shown_in_heatmap": 5}
+    assert s["last_step"]["encoder"] == {"inactive": 3, "dead": 0, "channels": 16}
+    assert report._spread(20, 8).tolist() == [0, 3, 5, 8, 11, 14, 16, 19]
 
 
 def test_store_without_classification_events_or_validation_skips_with_notes(tmp_path: Path) -> None:
@@ -242,18 +252,6 @@ def test_step_states_by_hand() -> None:
     assert codes[0].tolist() == [ACTIVE, ACTIVE, DORMANT, DEAD, ACTIVE, UNOBSERVED, DEAD, DEAD]
     codes, score = step_states(activity, ch, ClassifyConfig(method="mean_abs_threshold", threshold=0.2))
     assert codes[0].tolist() == [ACTIVE, ACTIVE, DORMANT, DORMANT, ACTIVE, UNOBSERVED, DORMANT, DORMANT]
-
-
-def test_long_traces_are_subsampled_keeping_the_last_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vaedyn_cli import report
-
-    monkeypatch.setattr(report, "MAX_LINE_STEPS", 8)
-    monkeypatch.setattr(report, "MAX_HEATMAP_STEPS", 5)
-    store = write_store(tmp_path / "long.zarr", tmp_path)
-    s = json.loads((build_report(store) / SUMMARY_FILE).read_text())
-    assert s["steps"] == {"count": 20, "first": 0, "last": 38, "shown_in_lines": 8, "shown_in_heatmap": 5}
-    assert s["last_step"]["encoder"] == {"inactive": 3, "dead": 0, "channels": 16}
-    assert report._spread(20, 8).tolist() == [0, 3, 5, 8, 11, 14, 16, 19]
 
 
 def _chromium() -> str | None:

@@ -380,11 +380,12 @@ def fig_heatmap(d: ReportData):  # noqa: ANN201
         bounds = [0] + [i for i in range(1, len(names)) if names[i] != names[i - 1]] + [len(names)]
         for b in bounds[1:-1]:
             ax.axhline(b - 0.5, color="black", linewidth=0.4)
-        # label the layers whose band is tall enough to read (about 7 px or more)
+        # label the layers whose band is tall enough for a 4-point label
         px_per_row = 0.75 * height * DPI / sum(sizes)
-        shown = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if (hi - lo) * px_per_row >= 7]
+        shown = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if (hi - lo) * px_per_row >= 6.5]
         ax.set_yticks([(lo + hi - 1) / 2 for lo, hi in shown])
-        size = min(7.0, max(4.0, min(((hi - lo) * px_per_row for lo, hi in shown), default=7)))
+        band_px = min(((hi - lo) * px_per_row for lo, hi in shown), default=20.0)
+        size = min(7.0, max(4.0, band_px * 72 / DPI))  # points
         ax.set_yticklabels([short_layer(names[lo]) for lo, _ in shown], fontsize=size)
         n_layers = len(bounds) - 1
         ticks = _spread(len(steps), 8)
@@ -588,6 +589,7 @@ def fig_classes(d: ReportData):  # noqa: ANN201
         ax.set_title(title, fontsize=10)
         ax.set_ylabel("channels (count)")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(0, max(1, *(max(v.values()) for v in counts[key].values())) * 1.1)
         ax.legend(fontsize=8)
     fig.suptitle(f"Channel classes ({d.labels.attrs.get('method', '')}, {d.labels_from})", fontsize=11)
     fig.tight_layout()
@@ -759,14 +761,14 @@ def _e(v: Any) -> str:
     return html.escape(str(v))
 
 
-def _table(header: list[str], rows: list[list[Any]], left: int = 1) -> str:
+def _table(header: list[str] | None, rows: list[list[Any]], left: int = 1) -> str:
     def cell(tag: str, i: int, v: Any) -> str:
         cls = ' class="l"' if i < left else ""
         return f"<{tag}{cls}>{_e(v)}</{tag}>"
 
-    head = "".join(cell("th", i, h) for i, h in enumerate(header))
+    head = "<thead><tr>" + "".join(cell("th", i, h) for i, h in enumerate(header)) + "</tr></thead>" if header else ""
     body = "".join("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table>{head}<tbody>{body}</tbody></table>"
 
 
 def _fmt(v: Any) -> str:
@@ -799,7 +801,7 @@ def render_html(d: ReportData, summary: dict[str, Any], figures: dict[str, str |
         ["interventions", _events_text(s["events"])],
         ["validation records", s["validation_records"]],
     ]
-    parts.append('<h2 id="summary">Summary</h2>' + _table(["", ""], rows, left=2))
+    parts.append('<h2 id="summary">Summary</h2>' + _table(None, rows, left=2))
     parts.append('<h2 id="figures">Figures</h2>')
     for name, why in figures.items():
         head, caption = FIGURES[name]

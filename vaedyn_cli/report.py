@@ -719,23 +719,20 @@ def _events_summary(d: ReportData) -> dict[str, Any]:
 def build_summary(d: ReportData, figures: dict[str, str | None]) -> dict[str, Any]:
     """The numbers behind the page (also written as summary.json)."""
     ch = d.channels
-    attrs = d.ds.attrs
+    info = store_mod.store_info(d.path)
     layers = layer_table(d)
     ranked = sorted(layers, key=lambda r: (-r["inactive_fraction"], -(r["dormant"] + r["dead"])))
     last = {p: {"inactive": int(d.inactive[p][-1]), "dead": int(d.dead[p][-1]),
                 "channels": int((ch.part == p).sum())} for p in PARTS}
     return {
-        "store": str(d.path),
-        "schema": attrs.get("schema"),
-        "schema_version": attrs.get("schema_version"),
-        "vaedyn_version": attrs.get("vaedyn_version"),
-        "source": attrs.get("source"),
-        "run_name": attrs.get("run_name"),
-        "steps": {"count": len(d.steps), "first": int(d.steps[0]), "last": int(d.steps[-1]),
+        "store": info["path"],
+        **{k: info[k] for k in ("schema", "schema_version", "vaedyn_version", "source", "run_name", "size_bytes")},
+        "steps": {"count": info["steps"], "first": info["first_step"], "last": info["last_step"],
                   "shown_in_lines": len(d.line_idx), "shown_in_heatmap": len(d.heat_idx)},
-        "channels": {"total": ch.n, **{p: int((ch.part == p).sum()) for p in PARTS}},
-        "layers": len(ch.names),
-        "params": d.ds.sizes.get("param", 0),
+        "channels": {"total": info["channels"],
+                     **{p: info["layers_by_part"].get(p, {}).get("channels", 0) for p in PARTS}},
+        "layers": info["layers"],
+        "params": info["params"],
         "classify": {"method": d.params.method, "tau": d.params.tau, "threshold": d.params.threshold,
                      "dead_threshold": d.params.dead_threshold, "min_persist": d.params.min_persist},
         "last_step": last,
@@ -789,7 +786,7 @@ def render_html(d: ReportData, summary: dict[str, Any], figures: dict[str, str |
                         '<a href="#classes">classes</a><a href="#config">config</a></nav>']
     st, chs, cl = s["steps"], s["channels"], s["classify"]
     rows = [
-        ["store", s["store"]], ["schema", f"{s['schema']} v{s['schema_version']}"],
+        ["store", f"{s['store']} ({s['size_bytes'] / 2**20:.1f} MiB)"], ["schema", f"{s['schema']} v{s['schema_version']}"],
         ["written by", f"vaedyn {s['vaedyn_version']} ({s['source']})"],
         ["steps", f"{st['count']} tracked, {st['first']} .. {st['last']}"],
         ["channels", f"{chs['total']} in {s['layers']} layers (encoder {chs['encoder']}, decoder {chs['decoder']})"],

@@ -67,8 +67,10 @@ def tb_scalars(logs: Path) -> dict[str, list[tuple[int, float]]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_cli_train_layout_logs_and_rerun_is_bitwise_identical(tmp_path, cli):
+def test_cli_train_layout_logs_and_rerun_is_bitwise_identical(tmp_path, cli, hooks):
     cfg_file = write_cfg(tmp_path, log={"report_to": "tensorboard"})
+    made: list[Recorder] = []
+    hooks.append(lambda ctx: made.append(Recorder(ctx)) or made[-1])
     result = cli("train", "-c", cfg_file)
     run = tmp_path / "runs" / "tiny"
     assert result.exit_code == 0, result.stderr
@@ -99,11 +101,16 @@ def test_cli_train_layout_logs_and_rerun_is_bitwise_identical(tmp_path, cli):
     assert [s for s, _ in scalars["val_rec_loss"]] == [3, 6]
     assert scalars["val_rec_loss"][1][1] == pytest.approx(lines[1]["val_rec_loss"], rel=1e-6)
     assert all(v == pytest.approx(1e-3) for _, v in scalars["lr"])
-    # loss = rec + kl_weight * kl, logged as means over the steps since the last log
+    # logged: the mean of the steps since the last log
+    step_losses = made[0].scalars
+    for step, value in scalars["loss"]:
+        assert value == pytest.approx((step_losses[step - 1]["loss"] + step_losses[step]["loss"]) / 2, rel=1e-6)
+    # loss = rec + kl_weight * kl
     for (_, loss), (_, rec), (_, kl) in zip(scalars["loss"], scalars["rec_loss"], scalars["kl_loss"], strict=True):
         assert loss == pytest.approx(rec + 1e-6 * kl, rel=1e-5)
 
     # same config again (over the old folder): bitwise identical weights
+    hooks.clear()
     again = cli("train", "-c", cfg_file, "--overwrite")
     assert again.exit_code == 0, again.stderr
     assert_bitwise_equal(weights(run / "final"), ckpt.load().state_dict())

@@ -331,6 +331,45 @@ class _Progress:
             self.bar.stop()
 
 
+class _LossWindow:
+    """(loss, rec, kl) of each step since the last read, kept on the device: one row copy per step,
+    one transfer per read. A read (every log, validation and checkpoint) finds the first non-finite
+    step and adds the finite steps to the running log means, over all processes."""
+
+    def __init__(self, accelerator: Any, rows: int):
+        self.acc = accelerator
+        self.buffer = torch.zeros(rows, 3, device=accelerator.device)
+        self.first_step, self.count = 1, 0
+        self.sums, self.steps = [0.0, 0.0, 0.0], 0
+        self.first_bad: int | None = None
+
+    def record(self, step: int, means: torch.Tensor) -> None:
+        if self.count == 0:
+            self.first_step = step
+        self.buffer[self.count].copy_(means)
+        self.count += 1
+
+    def read(self) -> None:
+        if self.count == 0:
+            return
+        rows = self.acc.gather(self.buffer[: self.count].unsqueeze(0)).reshape(-1, self.count, 3).cpu()
+        finite = torch.isfinite(rows).all(dim=2)  # (processes, steps)
+        bad = (~finite).any(dim=0).nonzero()
+        if len(bad) and self.first_bad is None:
+            self.first_bad = self.first_step + int(bad[0])
+        good = rows[finite]
+        self.sums = [a + b for a, b in zip(self.sums, good.double().sum(0).tolist(), strict=True)]
+        self.steps += good.shape[0]  # finite (process, step) rows
+        self.count = 0
+
+    def log_means(self) -> dict[str, float]:
+        """Means over the finite steps since the last call (averaged over processes); resets them."""
+        n = max(self.steps, 1e-12)
+        loss, rec, kl = (v / n for v in self.sums)
+        self.sums, self.steps = [0.0, 0.0, 0.0], 0
+        return {"loss": loss, "rec_loss": rec, "kl_loss": kl}
+
+
 class _StepScalars(Mapping[str, float]):
     """loss / rec_loss / kl_loss / lr of one step, read from the device only when first accessed."""
 
@@ -402,7 +441,7 @@ class _Trainer:
         accelerator.register_load_state_pre_hook(self._plain_model_on_load)
         self.capture = _MomentsCapture(self.vae)
         self.noise = torch.Generator(device=accelerator.device)
-        self.first_bad = torch.full((), self.total_steps + 1, dtype=torch.long, device=accelerator.device)
+        self.window = _LossWindow(accelerator, cfg.log.log_interval)
         self.hooks: list[TrainHook] = []
 
     def start(self, resume_dir: Path | None) -> None:
@@ -499,14 +538,12 @@ class _Trainer:
     # -- non-finite losses --------------------------------------------------------------------
 
     def check_finite(self) -> None:
-        """Raise (on every process) if some step since the start had a non-finite loss (on_nonfinite=error)."""
-        if self.cfg.train.on_nonfinite != "error":
-            return
-        first = int(self.acc.gather(self.first_bad.reshape(1)).min())
-        if first <= self.total_steps:
+        """Raise (on every process) if some step had a non-finite loss (on_nonfinite=error)."""
+        self.window.read()
+        if self.cfg.train.on_nonfinite == "error" and self.window.first_bad is not None:
             raise RuntimeFailure(
-                f"non-finite loss at step {first}: lower train.learning_rate, use train.mixed_precision bf16 or no "
-                "(the SDXL VAE overflows in fp16), or set train.on_nonfinite=skip"
+                f"non-finite loss at step {self.window.first_bad}: lower train.learning_rate, use train.mixed_precision "
+                "bf16 or no (the SDXL VAE overflows in fp16), or set train.on_nonfinite=skip"
             )
 
     def _step_is_finite(self, step_sums: torch.Tensor) -> bool:
@@ -521,13 +558,10 @@ class _Trainer:
         t = cfg.train
         skip_mode = t.on_nonfinite == "skip"
         progress = _Progress(self.main, self.total_steps, state.global_step)
-        window_sums = torch.zeros(3, device=acc.device)  # loss, rec, kl summed over finite steps since last log
-        window_steps = torch.zeros((), device=acc.device)
         window_images, window_start, skipped = 0, time.perf_counter(), 0
         grad_norm: torch.Tensor | None = None
         new_step = True
-        step_sums = torch.zeros(3, device=acc.device)
-        micro = 0
+        parts: list[torch.Tensor] = []  # (loss, rec, kl) of each micro-batch of the step
         try:
             while state.global_step < self.total_steps:
                 self.train_loader.set_epoch(state.epoch)
@@ -539,8 +573,7 @@ class _Trainer:
                 for x in loader:
                     step = state.global_step + 1
                     if new_step:
-                        new_step, micro = False, 0
-                        step_sums = torch.zeros(3, device=acc.device)
+                        new_step, parts = False, []
                         for hook in self.hooks:
                             hook.begin_step(step)
                     with acc.accumulate(self.model):
@@ -548,13 +581,13 @@ class _Trainer:
                         loss, rec, kl = training_loss(self.model, self.capture, x, self.noise, t.kl_weight)
                         acc.backward(loss)
                         state.batch_in_epoch += 1
-                        micro += 1
-                        step_sums += torch.stack([loss.detach(), rec.detach(), kl.detach()]).float()
+                        parts.append(torch.stack([loss.detach(), rec.detach(), kl.detach()]))
                         window_images += x.shape[0] * acc.num_processes
                         if acc.sync_gradients:
                             for hook in self.hooks:
                                 hook.after_backward(step)
-                            finite = self._step_is_finite(step_sums) if skip_mode else True
+                            means = parts[0] if len(parts) == 1 else torch.stack(parts).mean(0)
+                            finite = self._step_is_finite(means) if skip_mode else True
                             if finite:
                                 log_now = step % cfg.log.log_interval == 0
                                 if t.max_grad_norm is not None:
@@ -571,11 +604,7 @@ class _Trainer:
                     # one optimizer step done
                     state.global_step = step
                     new_step = True
-                    means = step_sums / micro
-                    ok = torch.isfinite(means).all()
-                    self.first_bad = torch.where(ok, self.first_bad, self.first_bad.clamp(max=step))
-                    window_sums += torch.where(ok, means, torch.zeros_like(means))
-                    window_steps += ok.float()
+                    self.window.record(step, means)
                     lr = self.lr_scheduler.get_last_lr()[0]
                     if self.hooks:
                         scalars = _StepScalars(means, lr)
@@ -585,15 +614,15 @@ class _Trainer:
                     end_of_epoch = acc.gradient_state.end_of_dataloader
                     if step % cfg.log.log_interval == 0:
                         self.check_finite()
-                        values = self._log_values(window_sums, window_steps, lr, grad_norm)
+                        values = {**self.window.log_means(), "lr": lr}
+                        if grad_norm is not None:
+                            values["grad_norm"] = float(grad_norm)
                         elapsed = max(time.perf_counter() - window_start, 1e-9)
                         values["images_per_s"] = window_images / elapsed
                         if skip_mode:
                             values["skipped_steps"] = float(skipped)
                         acc.log(values, step=step)
                         progress.show(step, self.total_steps, values)
-                        window_sums.zero_()
-                        window_steps.zero_()
                         window_images, window_start = 0, time.perf_counter()
                     if end_of_epoch:
                         state.epoch += 1
@@ -620,17 +649,6 @@ class _Trainer:
         if t.validation_unit == "step":
             return step % t.validation_interval == 0
         return end_of_epoch and self.state.epoch % t.validation_interval == 0
-
-    def _log_values(self, sums: torch.Tensor, steps: torch.Tensor, lr: float, grad_norm: torch.Tensor | None) -> dict[str, float]:
-        """Means over the steps since the last log, averaged over processes (one sync)."""
-        packed = torch.cat([sums, steps.reshape(1)])
-        packed = self.acc.reduce(packed, reduction="mean")
-        loss, rec, kl, n = packed.tolist()
-        n = max(n, 1e-12)
-        values = {"loss": loss / n, "rec_loss": rec / n, "kl_loss": kl / n, "lr": lr}
-        if grad_norm is not None:
-            values["grad_norm"] = float(grad_norm)
-        return values
 
     def close(self) -> None:
         errors = []

@@ -519,3 +519,54 @@ def test_cli_rejects_targets_that_do_not_fit(cli, run: Path, tiny_classification
 def test_cli_unknown_strategy(cli, run: Path, targets_file: Path) -> None:
     res = cli("nudge", "--checkpoint", run, "--targets", targets_file, "--strategy", "redoo")
     assert res.exit_code == 2 and "did you mean 'redo'" in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# track -> classify -> nudge -> track -> classify
+
+SILENCED = [
+    ("encoder.down_blocks.1.resnets.0.norm2", 2),
+    ("decoder.up_blocks.0.resnets.0.norm1", 3),
+    ("decoder.up_blocks.0.resnets.0.norm1", 5),
+    ("decoder.up_blocks.2.resnets.1.norm2", 1),
+]
+
+
+def test_planted_gn_scale_channels_are_active_after_gn_scale_reset(cli, tmp_path: Path) -> None:
+    """gamma = 0 planted in a few channels: `track` + `classify` label them dead by gn_scale; `vaedyn nudge
+    --strategy gn_scale_reset --select mechanism=gn_scale` touches exactly them; the nudged weights,
+    tracked after the silenced ones, classify them as revived and active."""
+    from tests.conftest import tiny_config_dict
+    from vaedyn_cli import track
+
+    cfg = RunConfig.model_validate(tiny_config_dict(tmp_path))
+    model = build_preset(TINY_WIDTH, 0)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for layer, c in SILENCED:
+            modules[layer].weight[c] = 0.0
+    silenced = [save_model(model, tmp_path / f"silenced-{s}", cfg, step=s) for s in (1, 2, 3)]
+    store = track.track_checkpoints(cfg, [str(p) for p in silenced], out=tmp_path / "before.zarr", device="cpu")
+    res = cli("classify", store, "--format", "json")
+    assert res.exit_code == 0, res.stderr
+    labels = {(r["layer"], r["channel_index"]): r for r in json.loads(res.stdout)["channels"]}
+    gn_scale = sorted(k for k, r in labels.items() if r["mechanism"] == "gn_scale")
+    assert gn_scale == sorted(SILENCED) and all(labels[k]["state"] == "dead" for k in SILENCED)
+
+    res = cli("nudge", "--checkpoint", silenced[-1], "--targets", "-", "--strategy", "gn_scale_reset",
+              "--select", "mechanism=gn_scale", "--out", tmp_path / "nudged", input=res.stdout)
+    assert res.exit_code == 0, res.stderr
+    record = json.loads((tmp_path / "nudged" / artifacts.NUDGE_FILE).read_text())
+    assert sorted((e["layer"], e["channel_index"], e["before"], e["after"]) for e in record["events"]) == sorted(
+        (layer, c, 0.0, 1.0) for layer, c in SILENCED)
+    woken = []
+    for step in (4, 5, 6):  # the nudged weights, saved as three later steps (persistence filter: 3)
+        woken.append(shutil.copytree(tmp_path / "nudged", tmp_path / f"nudged-{step}"))
+        (woken[-1] / artifacts.STEP_FILE).write_text(json.dumps({"step": step}))
+    store = track.track_checkpoints(cfg, [str(p) for p in silenced + woken], out=tmp_path / "after.zarr", device="cpu")
+    res = cli("classify", store, "--format", "json")
+    assert res.exit_code == 0, res.stderr
+    after = {(r["layer"], r["channel_index"]): r for r in json.loads(res.stdout)["channels"]}
+    for key in SILENCED:
+        assert (after[key]["state"], after[key]["trajectory"], after[key]["revival_step"]) == ("active", "revived", 4)
+        assert after[key]["mechanism"] is None

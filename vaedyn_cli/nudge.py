@@ -5,7 +5,9 @@ target channel of a live model) and the config's `nudge` section, and edits para
 through `Site.update`, which records one event per touched slice. `apply` is the plumbing shared
 by the offline command and the in-training nudge: it checks the targets, snapshots layer
 statistics before any change, runs the strategy per channel in module order and, given an
-optimizer, zeroes the Adam moments of exactly the touched slices.
+optimizer, zeroes the Adam moments of exactly the touched slices. `TrainingNudge` is the
+in-training form (a TrainHook after the tracker: classify the live trace's recent window, select,
+apply, record events); `store_classification` gives the labels of a store to `vaedyn eval --ablate`.
 
 Wiring of a GroupNorm channel c (what `redo` and `shrink_perturb` touch besides gamma and beta):
 
@@ -45,6 +47,7 @@ from torch import nn
 from vaedyn_cli import artifacts
 from vaedyn_cli.config import NudgeConfig, RunConfig, apply_overrides, read_yaml, validate_config
 from vaedyn_cli.errors import VaedynError
+from vaedyn_cli.train import TrainHook
 
 log = logging.getLogger(__name__)
 
@@ -572,6 +575,102 @@ def store_classification(store: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# during training: a TrainHook that runs right after the tracker
+
+
+class TrainingNudge(TrainHook):
+    """Every `nudge.every` steps: classify the last `nudge.window` tracked steps of the live trace
+    with `classify_trace` and the config's classify section (exactly what `vaedyn classify
+    --from-step A --to-step B` gives on the store), select targets with `nudge.select` and
+    `nudge.max_fraction`, apply the strategy in place to the unwrapped model, zero the Adam moments
+    of the touched slices (`nudge.reset_optimizer_state`), and record the events in the store's
+    `events` group and as `nudge/n_targets`, `nudge/n_events` scalars.
+
+    The window comes from the tracker writer's recent records (cast to the store's dtypes, so the
+    numbers equal the store's), or from the store itself when a resumed run has fewer recent
+    records than the window. Random strategies draw from generators seeded by (seed, step, layer,
+    channel) and the optimizer state is checkpointed, so a resumed run repeats an uninterrupted one.
+    Under several processes the main process classifies (its tracker holds the all-reduced
+    statistics) and broadcasts the targets; every process applies them; the main one records.
+    """
+
+    def __init__(self, ctx: Any, tracker: Any):
+        from vaedyn_cli import store as store_mod
+
+        self.cfg: RunConfig = ctx.cfg
+        self.acc = ctx.accelerator
+        self.model = self.acc.unwrap_model(ctx.model)
+        self.optimizer = getattr(ctx.optimizer, "optimizer", ctx.optimizer)  # the torch optimizer under accelerate
+        self.tracker = tracker
+        self.spec = get_strategy(self.cfg.nudge.strategy)
+        parse_select(self.cfg.nudge.select)
+        self.sizes = {n: m.num_channels for n, m in self.model.named_modules() if isinstance(m, nn.GroupNorm)}
+        self.main = bool(self.acc.is_main_process)
+        writer = tracker.writer
+        self.attrs = store_mod.check_store(writer.path) if self.main and writer is not None else {}
+
+    def end_step(self, step: int, scalars: Any) -> None:
+        if step % self.cfg.nudge.every:
+            return
+        targets = self._share(self.targets(step) if self.main else None)
+        events = apply(
+            self.model, targets, self.spec.name, self.cfg.nudge, optimizer=self.optimizer, step=step, seed=self.cfg.seed
+        )
+        if self.main and self.tracker.writer is not None:
+            self.tracker.writer.add_events(events)
+        self.acc.log({"nudge/n_targets": len(targets), "nudge/n_events": len(events)}, step=step)
+        if self.main:
+            log.info("step %d: %s on %d channels in %d layers (%d parameter slices)", step, self.spec.name,
+                     len(targets), len({t.layer for t in targets}), len(events))
+
+    def window(self, step: int) -> Any:
+        """The last nudge.window tracked steps up to `step` as an in-memory trace Dataset (main process)."""
+        from vaedyn_cli import store as store_mod
+
+        writer = self.tracker.writer
+        if writer is None:
+            raise RuntimeError("the tracker's trace writer is closed")
+        writer.flush()  # the writer thread has turned every queued step into a record
+        n = self.cfg.nudge.window
+        recent = [r for r in writer.recent() if r.step <= step][-n:]
+        if len(recent) < n and writer.committed_steps > len(recent):  # resumed: older steps are in the store only
+            trace = store_mod.open_trace(writer.path)
+            hi = int(np.searchsorted(np.asarray(trace["step"].values), step, side="right"))
+            return trace.isel(step=slice(max(0, hi - n), hi)).load()
+        return store_mod.records_to_dataset(recent, writer.layout, self.attrs)
+
+    def targets(self, step: int) -> list[Target]:
+        """Classify the window and select the channels to nudge (main process)."""
+        from vaedyn_cli.classify import classify_trace, to_records
+
+        labels = classify_trace(self.window(step), self.cfg.classify)
+        layers = {name: self.sizes[name] for name in dict.fromkeys(labels["layer"].values.tolist())}
+        return select_targets(to_records(labels), self.cfg.nudge.select, self.cfg.nudge.max_fraction, layers)
+
+    def _share(self, targets: list[Target] | None) -> list[Target]:
+        """The main process's targets on every process."""
+        if int(self.acc.num_processes) <= 1:
+            return targets or []
+        from accelerate.utils import broadcast_object_list
+
+        box = [[(t.layer, t.channel_index, t.score) for t in targets] if targets is not None else None]
+        broadcast_object_list(box, from_process=0)
+        return [Target(*t) for t in box[0] or []]
+
+
+def make_training_nudge(ctx: Any) -> TrainingNudge | None:
+    """HOOK_FACTORIES entry: a TrainingNudge when nudge.enabled (it reads the tracker built before it)."""
+    if not ctx.cfg.nudge.enabled:
+        return None
+    from vaedyn_cli.track import Tracker
+
+    tracker = next((h for h in getattr(ctx, "hooks", []) if isinstance(h, Tracker)), None)
+    if tracker is None:
+        raise VaedynError("nudge.enabled needs the live trace: set track.enabled=true (in-training nudges classify it)")
+    return TrainingNudge(ctx, tracker)
+
+
+# ---------------------------------------------------------------------------------------------
 # offline: checkpoint -> nudged diffusers folder
 
 
@@ -665,10 +764,12 @@ def nudge_checkpoint(
 
     if (nudge_options or {}).get("strategy") is not None:
         get_strategy(nudge_options["strategy"])  # a did-you-mean answer before pydantic's
+    # Targets first: in `vaedyn train | vaedyn classify - | vaedyn nudge --checkpoint RUN --targets -`
+    # the run folder exists only once stdin is complete.
+    text, where = _read_targets_text(targets)
     ckpt = resolve_checkpoint(checkpoint)
     cfg = resolve_config(ckpt.config, config_path, overrides, nudge_options or {})
     spec = get_strategy(cfg.nudge.strategy)
-    text, where = _read_targets_text(targets)
     data = parse_classification(text, where)
     parse_select(cfg.nudge.select)
     out = Path(out) if out is not None else default_out(ckpt, spec.name)

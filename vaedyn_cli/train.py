@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,7 @@ class TrainContext:
     run_dir: Path
     resume_step: int | None
     train_loader: Any
+    hooks: list[TrainHook] = field(default_factory=list)  # the hooks built so far, in HOOK_FACTORIES order
 
 
 HOOK_FACTORIES: list[Callable[[TrainContext], TrainHook | None]] = []
@@ -447,7 +448,9 @@ class _Trainer:
     def start(self, resume_dir: Path | None) -> None:
         """Build the hooks (the run folder exists now), then load the checkpoint to resume from."""
         resume_step = artifacts.parse_step(resume_dir.name) if resume_dir is not None else None
-        ctx = TrainContext(self.cfg, self.acc, self.model, self.optimizer, self.run_dir, resume_step, self.train_loader)
+        ctx = TrainContext(
+            self.cfg, self.acc, self.model, self.optimizer, self.run_dir, resume_step, self.train_loader, self.hooks
+        )
         for factory in HOOK_FACTORIES:
             hook = factory(ctx)
             if hook is not None:
@@ -779,5 +782,15 @@ def _tracker_factory(ctx: TrainContext) -> TrainHook | None:
 
 
 HOOK_FACTORIES.append(_tracker_factory)
+
+
+def _nudge_factory(ctx: TrainContext) -> TrainHook | None:
+    """In-training nudges (nudge.enabled), right after the tracker whose live trace they classify."""
+    from vaedyn_cli.nudge import make_training_nudge
+
+    return make_training_nudge(ctx)
+
+
+HOOK_FACTORIES.append(_nudge_factory)
 
 import vaedyn_cli.tb  # noqa: E402,F401  registers the TensorBoard hook (dormant counts, |gamma|, reconstructions)

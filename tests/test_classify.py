@@ -162,6 +162,45 @@ def test_window_from_to_step() -> None:
         classify.classify_trace(ds, ClassifyConfig(), from_step=1000)
 
 
+def test_step_states_at_chosen_steps_match_the_classification() -> None:
+    """The public per-step rule: known codes at an index array of steps, the same columns as a slice
+    read, and the score a one-step classification reports."""
+    ds = planted_trace()
+    p = ClassifyConfig()
+    codes, score = classify.step_states(ds, p, [0, 20, 39])
+    whole, whole_score = classify.step_states(ds, p, slice(None))
+    assert codes.shape == score.shape == (3, 40) and codes.dtype == np.int8 and score.dtype == np.float32
+    np.testing.assert_array_equal(codes, whole[[0, 20, 39]])
+    np.testing.assert_array_equal(score, whole_score[[0, 20, 39]])
+    A, S, D, U = classify.ACTIVE, classify.DORMANT, classify.DEAD, classify.UNOBSERVED
+    assert codes[0, :12].tolist() == [A, A, S, S, A, A, A, A, A, S, A, A]
+    assert codes[1, :12].tolist() == [S, D, A, S, A, A, A, A, A, A, A, A]
+    assert codes[2, [0, 1, 7, 8, 10, 32, 33]].tolist() == [S, D, S, S, U, S, A]
+    assert np.isnan(score[2, 10]) and score[1, 1] == 0.0
+    labels = classify.classify_trace(ds, ClassifyConfig(min_persist=1), from_step=390, to_step=390)
+    np.testing.assert_array_equal(labels["score"].values, score[2].astype(np.float64))
+    state = {A: "active", S: "dormant", D: "dead", U: "unknown"}
+    assert labels["state"].values.tolist() == [state[c] for c in codes[2].tolist()]
+    # a layer selection narrows the columns to that layer's channels
+    attn, _ = classify.step_states(ds, p, slice(30, 31), layers=["*attentions*"])
+    assert attn[0].tolist() == [S] + [A] * 7
+
+
+def test_step_states_with_a_layer_mixing_channels_with_and_without_activation() -> None:
+    """has_activation is per channel in the schema: a channel without one is judged on std."""
+    ds = make_trace([("decoder.a.norm1", 4, True), ("decoder.b.norm1", 4, True)], [0, 10])
+    ha = np.array([True] * 4 + [False, True, True, True])
+    std = ds["std"].values.copy()
+    std[:, 4] = 0.0  # its act_std is a healthy 0.6: only std says it is dead
+    act = ds["act_std"].values.copy()
+    act[:, 4] = 0.6
+    ds = ds.assign_coords(has_activation=("channel", ha)).assign(
+        std=(("step", "channel"), std), act_std=(("step", "channel"), act))
+    codes, _ = classify.step_states(ds, ClassifyConfig(), [1])
+    assert codes[0].tolist() == [classify.ACTIVE] * 4 + [classify.DEAD] + [classify.ACTIVE] * 3
+    assert classify.classify_trace(ds, ClassifyConfig(min_persist=1))["state"].values.tolist()[4] == "dead"
+
+
 # ---------------------------------------------------------------------------------------------
 # chunked == in memory
 

@@ -239,18 +239,24 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path: Path, cli) -> None:
 
 
 def test_step_states_by_hand() -> None:
-    from vaedyn_cli.config import ClassifyConfig
-    from vaedyn_cli.report import ACTIVE, DEAD, DORMANT, UNOBSERVED, Channels, step_states
+    import xarray as xr
 
-    ch = Channels.from_arrays(["a"] * 4 + ["b"] * 2 + ["c"] * 2, ["encoder"] * 4 + ["decoder"] * 4, [True] * 8)
+    from vaedyn_cli.classify import ACTIVE, DEAD, DORMANT, UNOBSERVED, step_states
+    from vaedyn_cli.config import ClassifyConfig
+
     activity = np.array([[1.0, 1.0, 0.05, 0.0, 2.0, np.nan, 0.0, 0.0]])
-    codes, score = step_states(activity, ch, ClassifyConfig(tau=0.1, dead_threshold=1e-6))
+    ds = xr.Dataset({"act_std": (("step", "channel"), activity), "mean_abs": (("step", "channel"), activity),
+                     "layer": ("channel", ["a"] * 4 + ["b"] * 2 + ["c"] * 2),
+                     "channel_index": ("channel", [0, 1, 2, 3, 0, 1, 0, 1]),
+                     "part": ("channel", ["encoder"] * 4 + ["decoder"] * 4), "has_activation": ("channel", [True] * 8)},
+                    coords={"step": [0]})
+    codes, score = step_states(ds, ClassifyConfig(tau=0.1, dead_threshold=1e-6), slice(None))
     # layer a: mean 0.5125 -> scores 1.95, 1.95, 0.098 (dormant), 0 (dead); b: NaN is unobserved, the
     # mean is over the finite values; c: a silent layer scores 0 and is dead
     np.testing.assert_allclose(score[0, :5], [1 / 0.5125, 1 / 0.5125, 0.05 / 0.5125, 0.0, 1.0], rtol=1e-6)
     assert np.isnan(score[0, 5]) and (score[0, 6:] == 0).all()
     assert codes[0].tolist() == [ACTIVE, ACTIVE, DORMANT, DEAD, ACTIVE, UNOBSERVED, DEAD, DEAD]
-    codes, score = step_states(activity, ch, ClassifyConfig(method="mean_abs_threshold", threshold=0.2))
+    codes, score = step_states(ds, ClassifyConfig(method="mean_abs_threshold", threshold=0.2), [0])
     assert codes[0].tolist() == [ACTIVE, ACTIVE, DORMANT, DORMANT, ACTIVE, UNOBSERVED, DORMANT, DORMANT]
 
 

@@ -51,6 +51,8 @@ channels of the selected layers, the others hold "" labels, NaN score and -1 ste
 Out of core: the trace is read `chunk_steps` steps at a time and a vectorised per-channel state
 machine carries the runs across chunks, so memory is bounded by the chunk, not the trace. The
 same code classifies an in-memory window (the in-training nudge passes the recent steps).
+The per-step rule alone (codes UNOBSERVED / ACTIVE / DORMANT / DEAD and scores at chosen steps)
+is `step_states`, the one implementation that the report and the TensorBoard hook count with.
 """
 
 from __future__ import annotations
@@ -91,8 +93,8 @@ RECORD_KEYS = (
 )
 FORMATS = ("table", "json", "csv")
 
-# raw per-step codes
-_UNOBSERVED, _ACTIVE, _DORMANT, _DEAD = -1, 0, 1, 2
+# per-step state codes (public: report and the TensorBoard hook count them)
+UNOBSERVED, ACTIVE, DORMANT, DEAD = -1, 0, 1, 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +102,7 @@ _UNOBSERVED, _ACTIVE, _DORMANT, _DEAD = -1, 0, 1, 2
 
 
 @dataclass
-class _Channels:
+class Channels:
     """The selected channels, grouped by layer (each layer one contiguous segment)."""
 
     pos: np.ndarray  # positions along the root `channel` dim
@@ -115,6 +117,11 @@ class _Channels:
     @property
     def n(self) -> int:
         return len(self.pos)
+
+    @property
+    def names(self) -> list[str]:
+        """The selected layers, in segment order (`seg` indexes it)."""
+        return [str(self.layer[start]) for start, _ in self.bounds]
 
 
 def _strings(values: Any) -> np.ndarray:
@@ -133,7 +140,7 @@ def _norm_groups(ds: xr.Dataset) -> int | None:
     return groups or None
 
 
-def select_channels(ds: xr.Dataset, layers: Sequence[str] | None = None) -> _Channels:
+def select_channels(ds: xr.Dataset, layers: Sequence[str] | None = None) -> Channels:
     """Channels of the layers whose names match any glob in `layers` (all layers when None), in
     store order; should a layer's channels not be contiguous in the store, they are grouped."""
     for name in ("layer", "channel_index"):
@@ -163,7 +170,10 @@ def select_channels(ds: xr.Dataset, layers: Sequence[str] | None = None) -> _Cha
     ends = np.cumsum(counts)
     bounds = [(int(e - c), int(e)) for c, e in zip(counts, ends, strict=True)]
     cidx = np.asarray(ds["channel_index"].values)[pos].astype(np.int64)
-    part = _strings(ds["part"].values)[pos] if "part" in ds.variables else np.full(len(pos), "", object)
+    if "part" in ds.variables:
+        part = _strings(ds["part"].values)[pos]
+    else:  # a store from another program: the module path's first name (encoder / decoder)
+        part = np.asarray([n.split(".", 1)[0] for n in layer.tolist()], dtype=object)
     if "has_activation" in ds.variables:
         has_act = np.asarray(ds["has_activation"].values)[pos].astype(bool)
     else:
@@ -175,7 +185,7 @@ def select_channels(ds: xr.Dataset, layers: Sequence[str] | None = None) -> _Cha
         divisible = width % n_groups == 0
         local = np.where(divisible, cidx // np.maximum(width // n_groups, 1), 0)
     group = seg * (int(local.max(initial=0)) + 1) + local
-    return _Channels(pos, layer, cidx, part, has_act, seg, bounds, group)
+    return Channels(pos, layer, cidx, part, has_act, seg, bounds, group)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +199,7 @@ def _indexer(pos: np.ndarray) -> slice | np.ndarray:
     return pos
 
 
-def _read(ds: xr.Dataset, name: str, steps: slice, pos: np.ndarray) -> np.ndarray:
+def _read(ds: xr.Dataset, name: str, steps: slice | np.ndarray, pos: np.ndarray) -> np.ndarray:
     """A (steps, channels) block as float32; never modified in place (it may be the caller's data)."""
     if name not in ds.variables:
         raise VaedynError(f"trace has no '{name}' variable, needed by the classification method; "
@@ -203,7 +213,7 @@ class _Activity:
     Each source is read once for the whole chunk (a store chunk spans many layers), then sliced.
     """
 
-    def __init__(self, ds: xr.Dataset, ch: _Channels, steps: slice, method: str) -> None:
+    def __init__(self, ds: xr.Dataset, ch: Channels, steps: slice | np.ndarray, method: str) -> None:
         self.ch = ch
         self.act = self.std = None
         self.std_from = 0
@@ -214,10 +224,10 @@ class _Activity:
         self.ha = ch.has_activation
         if self.ha.any():
             self.act = _read(ds, "act_std", steps, ch.pos)
-        if not self.ha.all():
+        if not self.ha.all():  # std over whole layers: a layer may mix channels with and without
             no_act = np.flatnonzero(~self.ha)
-            self.std_from = int(no_act[0])
-            self.std = _read(ds, "std", steps, ch.pos[self.std_from:int(no_act[-1]) + 1])
+            self.std_from = ch.bounds[ch.seg[no_act[0]]][0]
+            self.std = _read(ds, "std", steps, ch.pos[self.std_from:ch.bounds[ch.seg[no_act[-1]]][1]])
 
     def segment(self, start: int, end: int) -> np.ndarray:
         ha = self.ha[start:end]
@@ -235,44 +245,92 @@ def _last_observed_rows(finite: np.ndarray) -> np.ndarray:
     return rows
 
 
-def _raw_states(ds: xr.Dataset, ch: _Channels, p: ClassifyConfig, steps: slice) -> tuple[np.ndarray, np.ndarray]:
-    """Per-step state codes (steps, channels) of one chunk, and each channel's score at its last
-    observed step of the chunk (NaN when not observed in the chunk)."""
+def _layer_codes(a: np.ndarray, p: ClassifyConfig, out: np.ndarray) -> np.ndarray:
+    """Write the state codes of one layer's activity block `a` (steps, channels) into `out`; return
+    the per-step normaliser of the score (the layer's mean finite activity; 1 for mean_abs_threshold).
+
+    Compares the activity with tau x layer mean rather than dividing first: no (steps, channels)
+    temporary for the classification's hot loop. Unobserved (NaN) entries are left to the caller."""
+    if p.method == "mean_abs_threshold":
+        np.less(a, p.threshold, out=out, casting="unsafe")
+        return np.ones(a.shape[0], np.float64)
+    norm = a.mean(axis=1, dtype=np.float64)  # NaN in any row when a value is missing
+    if not np.isfinite(norm).all():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: NaN mean, on purpose
+            norm = np.nanmean(a, axis=1, dtype=np.float64)
+    limit = (p.tau * norm).astype(np.float32)[:, None]
+    np.less_equal(a, limit, out=out, casting="unsafe")
+    dead = a <= p.dead_threshold
+    if (limit >= p.dead_threshold).all():  # then dead implies dormant: 1 + 1 = 2
+        out += dead
+    else:
+        out[dead] = DEAD
+    return norm
+
+
+def _chunk_states(ds: xr.Dataset, ch: Channels, p: ClassifyConfig, steps: slice | np.ndarray, n_steps: int,
+                  all_scores: bool) -> tuple[np.ndarray, np.ndarray]:
+    """State codes (steps, channels) at the step positions `steps` (`n_steps` of them), and the
+    scores: (steps, channels) when `all_scores`, else each channel's score at its last observed
+    step among them (NaN when it has none), which is all the classification keeps."""
     source = _Activity(ds, ch, steps, p.method)
-    n_steps = steps.stop - steps.start
     codes = np.empty((n_steps, ch.n), np.int8)
-    score = np.full(ch.n, np.nan, np.float32)
+    shape = (n_steps, ch.n) if all_scores else (ch.n,)
+    score = np.full(shape, np.nan, np.float32)
     for start, end in ch.bounds:
         a = source.segment(start, end)
         out = codes[:, start:end]
-        if p.method == "mean_abs_threshold":
-            np.less(a, p.threshold, out=out, casting="unsafe")
-            norm = np.ones(n_steps, np.float32)
-        else:
-            norm = a.mean(axis=1, dtype=np.float64)  # NaN in any row when a value is missing
-            if not np.isfinite(norm).all():
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: NaN mean, on purpose
-                    norm = np.nanmean(a, axis=1, dtype=np.float64)
-            limit = (p.tau * norm).astype(np.float32)[:, None]
-            np.less_equal(a, limit, out=out, casting="unsafe")
-            dead = a <= p.dead_threshold
-            if (limit >= p.dead_threshold).all():  # then dead implies dormant: 1 + 1 = 2
-                out += dead
-            else:
-                out[dead] = _DEAD
+        norm = _layer_codes(a, p, out)
         finite = np.isfinite(a)
-        if finite.all():
-            rows = np.full(end - start, n_steps - 1)
-        else:
-            out[~finite] = _UNOBSERVED
-            rows = _last_observed_rows(finite)
+        observed = bool(finite.all())
+        if not observed:
+            out[~finite] = UNOBSERVED
+        if all_scores:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                block = np.where(norm[:, None] > 0, a / norm[:, None], 0.0)  # a silent layer scores 0
+            if not observed:
+                block[~finite] = np.nan
+            score[:, start:end] = block
+            continue
+        rows = np.full(end - start, n_steps - 1) if observed else _last_observed_rows(finite)
         seen = rows >= 0
         cols = np.flatnonzero(seen)
         value, base = a[rows[seen], cols], norm[rows[seen]]
         with np.errstate(invalid="ignore", divide="ignore"):
-            score[start + cols] = np.where(base > 0, value / base, 0.0)  # a silent layer scores 0
+            score[start + cols] = np.where(base > 0, value / base, 0.0)
     return codes, score
+
+
+def _positions(steps: slice | Sequence[int] | np.ndarray, n_total: int) -> tuple[slice | np.ndarray, int]:
+    """A step indexer for `isel` (a slice when the positions are contiguous) and how many steps it takes."""
+    if isinstance(steps, slice):
+        start, stop, stride = steps.indices(n_total)
+        if stride == 1:
+            return slice(start, max(start, stop)), max(0, stop - start)
+    pos = np.atleast_1d(np.arange(n_total)[steps if isinstance(steps, slice) else np.asarray(steps, np.int64)])
+    return _indexer(pos), len(pos)
+
+
+def step_states(
+    ds: xr.Dataset,
+    params: ClassifyConfig,
+    steps: slice | Sequence[int] | np.ndarray = slice(None),
+    layers: Sequence[str] | None = None,
+    *,
+    channels: Channels | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The per-step rule (module docstring, "State of a channel"), with no persistence filter.
+
+    Returns state codes (steps, channels) int8 (UNOBSERVED, ACTIVE, DORMANT, DEAD) and scores
+    (steps, channels) float32 (NaN where unobserved) at the step positions `steps` (a slice or
+    positions along the trace's `step` dim; all of them are read at once, so chunk long traces).
+    Columns follow `channels` (default `select_channels(ds, layers)`: store order when each layer's
+    channels are contiguous, as in every vaedyn store). `classify_trace` runs the same code chunk by chunk.
+    """
+    ch = channels if channels is not None else select_channels(ds, layers)
+    index, n_steps = _positions(steps, ds.sizes["step"])
+    return _chunk_states(ds, ch, params, index, n_steps, all_scores=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,23 +375,23 @@ class _Debounce:
         self.onset = np.full(n, NO_STEP, np.int64)
         self.revival = np.full(n, NO_STEP, np.int64)
         self.last_dead = np.zeros(n, bool)  # the most recent inactive observed step was dead
-        self.last_code = np.full(n, _UNOBSERVED, np.int8)  # raw code of the most recent observed step
+        self.last_code = np.full(n, UNOBSERVED, np.int8)  # raw code of the most recent observed step
 
     def update(self, steps: np.ndarray, codes: np.ndarray) -> None:
         """A chunk of tracked steps: raw codes of shape (len(steps), channels)."""
         steps = np.asarray(steps, np.int64)
         ref = np.where(self.seen, self.last_code, codes[0])
         same = (codes == ref).all(axis=0)
-        held = same & (ref >= _ACTIVE)  # observed at every step with an unchanged code
+        held = same & (ref >= ACTIVE)  # observed at every step with an unchanged code
         new = held & ~self.seen
         if new.any():
-            inact = ref[new] >= _DORMANT
+            inact = ref[new] >= DORMANT
             self.seen[new] = True
             self.initial[new] = self.cur[new] = self.run[new] = inact
             self.run_len[new] = 0
             self.run_start[new] = steps[0]
             self.last_code[new] = ref[new]
-            self.last_dead[new] = ref[new] == _DEAD
+            self.last_dead[new] = ref[new] == DEAD
         self.run_len[held] += len(steps)
         change = held & (self.run != self.cur) & (self.run_len >= self.k)
         if change.any():
@@ -343,7 +401,7 @@ class _Debounce:
             self.revival[change & ~self.cur] = self.run_start[change & ~self.cur]
         other = np.flatnonzero(~same)
         if other.size:
-            busy = other[~(codes[:, other] == _UNOBSERVED).all(axis=0)]
+            busy = other[~(codes[:, other] == UNOBSERVED).all(axis=0)]
             per = max(1, self.BATCH // len(steps))
             for a in range(0, len(busy), per):
                 cols = busy[a:a + per]
@@ -353,10 +411,10 @@ class _Debounce:
         """Update channels `cols` (each observed at least once in the chunk) run by run."""
         n_steps, n_cols = codes.shape
         flat = np.ascontiguousarray(codes.T).ravel()  # channel-major: each channel's steps in order
-        idx = np.flatnonzero(flat >= _ACTIVE)
+        idx = np.flatnonzero(flat >= ACTIVE)
         code = flat[idx]
         c, t = np.divmod(idx, n_steps)
-        x = code >= _DORMANT
+        x = code >= DORMANT
         # runs of equal state within each channel
         rs = np.flatnonzero(_first_of_group(c) | _first_of_group(x))
         rc, rx = c[rs], x[rs]
@@ -399,7 +457,7 @@ class _Debounce:
         ix = np.flatnonzero(x)
         if ix.size:
             il = ix[_last_of_group(c[ix])]
-            last_dead[c[il]] = code[il] == _DEAD
+            last_dead[c[il]] = code[il] == DEAD
         self.seen[cols] = True
         self.initial[cols], self.cur[cols], self.run[cols] = initial, cur, run
         self.run_len[cols], self.run_start[cols], self.n_trans[cols] = run_len, run_start, n_trans
@@ -441,7 +499,7 @@ def _group_mean(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
         return (sums / counts)[keys]
 
 
-def _layer_median(ch: _Channels, values: np.ndarray) -> np.ndarray:
+def _layer_median(ch: Channels, values: np.ndarray) -> np.ndarray:
     """Per layer median of the finite values, broadcast back to each channel."""
     out = np.full(len(values), np.nan)
     for start, end in ch.bounds:
@@ -452,7 +510,7 @@ def _layer_median(ch: _Channels, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _mechanisms(ds: xr.Dataset, ch: _Channels, p: ClassifyConfig, last_i: int,
+def _mechanisms(ds: xr.Dataset, ch: Channels, p: ClassifyConfig, last_i: int,
                 inactive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mechanism, unused, input_collapsed) from the statistics at the last step of the window."""
     gamma = np.abs(_last(ds, "gn_weight", last_i, ch.pos)).astype(np.float64)
@@ -515,7 +573,7 @@ def classify_trace(
     score = np.full(ch.n, np.nan, np.float32)  # at each channel's last observed step
     for a in range(lo, hi, params.chunk_steps):
         b = min(hi, a + params.chunk_steps)
-        codes, chunk_score = _raw_states(ds, ch, params, slice(a, b))
+        codes, chunk_score = _chunk_states(ds, ch, params, slice(a, b), b - a, all_scores=False)
         machine.update(steps[a:b], codes)
         np.copyto(score, chunk_score, where=~np.isnan(chunk_score))
         del codes

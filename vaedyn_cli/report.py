@@ -33,6 +33,7 @@ import xarray as xr
 from vaedyn_cli import artifacts
 from vaedyn_cli import classify as classify_mod
 from vaedyn_cli import store as store_mod
+from vaedyn_cli.classify import ACTIVE, DEAD, DORMANT, Channels, select_channels, step_states
 from vaedyn_cli.config import ClassifyConfig
 from vaedyn_cli.errors import VaedynError
 
@@ -95,81 +96,6 @@ class Skip(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# per-step states (DESIGN.md "Activity, state"; the raw rule of vaedyn_cli.classify, no persistence filter)
-
-UNOBSERVED, ACTIVE, DORMANT, DEAD = -1, 0, 1, 2
-
-
-@dataclass
-class Channels:
-    """The store's `channel` axis: layer, part and activation flag of every channel, and its layer's number."""
-
-    layer: np.ndarray
-    part: np.ndarray
-    has_activation: np.ndarray
-    names: list[str]  # layers in store order
-    layer_id: np.ndarray  # per channel: index into names
-
-    @property
-    def n(self) -> int:
-        return len(self.layer)
-
-    @classmethod
-    def from_arrays(cls, layer: Any, part: Any, has_activation: Any) -> Channels:
-        layer_arr = _text(layer)
-        names = list(dict.fromkeys(layer_arr.tolist()))
-        index = {n: i for i, n in enumerate(names)}
-        return cls(layer_arr, _text(part), np.asarray(has_activation, bool), names,
-                   np.array([index[n] for n in layer_arr.tolist()], np.int64))
-
-    @classmethod
-    def of(cls, ds: xr.Dataset) -> Channels:
-        part = ds["part"].values if "part" in ds.variables else [str(n).split(".", 1)[0] for n in ds["layer"].values]
-        has_act = ds["has_activation"].values if "has_activation" in ds.variables else np.zeros(ds.sizes["channel"], bool)
-        return cls.from_arrays(ds["layer"].values, part, has_act)
-
-
-def step_states(activity: np.ndarray, ch: Channels, params: ClassifyConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Raw state codes and scores, both (steps, channels), from an activity block (see `activity_of`).
-
-    `dormancy`: score = activity / mean finite activity of its layer at that step (0 in a silent layer);
-    dead when activity <= dead_threshold, else dormant when score <= tau. `mean_abs_threshold`: the
-    activity is mean |y|, dormant when below threshold, score = mean |y|. NaN activity: unobserved."""
-    a = np.asarray(activity, np.float64)
-    finite = np.isfinite(a)
-    if params.method == "mean_abs_threshold":
-        codes = np.where(a < params.threshold, DORMANT, ACTIVE).astype(np.int8)
-        score = a.copy()
-    else:
-        sums = np.zeros((a.shape[0], len(ch.names)))
-        counts = np.zeros_like(sums)
-        for i in range(a.shape[0]):
-            sums[i] = np.bincount(ch.layer_id, np.where(finite[i], a[i], 0.0), minlength=len(ch.names))
-            counts[i] = np.bincount(ch.layer_id, finite[i], minlength=len(ch.names))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = (sums / counts)[:, ch.layer_id]
-            score = np.where(mean > 0, a / mean, 0.0)
-        codes = np.where(score <= params.tau, DORMANT, ACTIVE).astype(np.int8)
-        codes[a <= params.dead_threshold] = DEAD
-    codes[~finite] = UNOBSERVED
-    score[~finite] = np.nan
-    return codes, score.astype(np.float32)
-
-
-def activity_of(ds: xr.Dataset, idx: np.ndarray, ch: Channels, params: ClassifyConfig) -> np.ndarray:
-    """The activity at the step positions `idx`: act_std where an activation follows, else std
-    (mean_abs for method mean_abs_threshold)."""
-    if params.method == "mean_abs_threshold":
-        return _read_steps(ds, "mean_abs", idx)
-    if ch.has_activation.all():
-        return _read_steps(ds, "act_std", idx)
-    std = _read_steps(ds, "std", idx)
-    if not ch.has_activation.any():
-        return std
-    return np.where(ch.has_activation, _read_steps(ds, "act_std", idx), std)
-
-
-# ---------------------------------------------------------------------------------------------
 # gathering what the figures need
 
 
@@ -181,7 +107,7 @@ class ReportData:
     ds: xr.Dataset
     run_dir: Path | None
     params: ClassifyConfig
-    channels: Channels
+    channels: Channels  # every channel, in store order (classify.select_channels)
     steps: np.ndarray  # all committed steps
     line_idx: np.ndarray  # positions of the steps used by line plots
     heat_idx: np.ndarray  # positions of the heatmap's columns
@@ -230,6 +156,12 @@ def _read_steps(ds: xr.Dataset, name: str, idx: np.ndarray) -> np.ndarray:
     return np.asarray(ds[name].isel(step=idx).values, dtype=np.float64)
 
 
+def _read_channels(ds: xr.Dataset, name: str, idx: np.ndarray, ch: Channels) -> np.ndarray:
+    """A (steps, channels) variable at the step positions `idx`, its columns in the order of `ch`."""
+    values = _read_steps(ds, name, idx)
+    return values if np.array_equal(ch.pos, np.arange(values.shape[1])) else values[:, ch.pos]
+
+
 def _reduce_steps(d: ReportData) -> None:
     """One chunked pass over the line steps: inactive counts, heatmap columns, |gamma| quantiles."""
     ch, ds = d.channels, d.ds
@@ -244,7 +176,7 @@ def _reduce_steps(d: ReportData) -> None:
     chunk = max(1, d.params.chunk_steps)
     for a in range(0, n, chunk):
         idx = d.line_idx[a : a + chunk]
-        codes, score = step_states(activity_of(ds, idx, ch, d.params), ch, d.params)
+        codes, score = step_states(ds, d.params, idx, channels=ch)
         inactive = codes >= DORMANT
         dead = codes == DEAD
         for p, sel in parts.items():
@@ -254,7 +186,7 @@ def _reduce_steps(d: ReportData) -> None:
         if keep:
             heat_cols.append(score[keep].T)
         if want_gamma:
-            g = np.abs(_read_steps(ds, "gn_weight", idx))
+            g = np.abs(_read_channels(ds, "gn_weight", idx, ch))
             for p, sel in parts.items():
                 if sel.any():
                     with np.errstate(all="ignore"):
@@ -297,7 +229,7 @@ def gather(path: Path, ds: xr.Dataset) -> ReportData:
         raise VaedynError(f"trace {path} has no committed step yet; report after the first tracked step is written")
     params = classify_mod.resolve_params(ds)
     d = ReportData(path=path, ds=ds, run_dir=_run_dir(path), params=params,
-                   channels=Channels.of(ds), steps=steps,
+                   channels=select_channels(ds), steps=steps,
                    line_idx=_spread(len(steps), MAX_LINE_STEPS), heat_idx=np.array([], np.int64))
     d.heat_idx = d.line_idx[_spread(len(d.line_idx), MAX_HEATMAP_STEPS)]
     _reduce_steps(d)
@@ -372,7 +304,7 @@ def fig_heatmap(d: ReportData):  # noqa: ANN201
     for ax, p in zip(axes[:, 0], parts, strict=True):
         sel = np.flatnonzero(ch.part == p) if p in PARTS else np.arange(ch.n)
         last = d.heat_score[sel, -1]
-        sel = sel[np.lexsort((np.where(np.isfinite(last), last, np.inf), ch.layer_id[sel]))]
+        sel = sel[np.lexsort((np.where(np.isfinite(last), last, np.inf), ch.seg[sel]))]
         block = d.heat_score[sel]
         image = ax.imshow(np.ma.masked_invalid(block), aspect="auto", cmap=cmap, norm=norm, interpolation="auto",
                           extent=(-0.5, len(steps) - 0.5, len(sel) - 0.5, -0.5))
@@ -442,7 +374,7 @@ def layer_table(d: ReportData) -> list[dict[str, Any]]:
     ch, codes = d.channels, d.last_codes
     gamma = None
     if _has(d.ds, "gn_weight"):
-        gamma = np.abs(_read_steps(d.ds, "gn_weight", d.line_idx[-1:])[0])
+        gamma = np.abs(_read_channels(d.ds, "gn_weight", d.line_idx[-1:], ch)[0])
     rows = []
     for name in ch.names:
         sel = ch.layer == name

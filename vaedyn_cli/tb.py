@@ -5,7 +5,7 @@ and histograms of |gamma| per part; at every validation: the probe images over t
 reconstructions. Enabled when `log.report_to` is `tensorboard` or `all`; it writes through
 accelerate's TensorBoard tracker, into the run's `logs/`.
 
-The counts use the classification's per-step rule (`report.step_states`, no persistence filter) on
+The counts use the classification's per-step rule (`classify.step_states`, no persistence filter) on
 statistics of that step's training forward, collected by forward hooks attached for that step
 only. They are a live view; the trace store and `vaedyn classify` are the record.
 """
@@ -109,13 +109,13 @@ class ChannelActivity:
 
     def counts(self, params: ClassifyConfig) -> dict[str, dict[str, int]] | None:
         """{part: {"inactive": dormant + dead, "dead": dead}} by the classification's per-step rule."""
-        from vaedyn_cli.report import DEAD, DORMANT, Channels, activity_of, step_states
+        from vaedyn_cli.classify import DEAD, DORMANT, select_channels, step_states
 
         ds = self.trace()
         if ds is None:
             return None
-        ch = Channels.of(ds)
-        codes, _ = step_states(activity_of(ds, np.arange(1), ch, params), ch, params)
+        ch = select_channels(ds)
+        codes, _ = step_states(ds, params, [0], channels=ch)
         return {p: {"inactive": int((codes[0, ch.part == p] >= DORMANT).sum()),
                     "dead": int((codes[0, ch.part == p] == DEAD).sum())} for p in PARTS}
 

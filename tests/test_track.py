@@ -54,7 +54,7 @@ class Capture:
             return torch.cat([t.transpose(0, 1).reshape(t.shape[1], -1) for t in ts], dim=1)
 
         pairs = self.seen[name]
-        return flat([x for x, _ in pairs]), flat([y for _, y in pairs])
+        return flat([x.cpu() for x, _ in pairs]), flat([y.cpu() for _, y in pairs])
 
 
 def expected_stats(cap: Capture, name: str, has_act: bool) -> dict[str, np.ndarray]:
@@ -128,6 +128,38 @@ def test_every_statistic_equals_a_direct_computation():
     for i, (name, weight) in enumerate(probes.weights):
         assert names[i] == name
         assert rec.near_zero_frac[i] == pytest.approx((weight.detach().abs() < 1e-5).double().mean().item(), abs=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_statistics_and_a_single_device_to_host_copy():
+    from torch.profiler import ProfilerActivity, profile
+
+    model = tiny_model().cuda()
+    probes = ChannelProbes(model, TrackConfig())
+    cap = Capture(model)
+    x = (torch.rand(3, 3, 16, 16) * 2 - 1).cuda()
+    for _ in range(2):  # warm up (pinned ring, index cache), then profile one tracked step
+        cap.seen.clear()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            probes.reset()
+            probes.capture_params()
+            probes.arm()
+            model(x).sample.mean().backward()
+            probes.disarm()
+            probes.capture_grads()
+            probes.finish()
+            snap = probes.snapshot(1)
+            torch.cuda.synchronize()
+    copies = [e.name for e in prof.events() if "DtoH" in e.name.replace(" ", "") or "DeviceToHost" in e.name]
+    assert len(copies) == 1, copies
+    rec = snap.resolve()
+    cap.remove()
+    for layer in probes.layers:
+        cols = slice(layer.offset, layer.offset + layer.channels)
+        want = expected_stats(cap, layer.name, layer.activation is not None)
+        for key in ("in_std", "std", "mean_abs", "act_std"):
+            np.testing.assert_allclose(rec.channels[key][cols], want[key], rtol=RTOL, atol=ATOL,
+                                       err_msg=f"{layer.name} {key}")
 
 
 def test_near_zero_modes_on_known_weights():

@@ -261,7 +261,16 @@ def eval_cmd(
     ] = None,
     store: Annotated[
         str | None,
-        typer.Option("--store", help="--ablate: trace store or run folder with the labels (default: the checkpoint's run)."),
+        typer.Option("--store", help="--ablate/--grids: trace store or run folder with the labels (default: the "
+                     "checkpoint's run)."),
+    ] = None,
+    grids: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--grids",
+            help="Activation grid and linear lens of this GroupNorm layer (module path or glob; repeatable): "
+            "grid-LAYER.png, lens-LAYER.png and a `grids` section in metrics.json.",
+        ),
     ] = None,
 ) -> None:
     """Evaluate a checkpoint (MSE, KL, PSNR, SSIM); prints the metrics.json path. With --compare, a table."""
@@ -278,7 +287,7 @@ def eval_cmd(
     path = evaluate.evaluate(
         checkpoint, cfg, split=split, batch_size=batch_size, max_samples=max_samples,
         num_samples_to_save=num_samples_to_save, out=out_dir, overrides=None if config is not None else set_,
-        ablate=ablate or None, store=store,
+        ablate=ablate or None, store=store, grids=grids or None,
     )
     out(str(path))
 

@@ -211,16 +211,12 @@ def ablation_plan(select: list[str], store: str | Path | None, ckpt: Any) -> Abl
     from vaedyn_cli import nudge
 
     nudge.parse_select(select)
-    if store is None:
-        if ckpt.run_dir is None:
-            raise VaedynError(
-                f"--ablate needs channel labels, and checkpoint {ckpt.source} belongs to no run folder: "
-                "pass --store STORE (a trace store or run folder)"
-            )
-        store = Path(ckpt.run_dir) / artifacts.TRACE_DIR
-        if not store.exists() and (Path(ckpt.run_dir) / artifacts.TRACK_TRACE_DIR).exists():
-            store = Path(ckpt.run_dir) / artifacts.TRACK_TRACE_DIR  # traced afterwards by `vaedyn track`
-    data = nudge.store_classification(store)
+    if store is None and ckpt.run_dir is None:
+        raise VaedynError(
+            f"--ablate needs channel labels, and checkpoint {ckpt.source} belongs to no run folder: "
+            "pass --store STORE (a trace store or run folder)"
+        )
+    data = nudge.store_classification(labels_store(store, ckpt) or Path(ckpt.run_dir) / artifacts.TRACE_DIR)
     return AblationPlan(list(select), str(data["store"]), data)
 
 
@@ -314,6 +310,122 @@ def ablation_section(
     }
 
 
+def labels_store(store: str | Path | None, ckpt: Any) -> Path | None:
+    """Where channel labels come from: --store, else the checkpoint's run trace (`trace.zarr`, or
+    `trace-track.zarr` when it was traced afterwards by `vaedyn track`); None when there is neither."""
+    if store is not None:
+        return Path(store)
+    if ckpt.run_dir is None:
+        return None
+    run = Path(ckpt.run_dir)
+    return next((run / n for n in (artifacts.TRACE_DIR, artifacts.TRACK_TRACE_DIR) if (run / n).exists()), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# activation grids and the linear lens: `vaedyn eval --grids LAYER`
+#
+# Per layer: grid-<layer>.png (the first eval.grid_samples evaluated images, every channel a tile,
+# outlined by its classified state) and lens-<layer>.png (the linear lens fitted on the first
+# LENS_IMAGES evaluated images: even ones fit, odd ones held out for R^2). Labels: the
+# classification of --store or of the checkpoint's run trace (as --ablate); without one the grid
+# has no outlines and the lens splits channels by their activity on the lens images themselves.
+
+LENS_IMAGES = 8
+
+
+@dataclass
+class GridPlan:
+    """The layers --grids names and the classified state of their channels, checked before any pass."""
+
+    layers: list[str]
+    source: str | None  # the trace store the labels come from (None: unlabelled)
+    states: dict[str, dict[int, str]] = field(default_factory=dict)  # layer -> channel -> state
+
+
+def grid_layers(patterns: Iterable[str], model: torch.nn.Module) -> list[str]:
+    """The GroupNorm layers matched by module paths or fnmatch globs, in module order."""
+    import fnmatch
+
+    from vaedyn_cli.model import groupnorm_layers
+
+    names = [n for n, _ in groupnorm_layers(model)]
+    chosen: set[str] = set()
+    for pattern in patterns:
+        hit = {n for n in names if fnmatch.fnmatchcase(n, pattern)}
+        if not hit:
+            some = ", ".join(names[:2] + ["...", names[-1]]) if len(names) > 3 else ", ".join(names)
+            raise VaedynError(
+                f"--grids {pattern!r} matches no GroupNorm layer of the model ({len(names)} layers: {some}); "
+                "pass a module path or a glob such as 'decoder.up_blocks.*.norm2'"
+            )
+        chosen |= hit
+    return [n for n in names if n in chosen]
+
+
+def grids_plan(patterns: list[str], store: str | Path | None, ckpt: Any, model: torch.nn.Module, where: str,
+               classification: dict[str, Any] | None = None) -> GridPlan:
+    """Resolve --grids on this model and read the labels (`classification` when --ablate read it already)."""
+    from vaedyn_cli import nudge
+
+    layers = grid_layers(patterns, model)
+    if classification is None:
+        source = labels_store(store, ckpt)
+        if source is None:
+            log.info("--grids: no trace store for %s, so no channel labels (pass --store to outline tiles)", ckpt.source)
+            return GridPlan(layers, None)
+        classification = nudge.store_classification(source)
+    nudge.check_classification_fits(classification, model, f"from {classification['store']}", where)
+    states: dict[str, dict[int, str]] = {}
+    for rec in classification["channels"]:
+        if rec["layer"] in layers:
+            states.setdefault(rec["layer"], {})[int(rec["channel_index"])] = str(rec["state"])
+    return GridPlan(layers, str(classification["store"]), states)
+
+
+def _first_images(dataset: Any, n: int) -> torch.Tensor:
+    """The first n images of the evaluated split, (n, 3, H, W) in [-1, 1]."""
+    import itertools
+
+    if hasattr(dataset, "__len__"):
+        items = [dataset[i] for i in range(min(n, len(dataset)))]
+    else:
+        items = list(itertools.islice(iter(dataset), n))
+    return torch.stack([x[0] if isinstance(x, list | tuple) else x for x in items])
+
+
+def _r2(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None  # NaN: the target images are constant
+
+
+def grids_section(plan: GridPlan, model: torch.nn.Module, dataset: Any, grid_samples: int, folder: Path) -> dict[str, Any]:
+    """Write grid-<layer>.png and lens-<layer>.png into `folder`; metrics.json's `grids` section."""
+    from vaedyn_cli import lens
+
+    images = _first_images(dataset, max(grid_samples, LENS_IMAGES))
+    section: dict[str, Any] = {}
+    for layer in plan.layers:
+        labels = plan.states.get(layer)
+        grid_file, lens_file = f"grid-{layer}.png", f"lens-{layer}.png"
+        grid = lens.grid_figure(model, images[:grid_samples], layer, labels=labels, out_png=folder / grid_file)
+        fit = lens.lens_figure(model, images[:LENS_IMAGES], layer, labels=labels, out_png=folder / lens_file)
+        section[layer] = {
+            "grid": grid_file,
+            "lens": lens_file,
+            "r2": {k: _r2(v) for k, v in fit["r2"].items()},
+            "r2_on": fit["r2_on"],
+            "what": fit["what"],
+            "resolution": fit["resolution"],
+            "labels_from": f"classification of {plan.source}" if labels else "activity on the lens images (no classification)",
+            "channels": fit["channels"],
+            "grid_images": grid["images"],
+            "tiles": grid["tiles"],
+            "flat_channels": grid["flat_channels"],
+            "outlines": grid["outlines"],
+            "lens_images": fit["n_images"],
+        }
+    return section
+
+
 # ---------------------------------------------------------------------------------------------
 # the eval stage
 
@@ -369,13 +481,16 @@ def evaluate(
     overrides: list[str] | None = None,
     ablate: list[str] | None = None,
     store: str | Path | None = None,
+    grids: list[str] | None = None,
 ) -> Path:
     """Evaluate a checkpoint on a split; writes metrics.json, grid.png and sample pairs; returns metrics.json.
 
     Unset arguments come from the config's `eval` section (from -c, or stored with the checkpoint).
     Inputs (checkpoint, config, data, labels) are checked before anything is written. With `ablate`
     (select expressions as `vaedyn nudge --select`), metrics.json also gets an `ablation` section:
-    the selected channels mean-ablated, and a control of as many random active channels.
+    the selected channels mean-ablated, and a control of as many random active channels. With
+    `grids` (GroupNorm module paths or globs), an activation grid and a linear lens per layer
+    (grid-<layer>.png, lens-<layer>.png) and a `grids` section (see `grids_section`).
     """
     from vaedyn_cli import data as data_mod
     from vaedyn_cli import model as model_mod
@@ -389,8 +504,11 @@ def evaluate(
     if batch_size < 1 or (max_samples is not None and max_samples < 1) or num_pairs < 0:
         raise VaedynError("--batch-size and --max-samples must be at least 1 and --num-samples-to-save at least 0")
     target = Path(out) if out is not None else default_out_dir(ckpt, split)
-    if store is not None and not ablate:
-        raise VaedynError("--store only serves --ablate (where the channel labels come from); add --ablate SELECT")
+    if store is not None and not ablate and not grids:
+        raise VaedynError(
+            "--store only serves --ablate and --grids (where the channel labels come from); add --ablate SELECT "
+            "or --grids LAYER"
+        )
     plan = ablation_plan(list(ablate), store, ckpt) if ablate else None
 
     dataset = data_mod.image_dataset(cfg.data, split, max_samples=max_samples, seed=cfg.seed)
@@ -403,6 +521,10 @@ def evaluate(
     vae = ckpt.load().to(device).eval()
     if plan is not None:
         plan_targets(plan, vae, cfg.seed, f"checkpoint {checkpoint}")
+    grid_plan = None
+    if grids:
+        grid_plan = grids_plan(list(grids), store, ckpt, vae, f"checkpoint {checkpoint}",
+                               plan.classification if plan is not None else None)
     log.info("evaluating %s (step %d) on split %s of %s", checkpoint, ckpt.step, split, cfg.data.dataset_name)
     means = ChannelMeans(vae, plan.layers if plan is not None else [])
     with means:
@@ -426,6 +548,8 @@ def evaluate(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        if grid_plan is not None:
+            record["grids"] = grids_section(grid_plan, vae, dataset, cfg.eval.grid_samples, tmp)
         (tmp / artifacts.METRICS_FILE).write_text(json.dumps(record, indent=2) + "\n")
         _write_pictures(tmp, result, num_pairs)
         _replace_dir(tmp, target)
@@ -448,6 +572,9 @@ def _print_metrics(record: dict[str, Any]) -> None:
         label, scale, digits = TABLE_FORMAT[key]
         table.add_row(label, f"{record['metrics'][key] * scale:.{digits}f}")
     console.print(table)
+    for layer, g in record.get("grids", {}).items():
+        r2 = ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in g["r2"].items())
+        console.print(f"grids {layer}: {g['grid']}, {g['lens']} (lens R^2 {r2})")
     ab = record.get("ablation")
     if ab is None:
         return

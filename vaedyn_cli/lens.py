@@ -164,12 +164,33 @@ def activation_grid(
 ) -> Path:
     """Write one grid per image: the image, then every channel of `layer` as a [0, 1] tile, outlined by
     its label (state per channel, e.g. from the classification). Flat tiles are suppressed channels."""
+    return Path(grid_figure(model, images, layer, labels, out_png)["png"])
+
+
+def grid_figure(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    layer: str,
+    labels: Labels = None,
+    out_png: Path | str = "grid.png",
+) -> dict[str, Any]:
+    """`activation_grid`, returning a JSON-able summary of what it drew: layer, what was read, images,
+    tiles per image, channels flat in every image, outlines per label, png."""
     acts = layer_activations(model, images, layer)
     tiles, flat = normalise_tiles(acts.maps)
     n, c = tiles.shape[:2]
     names = labels_list(labels, c)
     fig = _grid_figure(acts, tiles, flat, names, images)
-    return _save(fig, out_png)
+    png = _save(fig, out_png)
+    return {
+        "layer": layer,
+        "what": acts.what,
+        "images": int(n),
+        "tiles": len(tile_mosaic(tiles[0])[1]),
+        "flat_channels": [int(i) for i in torch.nonzero(flat.all(dim=0)).flatten().tolist()],
+        "outlines": {k: names.count(k) for k in LABEL_COLOURS if k in names},
+        "png": str(png),
+    }
 
 
 def _grid_figure(acts: LayerActivations, tiles: torch.Tensor, flat: torch.Tensor, names: list[str | None],
@@ -206,9 +227,15 @@ def _grid_figure(acts: LayerActivations, tiles: torch.Tensor, flat: torch.Tensor
         counts = {k: names.count(k) for k in present}
         handles = [Patch(facecolor="none", edgecolor=LABEL_COLOURS[k], label=f"{k} ({counts[k]})") for k in present]
         fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, title="outline: channel class")
-    fig.suptitle(f"Activation grid of {acts.layer}\n{c} channels of {acts.what}, {h}x{w} px each, each tile "
-                 "scaled to [0, 1]; a flat (black) tile is a suppressed channel", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 if present else 0, 1, 0.97))
+    import textwrap
+
+    detail = (f"{c} channels of {acts.what}, {h}x{w} px each, each tile scaled to [0, 1]; a flat (black) tile "
+              "is a suppressed channel")
+    width = max(40, int(fig.get_figwidth() * 12))  # characters of a 10-point title that fit the figure
+    title = "\n".join([f"Activation grid of {acts.layer}", *textwrap.wrap(detail, width)])
+    fig.suptitle(title, fontsize=10)
+    top = 1 - (0.2 + 0.17 * title.count("\n")) / fig.get_figheight()
+    fig.tight_layout(rect=(0, 0.06 if present else 0, 1, top))
     return fig
 
 

@@ -548,3 +548,21 @@ def test_in_memory_window_of_records_equals_the_store_window(tmp_path: Path) -> 
     xr.testing.assert_identical(live.drop_attrs(), stored.drop_attrs())
     one = classify.classify_trace(store_mod.records_to_dataset(records[-1:], layout, attrs), params)
     assert set(one["trajectory"].values.tolist()) <= {"active", "born_dormant", "unknown"}
+
+
+def test_sparse_weight_statistics_use_the_latest_recorded_value(tmp_path: Path) -> None:
+    """Weight statistics are recorded every `track.weight_every` tracked steps (NaN in between), and a
+    skipped step leaves every statistic NaN: mechanisms and flags read each one's latest recorded value."""
+    ds = mechanism_trace()
+    out = ds["out_weight_norm"].values
+    out[1:] = np.nan  # recorded at the first step only; channel 5 was unused then
+    for name in ("gn_weight", "mean", "std", "in_std", "act_std"):
+        ds[name].values[-1] = np.nan  # the last step was skipped (non-finite)
+    store = write_store(ds, tmp_path / "sparse.zarr", model_config={"norm_num_groups": 2})
+    labels = classify.classify_store(store, ClassifyConfig(), write=False)
+    recs = {r["channel_index"]: r for r in classify.to_records(labels)}
+    assert {i for i, r in recs.items() if r["unused"]} == {5}
+    assert [recs[i]["mechanism"] for i in range(5)] == ["gn_scale", "saturated", "input_collapse", "gn_scale", "other"]
+    assert {i for i, r in recs.items() if r["input_collapsed"]} == {2, 3, 9}
+    window = classify.classify_store(store, ClassifyConfig(), from_step=2, write=False)
+    assert not classify.to_records(window)[5]["unused"]  # no weight record inside the window

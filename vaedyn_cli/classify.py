@@ -483,11 +483,27 @@ class _Debounce:
 # mechanism and flags
 
 
-def _last(ds: xr.Dataset, name: str, step_i: int, pos: np.ndarray) -> np.ndarray:
+def _last(ds: xr.Dataset, name: str, lo: int, hi: int, pos: np.ndarray) -> np.ndarray:
+    """Each channel's latest finite value of `name` among the window's steps [lo, hi), NaN when none.
+
+    Weight statistics (`out_weight_norm`) are recorded only every `track.weight_every` tracked steps
+    and a skipped step is NaN, so "the last step" means the last step that recorded the statistic.
+    Reads backwards in growing blocks: usually one row."""
     if name not in ds.variables:
         log.warning("trace has no '%s': the tests that need it are false", name)
         return np.full(len(pos), np.nan, np.float32)
-    return _read(ds, name, slice(step_i, step_i + 1), pos)[0]
+    out = np.full(len(pos), np.nan, np.float32)
+    missing = np.ones(len(pos), bool)
+    end, span = hi, 1
+    while end > lo and missing.any():
+        start = max(lo, end - span)
+        block = _read(ds, name, slice(start, end), pos)
+        for row in block[::-1]:
+            take = missing & np.isfinite(row)
+            out[take] = row[take]
+            missing &= ~take
+        end, span = start, span * 4
+    return out
 
 
 def _group_mean(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -510,14 +526,14 @@ def _layer_median(ch: Channels, values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _mechanisms(ds: xr.Dataset, ch: Channels, p: ClassifyConfig, last_i: int,
+def _mechanisms(ds: xr.Dataset, ch: Channels, p: ClassifyConfig, lo: int, hi: int,
                 inactive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mechanism, unused, input_collapsed) from the statistics at the last step of the window."""
-    gamma = np.abs(_last(ds, "gn_weight", last_i, ch.pos)).astype(np.float64)
-    mean = _last(ds, "mean", last_i, ch.pos).astype(np.float64)
-    std = _last(ds, "std", last_i, ch.pos).astype(np.float64)
-    in_std = _last(ds, "in_std", last_i, ch.pos).astype(np.float64)
-    out_norm = _last(ds, "out_weight_norm", last_i, ch.pos).astype(np.float64)
+    """(mechanism, unused, input_collapsed) from each statistic's latest recorded value in the window."""
+    gamma = np.abs(_last(ds, "gn_weight", lo, hi, ch.pos)).astype(np.float64)
+    mean = _last(ds, "mean", lo, hi, ch.pos).astype(np.float64)
+    std = _last(ds, "std", lo, hi, ch.pos).astype(np.float64)
+    in_std = _last(ds, "in_std", lo, hi, ch.pos).astype(np.float64)
+    out_norm = _last(ds, "out_weight_norm", lo, hi, ch.pos).astype(np.float64)
     with np.errstate(invalid="ignore"):
         unused = out_norm <= p.unused_ratio * _group_mean(ch.seg, out_norm)
         collapsed = in_std <= p.input_collapse_ratio * _group_mean(ch.group, in_std)
@@ -579,7 +595,7 @@ def classify_trace(
         del codes
     state = machine.states()
     inactive = (state == "dormant") | (state == "dead")
-    mech, unused, collapsed = _mechanisms(ds, ch, params, hi - 1, inactive)
+    mech, unused, collapsed = _mechanisms(ds, ch, params, lo, hi, inactive)
     settings = {**params.model_dump(mode="json"), "from_step": from_step, "to_step": to_step,
                 "layers": list(layers) if layers else None}
     return xr.Dataset(

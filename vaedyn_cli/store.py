@@ -14,7 +14,12 @@ prefix only, and `open_trace` also trims to `committed_steps` when read without 
 metadata. A crash leaves arrays longer than `committed_steps`: they read as the committed prefix.
 Commits happen when a chunk fills, `commit_interval_s` after the first uncommitted step, and on
 `flush()`, `truncate()`, `add_events()` and `close()`; a clean close trims the arrays to their
-committed length.
+committed length. Events follow the same rule with the root attribute `committed_events`: rows go
+after the committed ones, the count is committed last, readers read each column up to it (the
+first rows make the group aside and rename it in). Every rewrite of the root zarr.json holds an
+advisory lock (`.vaedyn-commit.lock`), so a `consolidate` by another process (classify) never
+writes an older count back over a newer commit. Resuming truncates steps and events to the
+checkpoint's step, dropping whatever a killed writer left uncommitted.
 
 Strings are stored as zarr v3 `string` (variable-length UTF-8), which zarr specifies, so no
 "unstable specification" warning. Anything else that writes into a store (e.g. a `classification`
@@ -23,6 +28,7 @@ group) calls `consolidate(path)` afterwards so that consolidated readers see it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,7 +40,7 @@ import time
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -42,7 +48,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import xarray as xr
 
-from vaedyn_cli import __version__, artifacts
+from vaedyn_cli import __version__, artifacts, faults
 from vaedyn_cli.errors import RuntimeFailure, VaedynError
 
 log = logging.getLogger(__name__)
@@ -52,6 +58,7 @@ SCHEMA_VERSION = 1
 EVENTS_GROUP = "events"
 CLASSIFICATION_GROUP = "classification"
 ZARR_JSON = "zarr.json"
+LOCK_FILE = ".vaedyn-commit.lock"  # serialises rewrites of the root zarr.json (writer commits, consolidate)
 CHANNEL_CHUNK = 4096  # channels per chunk: a per-channel read touches a few chunks, an append a handful
 EVENT_CHUNK = 1024
 
@@ -285,29 +292,58 @@ def _node_metadata(root: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
+@contextlib.contextmanager
+def _root_lock(root: Path) -> Iterator[None]:
+    """Hold the store's commit lock (an advisory file lock; a no-op where fcntl is missing), so that a
+    writer's commit and another process's `consolidate` never interleave their read-modify-write of
+    the root zarr.json (which would turn `committed_steps` back)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        yield
+        return
+    with open(root / LOCK_FILE, "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def _commit_root(root: Path, attributes: Mapping[str, Any], step_rows: int | None) -> None:
     """Rewrite the root zarr.json (attributes + consolidated metadata) in one atomic rename.
 
     `step_rows`: the length given to every root array along `step` in the consolidated metadata
-    (None: as on disk)."""
+    (None: as on disk). Arrays of the `events` group get the length `committed_events` (when set)."""
+    with _root_lock(root):
+        _write_root(root, attributes, step_rows)
+
+
+def _write_root(root: Path, attributes: Mapping[str, Any], step_rows: int | None) -> None:
     doc = _read_json(root / ZARR_JSON)
     doc["attributes"] = dict(attributes)
     nodes = _node_metadata(root)
-    if step_rows is not None:
-        for key, meta in nodes.items():
-            dims = meta.get("dimension_names") or []
-            if "/" not in key and meta.get("node_type") == "array" and dims and dims[0] == "step":
-                meta["shape"] = [int(step_rows), *meta["shape"][1:]]
+    events = attributes.get("committed_events")
+    for key, meta in nodes.items():
+        if meta.get("node_type") != "array":
+            continue
+        dims = meta.get("dimension_names") or []
+        if step_rows is not None and "/" not in key and dims and dims[0] == "step":
+            meta["shape"] = [int(step_rows), *meta["shape"][1:]]
+        elif events is not None and key.startswith(f"{EVENTS_GROUP}/") and dims and dims[0] == "event":
+            meta["shape"] = [min(int(events), int(meta["shape"][0]))]
     doc["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": nodes}
     _atomic_write_json(root / ZARR_JSON, doc)
 
 
 def consolidate(path: str | Path) -> None:
     """Refresh the consolidated metadata of a store after writing into it outside TraceWriter
-    (e.g. a `classification` group), keeping the committed step count."""
+    (e.g. a `classification` group), keeping the committed step count (attributes read under the
+    commit lock, so a concurrent writer's newer commit is never undone)."""
     root = Path(path)
-    attrs = _root_attrs(root)
-    _commit_root(root, attrs, int(attrs.get("committed_steps", 0)))
+    with _root_lock(root):
+        attrs = _root_attrs(root)
+        _write_root(root, attrs, int(attrs.get("committed_steps", 0)))
 
 
 def _root_attrs(root: Path) -> dict[str, Any]:
@@ -403,15 +439,42 @@ def open_trace(path: str | Path) -> xr.Dataset:
 
 
 def read_events(path: str | Path) -> xr.Dataset | None:
-    """The `events` group, loaded (None when no intervention was recorded)."""
+    """The `events` group, loaded and trimmed to the committed events (None when no intervention was
+    recorded). Each column is read to `committed_events` on its own, so a reader never sees the
+    columns of a half-appended batch of rows, nor the rows a crashed writer left uncommitted."""
+    import zarr
+
     root = _locate(Path(path))
-    check_store(root)
+    attrs = check_store(root)
     if not (root / EVENTS_GROUP / ZARR_JSON).is_file():
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        with xr.open_zarr(root, group=EVENTS_GROUP, consolidated=False, chunks=None, zarr_format=3) as ds:
-            return ds.load()
+    try:
+        group = zarr.open_group(str(root / EVENTS_GROUP), mode="r", use_consolidated=False)
+        n = _committed_events(attrs, group)
+        if n == 0:
+            return None
+        data = {}
+        for name in EVENT_FIELDS:
+            values = np.asarray(group[name][:n])
+            if values.dtype.kind in "OTU":
+                values = np.array([str(v) for v in values], dtype=object)
+            data[name] = ("event", values)
+        group_attrs = dict(group.attrs)
+    except Exception as e:  # noqa: BLE001 - zarr raises many types for a damaged group
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise VaedynError(
+            f"cannot read the events group of trace store {root}: {type(e).__name__}: {first}; "
+            "restore the store from a copy"
+        ) from None
+    return xr.Dataset(data, attrs=group_attrs)
+
+
+def _committed_events(attrs: Mapping[str, Any], group: Any) -> int:
+    """Rows of the events group that were committed (stores without the attribute: every row on disk)."""
+    lengths = [group[name].shape[0] for name in EVENT_FIELDS if name in group]
+    on_disk = min(lengths) if len(lengths) == len(EVENT_FIELDS) else 0
+    committed = attrs.get("committed_events")
+    return on_disk if committed is None else min(int(committed), on_disk)
 
 
 def _dir_size(path: Path) -> int:
@@ -619,6 +682,15 @@ class TraceWriter:
         self._n = int(self._attrs.get("committed_steps", 0))
         import zarr
 
+        for stale in self.path.glob(f".{EVENTS_GROUP}.tmp-*"):  # a crash while the first events were written
+            shutil.rmtree(stale, ignore_errors=True)
+        if "committed_events" not in self._attrs:
+            ev_dir = self.path / EVENTS_GROUP
+            self._attrs["committed_events"] = (
+                _committed_events({}, zarr.open_group(str(ev_dir), mode="r", use_consolidated=False))
+                if (ev_dir / ZARR_JSON).is_file() else 0
+            )
+
         group = zarr.open_group(str(self.path), mode="r+", use_consolidated=False)
         self._arrays = {name: group[name] for name in STEP_VARS}
         chunk = self._arrays["step"].chunks[0]
@@ -800,6 +872,10 @@ class TraceWriter:
         if not self._pending:
             return
         self._write_cache()
+        if faults.armed("writer_flush"):
+            first = self._n - self._start
+            for step in self._cache["step"][first : first + self._pending]:
+                faults.maybe_fail("writer_flush", int(step))
         self._n += self._pending
         self._pending = 0
         self._commit()
@@ -807,41 +883,57 @@ class TraceWriter:
             self._load_cache()
 
     def _truncate(self, step: int) -> None:
+        """Commit the shorter counts first, then drop what lies beyond them on disk (rows a crashed
+        writer left uncommitted included)."""
+        import zarr
+
         keep = int(np.searchsorted(self._arrays_steps(), step, side="right"))
         if keep != self._n:
             log.info("trace %s: dropping %d steps after step %d", self.path, self._n - keep, step)
         self._n = keep
         self._load_cache()
         ev_dir = self.path / EVENTS_GROUP
-        if (ev_dir / ZARR_JSON).is_file():
-            import zarr
-
-            group = zarr.open_group(str(ev_dir), mode="r+", use_consolidated=False)
-            ev_steps = np.asarray(group["step"][:])
+        committed = int(self._attrs.get("committed_events", 0))
+        group = zarr.open_group(str(ev_dir), mode="r+", use_consolidated=False) if committed else None
+        n_keep = 0
+        if group is not None:
+            ev_steps = np.asarray(group["step"][:committed])
             n_keep = int((ev_steps <= step).sum())
-            if n_keep != ev_steps.size:
-                if not (ev_steps[:n_keep] <= step).all():
-                    raise RuntimeError("events are not in step order; cannot truncate them")
-                for name in EVENT_FIELDS:
+            if not (ev_steps[:n_keep] <= step).all():
+                raise RuntimeError("events are not in step order; cannot truncate them")
+        self._attrs["committed_events"] = n_keep
+        self._commit()
+        if group is None or n_keep == 0:
+            shutil.rmtree(ev_dir, ignore_errors=True)
+        else:
+            for name in EVENT_FIELDS:
+                if group[name].shape[0] != n_keep:
                     group[name].resize((n_keep,))
         self._commit()
 
     def _append_events(self, ds: xr.Dataset) -> None:
+        """Rows after the committed ones (overwriting what a crashed writer left), then a commit of
+        `committed_events`; the first rows make the group aside and rename it into place."""
         ev_dir = self.path / EVENTS_GROUP
-        if not (ev_dir / ZARR_JSON).is_file():
-            ds.to_zarr(self.path, group=EVENTS_GROUP, mode="w", zarr_format=3, consolidated=False,
-                       encoding=_encoding(ds, self.chunk_steps))
+        n0, k = int(self._attrs.get("committed_events", 0)), ds.sizes["event"]
+        if n0 == 0:
+            tmp = self.path / f".{EVENTS_GROUP}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(ds, self.chunk_steps))
+                shutil.rmtree(ev_dir, ignore_errors=True)
+                os.rename(tmp, ev_dir)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         else:
             import zarr
 
             group = zarr.open_group(str(ev_dir), mode="r+", use_consolidated=False)
-            n0 = group["step"].shape[0]
-            k = ds.sizes["event"]
             for name in EVENT_FIELDS:
                 arr = group[name]
                 arr.resize((n0 + k,))
                 values = ds[name].values
                 arr[n0:] = values.astype(object) if values.dtype.kind in "OUT" else values
+        self._attrs["committed_events"] = n0 + k
         self._commit()
 
     def _trim_to_committed(self) -> None:

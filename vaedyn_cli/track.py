@@ -609,8 +609,9 @@ class Tracker(TrainHook):
         if not math.isfinite(values.get("loss", 0.0)):
             # the forward (and, unless skipped, the update) went non-finite: its statistics are no
             # measurement, so the step is left out of the trace rather than stored as if valid
-            if self.main:
-                log.warning("step %d: non-finite loss, not recorded in the trace", step)
+            if self.main:  # with on_nonfinite=error the run stops with its own message
+                level = logging.WARNING if self.cfg.train.on_nonfinite == "skip" else logging.DEBUG
+                log.log(level, "step %d: non-finite loss, not recorded in the trace", step)
             return
         if self.main and self.writer is not None:
             self.writer.append(self.probes.snapshot(step, values))

@@ -3,9 +3,15 @@ original project, with atomic step checkpoints, exact mid-epoch resume, validati
 extension points (`TrainHook`, `HOOK_FACTORIES`) for the tracking and nudging stages.
 
 Reproducibility by construction: the data order of an epoch depends only on (seed, epoch), and the
-posterior noise of a micro-batch only on (seed, process, epoch, batch index). A checkpoint stores
-the global step and the position in the epoch, so a resumed run replays exactly what an
-uninterrupted one does: on CPU the final weights are bitwise identical.
+posterior noise of an image only on (seed, epoch, its position in the epoch's order), whatever the
+number of processes. A checkpoint stores the global step and the position in the epoch, so a
+resumed run replays exactly what an uninterrupted one does: on CPU the final weights are bitwise
+identical. Under N processes each takes every N-th micro-batch of that order (accelerate's
+sharding), so N processes with data.batch_size B see the batches of one process with N * B.
+
+Crash safety: a checkpoint is written aside and renamed into place, and hooks commit what a resume
+from it needs first (`TrainHook.before_save`: the trace up to that step), so a process killed at
+any instant resumes from `latest` into the same numbers (see `vaedyn_cli.faults`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vaedyn_cli import artifacts
+from vaedyn_cli import artifacts, faults
 from vaedyn_cli.config import RunConfig
 from vaedyn_cli.errors import RuntimeFailure, VaedynError
 
@@ -57,6 +63,10 @@ class TrainHook:
 
     def on_validation(self, step: int, metrics: dict[str, float]) -> None:
         """After a validation pass (metrics: val_rec_loss, val_kl_loss, over all processes)."""
+
+    def before_save(self, step: int) -> None:
+        """Before the checkpoint of step `step` is written: make durable what a resume from it needs
+        (the tracker commits its trace up to `step`)."""
 
     def close(self) -> None:
         """Always called at the end of training, also after an error."""
@@ -153,8 +163,32 @@ class _MomentsCapture:
         return DiagonalGaussianDistribution(moments.float()).kl()
 
 
+class SampleNoise:
+    """One generator per image of a micro-batch, seeded by (seed, epoch, position of the image in the
+    epoch's order): the posterior noise of an image does not depend on how images are grouped into
+    micro-batches and processes (diffusers draws image i's noise from generator i)."""
+
+    def __init__(self, device: torch.device, seed: int, batch_size: int, process_index: int, num_processes: int):
+        self.device, self.seed, self.batch_size = device, seed, batch_size
+        self.process_index, self.num_processes = process_index, num_processes
+        self._pool: list[torch.Generator] = []
+
+    def generators(self, epoch: int, batch_in_epoch: int, n: int) -> list[torch.Generator]:
+        """For this process's micro-batch `batch_in_epoch` (of n images) of `epoch`."""
+        while len(self._pool) < n:
+            self._pool.append(torch.Generator(device=self.device))
+        first = (batch_in_epoch * self.num_processes + self.process_index) * self.batch_size
+        for i, gen in enumerate(self._pool[:n]):
+            gen.manual_seed(mix_seed(self.seed, epoch, first + i))
+        return self._pool[:n]
+
+
 def training_loss(
-    model: torch.nn.Module, capture: _MomentsCapture, x: torch.Tensor, generator: torch.Generator, kl_weight: float
+    model: torch.nn.Module,
+    capture: _MomentsCapture,
+    x: torch.Tensor,
+    generator: torch.Generator | list[torch.Generator],
+    kl_weight: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, rec_loss, kl_loss): MSE(recon, x) + kl_weight * mean per-image KL, posterior sampled."""
     capture.active, capture.parts = True, []
@@ -441,13 +475,17 @@ class _Trainer:
         accelerator.register_save_state_pre_hook(self._plain_weights_on_save)
         accelerator.register_load_state_pre_hook(self._plain_model_on_load)
         self.capture = _MomentsCapture(self.vae)
-        self.noise = torch.Generator(device=accelerator.device)
+        self.noise = SampleNoise(
+            accelerator.device, cfg.seed, cfg.data.batch_size, accelerator.process_index, accelerator.num_processes
+        )
         self.window = _LossWindow(accelerator, cfg.log.log_interval)
         self.hooks: list[TrainHook] = []
 
     def start(self, resume_dir: Path | None) -> None:
         """Build the hooks (the run folder exists now), then load the checkpoint to resume from."""
         resume_step = artifacts.parse_step(resume_dir.name) if resume_dir is not None else None
+        if resume_dir is not None:
+            self._check_processes(resume_dir)
         ctx = TrainContext(
             self.cfg, self.acc, self.model, self.optimizer, self.run_dir, resume_step, self.train_loader, self.hooks
         )
@@ -470,6 +508,16 @@ class _Trainer:
     def _plain_model_on_load(self, models: list, _input_dir: str) -> None:
         models[:] = [self.acc.unwrap_model(m) for m in models]
 
+    def _check_processes(self, resume_dir: Path) -> None:
+        """A checkpoint resumes under as many processes as wrote it (its position in the epoch counts
+        per-process micro-batches); checked before any hook touches the run folder."""
+        saved_by = len(list(resume_dir.glob("random_states_*.pkl")))  # accelerate writes one per process
+        if saved_by and saved_by != self.acc.num_processes:
+            raise VaedynError(
+                f"{resume_dir} was written by {saved_by} processes, this run has {self.acc.num_processes}; "
+                f"resume it with {saved_by} processes (see README, Several GPUs)"
+            )
+
     def _load(self, resume_dir: Path, resume_step: int | None) -> None:
         try:
             self.acc.load_state(str(resume_dir))
@@ -480,7 +528,8 @@ class _Trainer:
             ) from None
         if self.state.global_step != resume_step:
             raise VaedynError(f"{resume_dir} holds the state of step {self.state.global_step}, not {resume_step}")
-        if self.state.global_step >= self.total_steps:
+        unfinished = self.state.global_step == self.total_steps and not (self.run_dir / artifacts.FINAL_DIR).is_dir()
+        if self.state.global_step >= self.total_steps and not unfinished:  # else: only final/ is left to write
             raise VaedynError(
                 f"{resume_dir} is at step {self.state.global_step}, already at train.max_steps ({self.total_steps}); "
                 "raise train.max_steps (or num_train_epochs) to train further"
@@ -489,6 +538,8 @@ class _Trainer:
     def save_checkpoint(self) -> Path:
         """accelerate state + diffusers model config + run config into checkpoints/step-NNNNNN, atomically."""
         self.check_finite()
+        for hook in self.hooks:
+            hook.before_save(self.state.global_step)
         root = self.run_dir / artifacts.CHECKPOINTS_DIR
         name = artifacts.step_dir_name(self.state.global_step)
         tmp = root / f"{TMP_PREFIX}{name}"
@@ -502,6 +553,7 @@ class _Trainer:
         if self.main:
             self.vae.save_config(str(tmp))
             (tmp / artifacts.RUN_CONFIG_IN_CHECKPOINT).write_text(self.cfg.to_yaml())
+            faults.maybe_fail("checkpoint_save", self.state.global_step)
             _replace_dir(tmp, target)
             limit = self.cfg.train.checkpoints_total_limit
             if limit is not None:
@@ -580,13 +632,14 @@ class _Trainer:
                         for hook in self.hooks:
                             hook.begin_step(step)
                     with acc.accumulate(self.model):
-                        self.noise.manual_seed(mix_seed(cfg.seed, acc.process_index, state.epoch, state.batch_in_epoch))
-                        loss, rec, kl = training_loss(self.model, self.capture, x, self.noise, t.kl_weight)
+                        noise = self.noise.generators(state.epoch, state.batch_in_epoch, x.shape[0])
+                        loss, rec, kl = training_loss(self.model, self.capture, x, noise, t.kl_weight)
                         acc.backward(loss)
                         state.batch_in_epoch += 1
                         parts.append(torch.stack([loss.detach(), rec.detach(), kl.detach()]))
                         window_images += x.shape[0] * acc.num_processes
                         if acc.sync_gradients:
+                            faults.maybe_fail("step", step)
                             for hook in self.hooks:
                                 hook.after_backward(step)
                             means = parts[0] if len(parts) == 1 else torch.stack(parts).mean(0)
@@ -744,12 +797,37 @@ def train(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) ->
     return run_dir
 
 
+def launched_processes() -> int:
+    """How many processes the launcher (torchrun, `accelerate launch`, MPI) started; 1 without one."""
+    from accelerate.utils import get_int_from_env
+
+    return get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+
+
+def _no_accelerator_device() -> bool:
+    """No GPU-like device for the processes to use (accelerate's multi-device backends)."""
+    from accelerate import utils
+
+    if torch.cuda.is_available():
+        return False
+    checks = ("is_xpu_available", "is_npu_available", "is_mlu_available", "is_musa_available", "is_sdaa_available")
+    return not any(getattr(utils, name, lambda: False)() for name in checks)
+
+
 def _accelerator(cfg: RunConfig, run_dir: Path, logs_dir: Path) -> Any:
-    from accelerate import Accelerator
+    """The Accelerator; several launched processes on a machine without GPUs train together on CPU
+    (gloo): accelerate does that only when asked for the CPU before its state exists, and would
+    otherwise set up every process as a lone one."""
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 
+    launched = launched_processes()
+    cpu = launched > 1 and _no_accelerator_device()
     try:
-        return Accelerator(
+        if cpu:
+            PartialState(cpu=True)
+        accelerator = Accelerator(
+            cpu=cpu,
             mixed_precision=cfg.train.mixed_precision,
             gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.train.gradient_accumulation_steps),
             project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(logs_dir)),
@@ -757,6 +835,13 @@ def _accelerator(cfg: RunConfig, run_dir: Path, logs_dir: Path) -> Any:
         )
     except ValueError as e:
         raise VaedynError(f"train.mixed_precision={cfg.train.mixed_precision}: {str(e).splitlines()[0]}") from None
+    if launched > 1 and accelerator.num_processes != launched:
+        raise RuntimeFailure(
+            f"launched as {launched} processes but accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type}): each would train alone and overwrite the run folder; launch with "
+            "`accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N -m vaedyn_cli train`"
+        )
+    return accelerator
 
 
 def is_main_process() -> bool:

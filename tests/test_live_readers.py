@@ -26,8 +26,9 @@ EVENT_EVERY = 7
 
 
 def low(step: int) -> np.ndarray:
-    """Channels whose activity is ~0 at `step`: a quarter of them, a different quarter every 3 steps."""
-    return (step // 3 + np.arange(N_CH)) % 4 == 0
+    """Channels whose activity is ~0 at `step`: the first (step // 3) % 9 of each layer, so that the
+    count changes every 3 steps."""
+    return np.arange(N_CH) % WIDTH < (step // 3) % (WIDTH + 1)
 
 
 def expected(step: int) -> store.TraceRecord:
@@ -96,7 +97,7 @@ def live(tmp_path):
     path = tmp_path / "run" / "trace.zarr"
     writer = LiveWriter(path, tmp_path)
     writer.start()
-    while writer.writer.committed_steps < 10 and writer.is_alive():
+    while committed(path) < 10 and writer.is_alive():
         time.sleep(0.01)
     yield path, writer
     writer.stop.set()

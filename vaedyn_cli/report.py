@@ -651,7 +651,7 @@ def _events_summary(d: ReportData) -> dict[str, Any]:
 def build_summary(d: ReportData, figures: dict[str, str | None]) -> dict[str, Any]:
     """The numbers behind the page (also written as summary.json)."""
     ch = d.channels
-    info = store_mod.store_info(d.path)
+    info = store_mod.store_info(d.path, d.ds)  # the steps the figures show, also while training appends
     layers = layer_table(d)
     ranked = sorted(layers, key=lambda r: (-r["inactive_fraction"], -(r["dormant"] + r["dead"])))
     last = {p: {"inactive": int(d.inactive[p][-1]), "dead": int(d.dead[p][-1]),

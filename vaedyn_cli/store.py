@@ -488,10 +488,13 @@ def _dir_size(path: Path) -> int:
     return total
 
 
-def store_info(path: str | Path) -> dict[str, Any]:
-    """A summary of a store: steps and range, channels, layers by part, variables, size, events, classification."""
+def store_info(path: str | Path, ds: xr.Dataset | None = None) -> dict[str, Any]:
+    """A summary of a store: steps and range, channels, layers by part, variables, size, events, classification.
+
+    `ds`: the root group as the caller already opened it (`open_trace`), so that a summary of a store
+    that is being written describes the same committed steps as the caller's other numbers."""
     root = _locate(Path(path))
-    ds = open_trace(root)
+    ds = open_trace(root) if ds is None else ds
     attrs = dict(ds.attrs)
     steps = ds["step"].values
     layer = np.array([str(v) for v in ds["layer"].values], dtype=object)

@@ -446,8 +446,8 @@ def read_events(path: str | Path) -> xr.Dataset | None:
 
     root = _locate(Path(path))
     attrs = check_store(root)
-    if not (root / EVENTS_GROUP / ZARR_JSON).is_file():
-        return None
+    if attrs.get("committed_events") == 0 or not (root / EVENTS_GROUP / ZARR_JSON).is_file():
+        return None  # (a group left by a writer killed before committing its first rows is not read)
     try:
         group = zarr.open_group(str(root / EVENTS_GROUP), mode="r", use_consolidated=False)
         n = _committed_events(attrs, group)

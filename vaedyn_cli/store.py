@@ -433,9 +433,29 @@ def open_trace(path: str | Path) -> xr.Dataset:
         first = str(e).splitlines()[0] if str(e) else ""
         raise VaedynError(f"cannot read trace store {root}: {type(e).__name__}: {first}") from None
     committed = int(attrs.get("committed_steps", 0))
+    _check_complete(root, ds, committed)
     if ds.sizes.get("step", 0) > committed:
         ds = ds.isel(step=slice(0, committed))
     return ds
+
+
+def _check_complete(root: Path, ds: xr.Dataset, committed: int) -> None:
+    """Fail on a damaged store here rather than with NaNs later: every root array that the consolidated
+    metadata lists still has its own metadata on disk (zarr reads a missing array as fill values), and
+    the arrays hold every committed step."""
+    fix = "restore it from a copy, or re-create the trace with `vaedyn track`"
+    listed = (_read_json(root / ZARR_JSON).get("consolidated_metadata") or {}).get("metadata") or {}
+    for key, meta in listed.items():
+        if "/" not in key and meta.get("node_type") == "array" and not (root / key / ZARR_JSON).is_file():
+            raise VaedynError(
+                f"trace store {root} is damaged: array '{key}' is listed in its {ZARR_JSON} but "
+                f"{root / key / ZARR_JSON} is missing; {fix}"
+            )
+    rows = ds.sizes.get("step", 0)
+    if rows < committed:
+        raise VaedynError(
+            f"trace store {root} is truncated: committed_steps {committed} but its arrays hold {rows} steps; {fix}"
+        )
 
 
 def read_events(path: str | Path) -> xr.Dataset | None:
@@ -826,6 +846,8 @@ class TraceWriter:
             except BaseException as e:  # noqa: BLE001 - reported to the caller
                 self._error = e
                 log.error("trace writer for %s failed: %s", self.path, e)
+                if op is _CLOSE:
+                    return  # close() is waiting for this thread to end
             finally:
                 if op not in ("record", "tick") or self._error is not None:
                     self._release(op, arg)

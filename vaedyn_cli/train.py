@@ -246,6 +246,18 @@ def _flat_config(cfg: RunConfig) -> dict[str, Any]:
     return flat
 
 
+def _check_output_dir(run_dir: Path) -> None:
+    """The run folder can be made: no existing file stands where it or a folder above it goes."""
+    for path in (run_dir, *run_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise VaedynError(
+                    f"{path} is a file, so run folder {run_dir} cannot be made there; set output_dir (or run_name) "
+                    "to a folder path"
+                )
+            return
+
+
 def _resolve_resume(cfg: RunConfig, resume: str | None) -> Path | None:
     if resume is None:
         return None
@@ -265,6 +277,24 @@ def _resolve_resume(cfg: RunConfig, resume: str | None) -> Path | None:
     if not (path / artifacts.ACCELERATE_MODEL_FILE).is_file() or not (path / "custom_checkpoint_0.pkl").is_file():
         raise VaedynError(f"--resume {resume}: the checkpoint is incomplete (no model or training state); pick another")
     return path
+
+
+def _check_resume_fits(resume_dir: Path, model: torch.nn.Module) -> None:
+    """The checkpoint's weights have the shapes of this config's model (read from the safetensors header)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(resume_dir / artifacts.ACCELERATE_MODEL_FILE), framework="pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise VaedynError(f"--resume {resume_dir}: cannot read {artifacts.ACCELERATE_MODEL_FILE} ({e}); pick another") from None
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = sorted(k for k in own.keys() | saved.keys() if own.get(k) != saved.get(k))
+    if wrong:
+        raise VaedynError(
+            f"--resume {resume_dir}: its weights do not fit the model of this config ({len(wrong)} tensors differ, "
+            f"e.g. '{wrong[0]}'); resume with the config the run was trained with (its {artifacts.CONFIG_FILE})"
+        )
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -743,22 +773,34 @@ def train(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) ->
             f"run folder {run_dir} already exists: pass --resume latest to continue it, --overwrite to start over, "
             "or choose another run_name"
         )
+    _check_output_dir(run_dir)
     _check_report_to(cfg.log.report_to)
     resume_dir = _resolve_resume(cfg, resume)
+    resume_step = artifacts.parse_step(resume_dir.name) if resume_dir is not None else None
+    if resume_step is not None and cfg.train.max_steps is not None and resume_step >= cfg.train.max_steps:
+        raise VaedynError(
+            f"{resume_dir} is at step {resume_step}, already at train.max_steps ({cfg.train.max_steps}); "
+            "raise train.max_steps to train further"
+        )
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file save/load lines, unless --debug
-    model_mod.warn_fp16(cfg.train.mixed_precision)
     # Inputs first: data, model and accelerate settings fail here, before anything is written.
     train_ds = data_mod.train_dataset(cfg.data, cfg.seed)
     val_ds = data_mod.validation_dataset(cfg.data, cfg.seed) if cfg.data.do_validation else None
+    for ds in (train_ds, val_ds):  # decode one image: a split without readable images fails before any write
+        if ds is not None and hasattr(ds, "__len__"):
+            ds[0]
     vae = model_mod.build_model(cfg.model, cfg.seed)
+    if resume_dir is not None:
+        _check_resume_fits(resume_dir, vae)
     set_seed(cfg.seed)
     logs_dir = run_dir / artifacts.LOGS_DIR
     accelerator = _accelerator(cfg, run_dir, logs_dir)
     trainer = _Trainer(cfg, run_dir, accelerator, vae, train_ds, val_ds)
+    model_mod.warn_fp16(cfg.train.mixed_precision)  # after the input checks: an input error stays one line
     main = accelerator.is_main_process
     created = resume is None or not run_dir.exists()
-    started = False
+    started = discard = False
     try:
         if main:
             if overwrite and run_dir.exists():
@@ -786,14 +828,15 @@ def train(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) ->
             _replace_dir(tmp, run_dir / artifacts.FINAL_DIR)
         accelerator.wait_for_everyone()
     except BaseException:
-        if not started and created and main:
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing half-written: the run never began
+        discard = not started and created and main  # nothing half-written: the run never began
         raise
     finally:
         try:
-            trainer.close()
+            trainer.close()  # before discarding: the hooks' writers still hold files in the run folder
         finally:
             accelerator.end_training()
+            if discard:
+                shutil.rmtree(run_dir, ignore_errors=True)
     return run_dir
 
 

@@ -555,10 +555,8 @@ def _step_window(steps: np.ndarray, from_step: int | None, to_step: int | None) 
     hi = len(steps) if to_step is None else int(np.searchsorted(steps, to_step, side="right"))
     if hi <= lo:
         have = f"{steps[0]}..{steps[-1]}" if len(steps) else "none"
-        raise VaedynError(
-            f"no tracked step in the window --from-step {from_step} --to-step {to_step} (trace steps: {have}); "
-            "widen the window"
-        )
+        window = " ".join(f"--{k} {v}" for k, v in (("from-step", from_step), ("to-step", to_step)) if v is not None)
+        raise VaedynError(f"no tracked step in the window {window} (trace steps: {have}); widen the window")
     return lo, hi
 
 

@@ -458,6 +458,17 @@ def default_out_dir(ckpt: Any, split: str) -> Path:
     return base / Path(ckpt.path).name / split
 
 
+def _check_out(target: Path) -> None:
+    """The results folder may replace an earlier evaluation (a folder with metrics.json), nothing else."""
+    if target.exists() and not target.is_dir():
+        raise VaedynError(f"--out {target} is a file; pass a folder for the evaluation results")
+    if target.is_dir() and any(target.iterdir()) and not (target / artifacts.METRICS_FILE).is_file():
+        raise VaedynError(
+            f"--out {target} exists and is not an evaluation (no {artifacts.METRICS_FILE}); choose another folder "
+            "or empty it"
+        )
+
+
 def _replace_dir(tmp: Path, target: Path) -> None:
     """Move a finished folder into place; a previous result at `target` is replaced."""
     old = None
@@ -498,12 +509,13 @@ def evaluate(
     ckpt = model_mod.resolve_checkpoint(checkpoint)
     cfg = _resolve_config(cfg, ckpt.config, overrides, str(checkpoint))
     split = split or cfg.eval.split
-    batch_size = batch_size or cfg.eval.batch_size
+    batch_size = batch_size if batch_size is not None else cfg.eval.batch_size
     max_samples = max_samples if max_samples is not None else cfg.eval.max_samples
     num_pairs = cfg.eval.num_samples_to_save if num_samples_to_save is None else num_samples_to_save
     if batch_size < 1 or (max_samples is not None and max_samples < 1) or num_pairs < 0:
         raise VaedynError("--batch-size and --max-samples must be at least 1 and --num-samples-to-save at least 0")
     target = Path(out) if out is not None else default_out_dir(ckpt, split)
+    _check_out(target)
     if store is not None and not ablate and not grids:
         raise VaedynError(
             "--store only serves --ablate and --grids (where the channel labels come from); add --ablate SELECT "
@@ -525,7 +537,9 @@ def evaluate(
     if grids:
         grid_plan = grids_plan(list(grids), store, ckpt, vae, f"checkpoint {checkpoint}",
                                plan.classification if plan is not None else None)
-    log.info("evaluating %s (step %d) on split %s of %s", checkpoint, ckpt.step, split, cfg.data.dataset_name)
+    # debug only: the summary printed at the end says the same, and an image that fails to decode
+    # during the pass should leave one error line on stderr
+    log.debug("evaluating %s (step %d) on split %s of %s", checkpoint, ckpt.step, split, cfg.data.dataset_name)
     means = ChannelMeans(vae, plan.layers if plan is not None else [])
     with means:
         result = reconstruction_metrics(vae, loader, device=device, keep=max(num_pairs, GRID_IMAGES))

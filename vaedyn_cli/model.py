@@ -145,14 +145,28 @@ def load_pretrained(source: str, subfolder: str | None = None, revision: str | N
                 f"{folder} has no {artifacts.MODEL_CONFIG_FILE}: not a diffusers model folder "
                 "(expected config.json + diffusion_pytorch_model.safetensors, as written by save_pretrained)"
             )
+        if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            raise VaedynError(
+                f"model folder {folder} has {artifacts.MODEL_CONFIG_FILE} but no weights (*.safetensors); "
+                "it was not written completely by save_pretrained"
+            )
         try:
             return AutoencoderKL.from_pretrained(str(folder))
         except OSError as e:
             raise VaedynError(f"cannot load diffusers folder {folder}: {str(e).splitlines()[0]}") from None
+        except ValueError as e:  # diffusers: a weight's shape differs from what config.json describes
+            why = str(e).splitlines()[0].split(" If you want")[0].replace("Cannot load  because ", "") if str(e) else ""
+            raise VaedynError(
+                f"weights in {folder} do not fit its {artifacts.MODEL_CONFIG_FILE} ({why}); "
+                "re-save the model with save_pretrained"
+            ) from None
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise VaedynError(f"model path {source} does not exist; pass an existing folder, file or hub id")
     try:
-        return AutoencoderKL.from_pretrained(source, subfolder=subfolder, revision=revision)
+        with warnings.catch_warnings():
+            # diffusers passes an argument huggingface_hub deprecated; nothing a user can act on
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
+            return AutoencoderKL.from_pretrained(source, subfolder=subfolder, revision=revision)
     except Exception as e:  # noqa: BLE001 - hub errors come in many types
         raise _hub_error(source, e) from None
 
@@ -195,9 +209,16 @@ class Checkpoint:
             assert self.path is not None
             from safetensors.torch import load_file
 
-            cfg = json.loads((self.path / artifacts.MODEL_CONFIG_FILE).read_text())
-            model = AutoencoderKL.from_config(cfg)
-            _load_state(model, load_file(str(self.path / artifacts.ACCELERATE_MODEL_FILE)), str(self.path))
+            try:
+                model = AutoencoderKL.from_config(json.loads((self.path / artifacts.MODEL_CONFIG_FILE).read_text()))
+                state = load_file(str(self.path / artifacts.ACCELERATE_MODEL_FILE))
+            except Exception as e:  # noqa: BLE001 - json, diffusers and safetensors raise many types for a damaged file
+                first = str(e).splitlines()[0] if str(e) else ""
+                raise VaedynError(
+                    f"cannot read checkpoint {self.path} ({type(e).__name__}: {first}): it is damaged; pick another "
+                    "checkpoint"
+                ) from None
+            _load_state(model, state, str(self.path))
             return model
         if self.kind == "hub":
             return load_pretrained(self.source)

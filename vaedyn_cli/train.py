@@ -777,7 +777,9 @@ def train(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) ->
     _check_report_to(cfg.log.report_to)
     resume_dir = _resolve_resume(cfg, resume)
     resume_step = artifacts.parse_step(resume_dir.name) if resume_dir is not None else None
-    if resume_step is not None and cfg.train.max_steps is not None and resume_step >= cfg.train.max_steps:
+    finished = (run_dir / artifacts.FINAL_DIR).is_dir() or (resume_step or 0) > (cfg.train.max_steps or 0)
+    if resume_step is not None and cfg.train.max_steps is not None and resume_step >= cfg.train.max_steps and finished:
+        # (a run killed after its last checkpoint but before final/ resumes only to write final/)
         raise VaedynError(
             f"{resume_dir} is at step {resume_step}, already at train.max_steps ({cfg.train.max_steps}); "
             "raise train.max_steps to train further"

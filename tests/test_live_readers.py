@@ -26,9 +26,10 @@ EVENT_EVERY = 7
 
 
 def low(step: int) -> np.ndarray:
-    """Channels whose activity is ~0 at `step`: the first (step // 3) % 9 of each layer, so that the
-    count changes every 3 steps."""
-    return np.arange(N_CH) % WIDTH < (step // 3) % (WIDTH + 1)
+    """Channels whose activity is ~0 at `step`: the first (step // 3) % 8 of each layer, so that the
+    count changes every 3 steps. Never the whole layer: the dormancy score is relative to the layer's
+    mean activity, so a layer whose every channel is equally quiet scores 1 (active), not dormant."""
+    return np.arange(N_CH) % WIDTH < (step // 3) % WIDTH
 
 
 def expected(step: int) -> store.TraceRecord:

@@ -6,7 +6,10 @@ A run folder holds `config.yaml`, `trace.zarr/`, `checkpoints/step-NNNNNN/`, `fi
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import uuid
 from pathlib import Path
 
 CONFIG_FILE = "config.yaml"
@@ -58,3 +61,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete step checkpoint of a run, or None."""
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1][1] if ckpts else None
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Rename a finished folder into place. An older folder of that name is first moved aside under a
+    hidden unique name and deleted after, so a reader finds the old or the new one, never a mix."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(target, old)
+    os.rename(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -469,17 +469,6 @@ def _check_out(target: Path) -> None:
         )
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move a finished folder into place; a previous result at `target` is replaced."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".old-{target.name}-{os.getpid()}")
-        os.rename(target, old)
-    os.rename(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def evaluate(
     checkpoint: str,
     cfg: RunConfig | None = None,
@@ -566,7 +555,7 @@ def evaluate(
             record["grids"] = grids_section(grid_plan, vae, dataset, cfg.eval.grid_samples, tmp)
         (tmp / artifacts.METRICS_FILE).write_text(json.dumps(record, indent=2) + "\n")
         _write_pictures(tmp, result, num_pairs)
-        _replace_dir(tmp, target)
+        artifacts.replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _print_metrics(record)

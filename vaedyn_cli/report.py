@@ -791,14 +791,6 @@ def _check_out(out: Path) -> None:
                           "choose another folder or empty it")
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    if out.exists():
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def build_report(store: str | Path, out: Path | None = None) -> Path:
     """Write the report of a trace store (a store path, a run folder, or '-' for a path on stdin)
     into `out` (default: <run>/report/ or <store>.report/); returns the folder."""
@@ -815,7 +807,7 @@ def build_report(store: str | Path, out: Path | None = None) -> Path:
         summary = build_summary(d, figures)
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
         (tmp / INDEX_FILE).write_text(render_html(d, summary, figures))
-        _swap_in(tmp, out)
+        artifacts.replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -627,13 +627,7 @@ def _new_store(path: Path, layout: ChannelLayout, attrs: Mapping[str, Any], chun
         skeleton = records_to_dataset([], layout, {**attrs, "committed_steps": 0})
         skeleton.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=_encoding(skeleton, chunk_steps))
         _commit_root(tmp, _root_attrs(tmp), 0)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(path, old)
-        os.rename(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        artifacts.replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -799,7 +799,7 @@ def track_checkpoints(
         assert writer is not None
         writer.close()
         writer = None
-        _replace(tmp, out)
+        artifacts.replace_dir(tmp, out)
     finally:
         if writer is not None:
             try:
@@ -808,15 +808,3 @@ def track_checkpoints(
                 pass
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-

@@ -303,18 +303,6 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Rename a finished folder into place, replacing an older one of the same name."""
-    old = None
-    if target.exists():
-        old = target.with_name(f"{TMP_PREFIX}old-{target.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(target, old)
-    os.rename(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _lr_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int, num_processes: int) -> Any:
     """The diffusers schedule in optimizer steps; accelerate's scheduler wrapper steps it once per
     process per optimizer step, hence the scaling (as the diffusers training examples do)."""
@@ -584,7 +572,7 @@ class _Trainer:
             self.vae.save_config(str(tmp))
             (tmp / artifacts.RUN_CONFIG_IN_CHECKPOINT).write_text(self.cfg.to_yaml())
             faults.maybe_fail("checkpoint_save", self.state.global_step)
-            _replace_dir(tmp, target)
+            artifacts.replace_dir(tmp, target)
             limit = self.cfg.train.checkpoints_total_limit
             if limit is not None:
                 for _, old in artifacts.list_checkpoints(self.run_dir)[:-limit]:
@@ -827,7 +815,7 @@ def train(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) ->
             tmp = run_dir / f"{TMP_PREFIX}{artifacts.FINAL_DIR}"
             shutil.rmtree(tmp, ignore_errors=True)
             model_mod.save_model(trainer.vae, tmp, cfg, step=step)
-            _replace_dir(tmp, run_dir / artifacts.FINAL_DIR)
+            artifacts.replace_dir(tmp, run_dir / artifacts.FINAL_DIR)
         accelerator.wait_for_everyone()
     except BaseException:
         discard = not started and created and main  # nothing half-written: the run never began

@@ -92,3 +92,19 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
 
     return invoke
+
+
+class Crash(Exception):
+    """A simulated crash (raised by CrashAt)."""
+
+
+def crash_at(step: int, exc: type[BaseException] = Crash):
+    """A train hook factory whose hook raises `exc` at the start of optimizer step `step`."""
+    from vaedyn_cli import train as train_mod
+
+    class CrashAt(train_mod.TrainHook):
+        def begin_step(self, s: int) -> None:
+            if s == step:
+                raise exc(f"simulated crash at step {s}")
+
+    return lambda ctx: CrashAt()

@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_config_dict
+from tests.conftest import crash_at, tiny_config_dict
 from vaedyn_cli import artifacts, store
 from vaedyn_cli import train as train_mod
 from vaedyn_cli.classify import classify_store, to_records
@@ -153,15 +153,6 @@ def test_planted_gn_scale_channels_are_reset_and_wake_up(tmp_path, hooks) -> Non
         assert after[key]["state"] == "active"
 
 
-class CrashAt(train_mod.TrainHook):
-    def __init__(self, step: int):
-        self.step = step
-
-    def begin_step(self, step: int) -> None:
-        if step == self.step:
-            raise KeyboardInterrupt(f"simulated crash at step {step}")
-
-
 def test_resume_after_a_nudge_is_bitwise_identical(tmp_path, hooks) -> None:
     """A random strategy (shrink_perturb) with a 2-step window, nudges at 2, 4, 6; a crash at step 5
     and a resume from the step-3 checkpoint (its first nudge reads step 3 back from the store) end
@@ -174,7 +165,7 @@ def test_resume_after_a_nudge_is_bitwise_identical(tmp_path, hooks) -> None:
     assert {r["step"] for r in ref_rows} == {2, 4, 6}
 
     cfg = nudge_cfg(tmp_path, "crashed", **sections)
-    hooks.append(lambda ctx: CrashAt(5))
+    hooks.append(crash_at(5, KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         train_mod.train(cfg)
     hooks.pop()

@@ -12,7 +12,7 @@ import torch
 import xarray as xr
 from safetensors.torch import load_file
 
-from tests.conftest import TINY_WIDTH, tiny_config_dict
+from tests.conftest import TINY_WIDTH, Crash, crash_at, tiny_config_dict
 from vaedyn_cli import artifacts, store
 from vaedyn_cli import train as train_mod
 from vaedyn_cli.config import NearZeroConfig, RunConfig, TrackConfig
@@ -270,19 +270,6 @@ def test_layer_selection():
 # tracking while training
 
 
-class Crash(Exception):
-    pass
-
-
-class CrashAt(train_mod.TrainHook):
-    def __init__(self, step: int):
-        self.step = step
-
-    def begin_step(self, step: int) -> None:
-        if step == self.step:
-            raise Crash(step)
-
-
 def train_cfg(root: Path, name: str, **track) -> RunConfig:
     return RunConfig.model_validate(tiny_config_dict(root, run_name=name, track={"interval": 2, **track}))
 
@@ -321,7 +308,7 @@ def test_resume_truncates_the_trace_to_the_checkpoint(trained, tmp_path):
     cfg = train_cfg(tmp_path, "crashed")
     saved = list(train_mod.HOOK_FACTORIES)
     try:
-        train_mod.HOOK_FACTORIES.append(lambda ctx: CrashAt(5))
+        train_mod.HOOK_FACTORIES.append(crash_at(5))
         with pytest.raises(Crash):
             train_mod.train(cfg)
     finally:

@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_config_dict
+from tests.conftest import Crash, crash_at, tiny_config_dict
 from vaedyn_cli import artifacts
 from vaedyn_cli import train as train_mod
 from vaedyn_cli.config import RunConfig, load_config
@@ -130,26 +130,13 @@ def resume_cfg(tmp_path: Path, name: str) -> RunConfig:
     )
 
 
-class Crash(Exception):
-    pass
-
-
-class CrashAt(train_mod.TrainHook):
-    def __init__(self, step: int):
-        self.step = step
-
-    def begin_step(self, step: int) -> None:
-        if step == self.step:
-            raise Crash(f"simulated crash at step {step}")
-
-
 def test_resume_mid_epoch_gives_bitwise_identical_weights(tmp_path, hooks):
     ref = train_mod.train(resume_cfg(tmp_path, "ref"))
     ref_val = [json.loads(line) for line in (ref / "validation.jsonl").read_text().splitlines()]
     assert [(v["step"], v["epoch"]) for v in ref_val] == [(3, 1), (6, 2)]  # every epoch (3 steps each)
 
     cfg = resume_cfg(tmp_path, "crashed")
-    hooks.append(lambda ctx: CrashAt(5))
+    hooks.append(crash_at(5))
     with pytest.raises(Crash):
         train_mod.train(cfg)
     run = cfg.run_dir

@@ -404,3 +404,69 @@ def test_track_bad_inputs(tmp_path, tiny_config_file, cli):
     assert result.exit_code == 2 and "two checkpoints at step 5" in result.stderr
     assert not (tmp_path / "y.zarr").exists()
 
+
+
+class _ShiftedGroupNorm(torch.nn.GroupNorm):
+    """A GroupNorm subclass with its own forward: its output moments must be measured, not derived."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2.0 + 0.5
+
+
+class _Norms(torch.nn.Module):
+    """Four norms side by side on one input: grouped with a small eps, with eps = 1 (which then
+    matters), without affine parameters, and a subclass that changes the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.ModuleDict({
+            "grouped": torch.nn.GroupNorm(4, 16, eps=1e-6),
+            "large_eps": torch.nn.GroupNorm(2, 16, eps=1.0),
+            "plain": torch.nn.GroupNorm(8, 16, affine=False),
+            "subclass": _ShiftedGroupNorm(4, 16),
+        })
+        with torch.no_grad():
+            for m in self.body.values():
+                if m.affine:
+                    m.weight.copy_(torch.randn(16) * 2)
+                    m.bias.copy_(torch.randn(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(m(x) for m in self.body.values())
+
+
+def test_group_norm_output_moments_derived_from_the_input_equal_direct_ones(monkeypatch):
+    """A plain GroupNorm's output mean and std come from its input's moments (one pass fewer);
+    planted: channels with large offsets, a group whose channels are constant, one gamma = 0."""
+    from vaedyn_cli import track as track_mod
+
+    torch.manual_seed(0)
+    model = _Norms()
+    with torch.no_grad():
+        model.body["grouped"].weight[3] = 0.0
+    x = torch.randn(3, 16, 5, 7)
+    x[:, 0:4] += torch.tensor([20.0, -20.0, 5.0, 0.0]).view(1, 4, 1, 1)  # offsets, within a group
+    x[:, 4:8] = torch.arange(4.0).view(1, 4, 1, 1) * 0.5 + 3.0  # a group of constant channels
+    calls = []
+    real = track_mod._moments
+    monkeypatch.setattr(track_mod, "_moments", lambda t: calls.append(t.shape) or real(t))
+    probes = ChannelProbes(model, TrackConfig(module_types=["GroupNorm", "_ShiftedGroupNorm"]))
+    assert [layer.name for layer in probes.layers] == [f"body.{k}" for k in model.body]
+    cap = Capture(model)
+    probes.reset()
+    probes.arm()
+    model(x)
+    model(x[:2] * 0.5)  # a second micro-batch of another size
+    probes.disarm()
+    probes.finish()
+    rec = probes.snapshot(1).resolve()
+    cap.remove()
+    # four inputs moments each call, and output moments only for the subclass
+    assert len(calls) == 2 * (4 + 1)
+    for layer in probes.layers:
+        cols = slice(layer.offset, layer.offset + layer.channels)
+        for key, want in expected_stats(cap, layer.name, False).items():
+            if key in ("in_std", "mean", "mean_abs", "std"):
+                np.testing.assert_allclose(rec.channels[key][cols], want, rtol=RTOL, atol=ATOL, err_msg=f"{layer.name} {key}")
+    grouped = next(layer for layer in probes.layers if layer.name == "body.grouped")
+    assert rec.channels["std"][grouped.offset + 3] == 0.0  # gamma = 0: exactly constant output

@@ -658,7 +658,7 @@ class TraceWriter:
         mode: Literal["w", "a"] = "a",
         chunk_steps: int = 64,
         queue_size: int = 8,
-        commit_interval_s: float = 10.0,
+        commit_interval_s: float = 60.0,
         keep_recent: int = 0,
     ):
         self.path = Path(path)

@@ -298,7 +298,7 @@ def test_train_run_trace_has_one_step_per_interval(trained):
     gamma = np.concatenate([saved[f"{name}.weight"].numpy() for name in dict.fromkeys(layers.tolist())])
     np.testing.assert_array_equal(ds["gn_weight"].sel(step=4).values, gamma)
     assert not np.array_equal(ds["gn_weight"].sel(step=2).values, gamma)
-    # weight statistics on the first tracked step, then every track.weight_every (10) tracked steps
+    # weight statistics on the first tracked step, then once per track.weight_interval (100) steps
     assert np.isfinite(ds["out_weight_norm"].sel(step=2).values).all()
     assert np.isnan(ds["out_weight_norm"].sel(step=[4, 6]).values).all()
     assert np.isnan(ds["near_zero_frac"].sel(step=[4, 6]).values).all()
@@ -449,7 +449,7 @@ def test_group_norm_output_moments_derived_from_the_input_equal_direct_ones(monk
     x[:, 4:8] = torch.arange(4.0).view(1, 4, 1, 1) * 0.5 + 3.0  # a group of constant channels
     calls = []
     real = track_mod._moments
-    monkeypatch.setattr(track_mod, "_moments", lambda t: calls.append(t.shape) or real(t))
+    monkeypatch.setattr(track_mod, "_moments", lambda t, scratch: calls.append(t.shape) or real(t, scratch))
     probes = ChannelProbes(model, TrackConfig(module_types=["GroupNorm", "_ShiftedGroupNorm"]))
     assert [layer.name for layer in probes.layers] == [f"body.{k}" for k in model.body]
     cap = Capture(model)
@@ -470,3 +470,19 @@ def test_group_norm_output_moments_derived_from_the_input_equal_direct_ones(monk
                 np.testing.assert_allclose(rec.channels[key][cols], want, rtol=RTOL, atol=ATOL, err_msg=f"{layer.name} {key}")
     grouped = next(layer for layer in probes.layers if layer.name == "body.grouped")
     assert rec.channels["std"][grouped.offset + 3] == 0.0  # gamma = 0: exactly constant output
+
+
+@pytest.mark.parametrize(("interval", "weight_interval", "due"), [
+    (10, 100, [10, 110, 210]),  # the defaults: every tenth tracked step
+    (1, 100, [1, 101, 201]),  # tracking every step does not make the weight passes more frequent
+    (7, 100, [7, 112, 210]),  # not a multiple: the first tracked step of each 100-step window after step 7
+    (10, 5, list(range(10, 301, 10))),  # shorter than the interval: every tracked step
+])
+def test_weight_statistics_once_per_weight_interval(interval, weight_interval, due):
+    from types import SimpleNamespace
+
+    from vaedyn_cli.track import Tracker
+
+    cfg = RunConfig.model_validate({"track": {"interval": interval, "weight_interval": weight_interval}})
+    tracked = [s for s in range(1, 301) if s % interval == 0]
+    assert [s for s in tracked if Tracker._weights_due(SimpleNamespace(cfg=cfg), s)] == due

@@ -155,7 +155,7 @@ def main() -> None:
         every.close()
         tenth.close()
 
-        # the weight statistics (out_weight_norm, near_zero_frac): every track.weight_every tracked steps
+        # the weight statistics (out_weight_norm, near_zero_frac): once per track.weight_interval steps
         probes = every.probes
         costs = {}
         for weights in (True, False):

@@ -552,7 +552,7 @@ def test_in_memory_window_of_records_equals_the_store_window(tmp_path: Path) -> 
 
 
 def test_sparse_weight_statistics_use_the_latest_recorded_value(tmp_path: Path) -> None:
-    """Weight statistics are recorded every `track.weight_every` tracked steps (NaN in between), and a
+    """Weight statistics are recorded once per `track.weight_interval` steps (NaN in between), and a
     skipped step leaves every statistic NaN: mechanisms and flags read each one's latest recorded value."""
     ds = mechanism_trace()
     out = ds["out_weight_norm"].values

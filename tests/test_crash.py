@@ -38,7 +38,7 @@ def crash_config(tmp_path: Path, name: str) -> dict:
         data={"max_samples": 20, "random_flip": True},
         train={"max_steps": 12, "save_interval": 3, "validation_interval": 4, "lr_scheduler_type": "linear",
                "lr_warmup_steps": 2},
-        track={"interval": 1, "weight_every": 2, "chunk_steps": 8},
+        track={"interval": 1, "weight_interval": 2, "chunk_steps": 8},
         nudge={"enabled": True, "strategy": "shrink_perturb", "every": 4, "window": 2, "perturb_std": 0.05,
                "select": ["layer=decoder.up_blocks.3.*"], "max_fraction": 0.25},
     )

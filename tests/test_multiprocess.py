@@ -41,7 +41,7 @@ def config(tmp_path: Path, name: str, batch_size: int) -> dict:
         run_name=name,
         data={"batch_size": batch_size, "max_samples": 8, "validation_max_samples": 8, "validation_batch_size": 4},
         train={"max_steps": 4, "save_interval": 2, "validation_interval": 2, "learning_rate": 1e-5},
-        track={"interval": 1, "weight_every": 1},
+        track={"interval": 1, "weight_interval": 1},
         nudge={"enabled": True, "strategy": "gn_scale_nudge", "every": 2, "select": [f"layer={NUDGED}"]},
         log={"report_to": "tensorboard", "log_interval": 2},
     )

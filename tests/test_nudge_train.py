@@ -68,7 +68,7 @@ class Moments(train_mod.TrainHook):
 
 def nudge_cfg(tmp_path: Path, name: str, **sections: dict) -> RunConfig:
     """Tracking every step, a nudge every 2 steps."""
-    base = {"run_name": name, "track": {"interval": 1, "weight_every": 1},
+    base = {"run_name": name, "track": {"interval": 1, "weight_interval": 1},
             "nudge": {"enabled": True, "every": 2, "window": 1}, "train": {"max_steps": 4, "save_interval": 100}}
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value}

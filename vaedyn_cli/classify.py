@@ -486,7 +486,7 @@ class _Debounce:
 def _last(ds: xr.Dataset, name: str, lo: int, hi: int, pos: np.ndarray) -> np.ndarray:
     """Each channel's latest finite value of `name` among the window's steps [lo, hi), NaN when none.
 
-    Weight statistics (`out_weight_norm`) are recorded only every `track.weight_every` tracked steps
+    Weight statistics (`out_weight_norm`) are recorded once per `track.weight_interval` steps
     and a skipped step is NaN, so "the last step" means the last step that recorded the statistic.
     Reads backwards in growing blocks: usually one row."""
     if name not in ds.variables:

@@ -76,7 +76,7 @@ CHANNEL_VARS: dict[str, str] = {
     "gn_bias": "GroupNorm beta used by this step's forward",
     "gn_weight_grad": "|d loss / d gamma| of this step (NaN when tracked without gradients)",
     "out_weight_norm": "L2 norm of the weights of the next layer(s) that read this channel (NaN when unknown; "
-    "in training traces recorded every track.weight_every tracked steps, NaN in between)",
+    "in training traces recorded once per track.weight_interval steps, NaN in between)",
 }
 SCALAR_VARS: dict[str, str] = {
     "loss": "training loss of the step (NaN when not training)",
@@ -86,7 +86,7 @@ SCALAR_VARS: dict[str, str] = {
 }
 PARAM_VARS: dict[str, str] = {
     "near_zero_frac": "share of near-zero weights of each conv/linear weight (track.near_zero; in training "
-    "traces recorded every track.weight_every tracked steps, NaN in between)",
+    "traces recorded once per track.weight_interval steps, NaN in between)",
 }
 STEP_VARS = ("step", *CHANNEL_VARS, *SCALAR_VARS, *PARAM_VARS)
 CHANNEL_COORDS = ("layer", "channel_index", "part", "has_activation")

@@ -173,6 +173,7 @@ def main() -> None:
         # memory: CUDA peak with and without tracking; CPU: the buffers
         buffers = probes._flat.numel() * probes._flat.element_size()
         results["buffer_bytes"] = buffers
+        results["scratch_bytes"] = probes.scratch.nbytes  # the CPU probes' and weight passes' work memory
         if dev.type == "cuda":
             peaks = {}
             for name, hook in (("off", None), ("tracked", make_tracker(1, Path(tmp) / "mem"))):

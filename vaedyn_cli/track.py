@@ -11,17 +11,19 @@ several processes, over all processes: the numbers equal one process seeing the 
 
 How. Hooks exist only on tracked steps (registered at `begin_step`, removed at `end_step`).
 Each hook only reduces its tensors per (sample, channel) over the spatial axes and keeps the
-small (batch, channel) results: the input's mean and variance (var_mean on GPU; GroupNorm's
-moments kernel on CPU, where var_mean is slow), sum |y|, and the activation's mean and variance.
-A plain GroupNorm's output moments are not measured but derived from its input's (its
-normalisation is affine per sample and group): one pass over y fewer. At the end of the step
-they are folded, all layers at once, into one preallocated float64 device buffer as per-channel
-sums (of means, variances and squared means, weighted by the spatial size; squares in float64
-so that the between-sample variance does not cancel); the buffer (sums, counts, parameter
-statistics) is all-reduced when needed and copied to the host once (asynchronously into pinned
-memory on CUDA); turning sums into statistics happens on the store's writer thread. Hooks fire
-only inside the forward of the model's top-level parts, so gradient checkpointing's
-recomputation during backward is not counted twice.
+small (batch, channel) results: the input's mean and variance (var_mean on GPU; on CPU, where
+var_mean is slow, a sum and a norm per row, with ill-conditioned rows recomputed two-pass), sum
+|y|, and the activation's mean and variance. On CPU every temporary lives in reused scratch
+memory (`Scratch`), so a tracked step allocates nothing activation-sized. A plain GroupNorm's
+output moments are not measured but derived from its input's (its normalisation is affine per
+sample and group): one pass over y fewer. At the end of the step they are folded, all layers at
+once, into one preallocated float64 device buffer as per-channel sums (of means, variances and
+squared means, weighted by the spatial size; squares in float64 so that the between-sample
+variance does not cancel); the buffer (sums, counts, parameter statistics) is all-reduced when
+needed and copied to the host once (asynchronously into pinned memory on CUDA); turning sums
+into statistics happens on the store's writer thread. Hooks fire only inside the forward of the
+model's top-level parts, so gradient checkpointing's recomputation during backward is not
+counted twice.
 """
 
 from __future__ import annotations
@@ -458,7 +460,7 @@ class ChannelProbes:
         entries.clear()
 
     def _snapshot_affine(self) -> None:
-        """gamma and beta of the derivable norms, as float64 (1 and 0 where a norm has none)."""
+        """gamma and beta of the derivable norms, in the buffers' precision (1 and 0 where a norm has none)."""
         with torch.no_grad():
             for row, attr, default in ((0, "weight", 1.0), (1, "bias", 0.0)):
                 vals = []

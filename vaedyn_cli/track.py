@@ -460,15 +460,20 @@ class ChannelProbes:
         entries.clear()
 
     def _snapshot_affine(self) -> None:
-        """gamma and beta of the derivable norms, in the buffers' precision (1 and 0 where a norm has none)."""
+        """gamma and beta of the derivable norms (1 and 0 where a norm has none)."""
         with torch.no_grad():
-            for row, attr, default in ((0, "weight", 1.0), (1, "bias", 0.0)):
-                vals = []
-                for layer, ok in zip(self.layers, self._derivable, strict=True):
-                    p = getattr(layer.module, attr, None) if ok else None
-                    vals.append(p.detach().reshape(-1) if isinstance(p, torch.Tensor) else
-                                torch.full((layer.channels,), default, device=self.device))
-                self._affine[row].copy_(torch.cat(vals))
+            self._affine[0].copy_(self._per_channel("weight", 1.0, self._derivable))
+            self._affine[1].copy_(self._per_channel("bias", 0.0, self._derivable))
+
+    def _per_channel(self, attr: str, fill: float, where: Sequence[bool] | None = None) -> torch.Tensor:
+        """A norm parameter (weight or bias) of every tracked layer side by side, `fill` for layers
+        without it (or not in `where`)."""
+        vals = []
+        for k, layer in enumerate(self.layers):
+            p = getattr(layer.module, attr, None) if where is None or where[k] else None
+            vals.append(p.detach().reshape(-1) if isinstance(p, torch.Tensor) else
+                        torch.full((layer.channels,), fill, dtype=self._flat.dtype, device=self.device))
+        return torch.cat(vals)
 
     def _derive(
         self, signature: tuple[tuple[int, int], ...], cols: torch.Tensor, xm: torch.Tensor, xv: torch.Tensor, y1: torch.Tensor
@@ -528,12 +533,8 @@ class ChannelProbes:
     @torch.no_grad()
     def capture_params(self, weights: bool = True) -> None:
         """gamma and beta (and, with `weights`, out_weight_norm and near_zero_frac) as they are now."""
-        for i, row in ((P_WEIGHT, "weight"), (P_BIAS, "bias")):
-            vals = []
-            for layer in self.layers:
-                p = getattr(layer.module, row, None)
-                vals.append(p.detach().reshape(-1) if isinstance(p, torch.Tensor) else self._nan(layer.channels))
-            self.params[i].copy_(torch.cat(vals))
+        self.params[P_WEIGHT].copy_(self._per_channel("weight", math.nan))
+        self.params[P_BIAS].copy_(self._per_channel("bias", math.nan))
         if not weights:
             return
         norms = []

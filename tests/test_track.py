@@ -486,3 +486,43 @@ def test_weight_statistics_once_per_weight_interval(interval, weight_interval, d
     cfg = RunConfig.model_validate({"track": {"interval": interval, "weight_interval": weight_interval}})
     tracked = [s for s in range(1, 301) if s % interval == 0]
     assert [s for s in tracked if Tracker._weights_due(SimpleNamespace(cfg=cfg), s)] == due
+
+
+def _planted_rows(b: int, c: int, h: int, w: int) -> torch.Tensor:
+    """(b, c, h, w) float32 with per-channel offsets of 0, 3, 100 and 1000 std (one pass would
+    cancel at the last two), a constant channel and an all-zero one."""
+    gen = torch.Generator().manual_seed(1)
+    t = torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)
+    t += torch.tensor([0.0, 3.0, 100.0, 1000.0]).repeat(c // 4).view(1, c, 1, 1)
+    t[:, 5] = 7.25
+    t[:, 6] = 0.0
+    return t.float()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize(("h", "w"), [(4, 4), (64, 80)], ids=["two-pass size", "one-pass size"])
+def test_moments_in_every_layout_and_size_equal_float64(layout, h, w):
+    """`_moments` (sum and M2 per sample and channel) on every CPU path: small tensors two-pass,
+    large ones one-pass with ill-conditioned rows redone, contiguous rows, a channels-last layout
+    and one that is neither (copied)."""
+    from vaedyn_cli import track as track_mod
+
+    b, c = 2, 32
+    assert (b * c * 4 * 4 <= track_mod.TWO_PASS_MAX_NUMEL) and (b * c * 64 * 80 > track_mod.TWO_PASS_MAX_NUMEL)
+    t4 = _planted_rows(b, c, h, w)
+    if layout == "channels_last":
+        t = t4.contiguous(memory_format=torch.channels_last).reshape(b, c, h * w)
+        assert not t.is_contiguous() and t.transpose(1, 2).is_contiguous()
+    elif layout == "strided":
+        t = t4.reshape(b, c, h * w).transpose(0, 1).contiguous().transpose(0, 1)  # (B, C, L) with C outermost
+        assert not t.is_contiguous() and not t.transpose(1, 2).is_contiguous()
+    else:
+        t = t4.reshape(b, c, h * w)
+    before = t.clone()
+    s, m2 = track_mod._moments(t, track_mod.Scratch())
+    torch.testing.assert_close(t, before, rtol=0, atol=0)  # the input is left alone
+    ref = t.double()
+    n = ref.shape[-1]
+    np.testing.assert_allclose((s.double() / n).numpy(), ref.mean(-1).numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose((m2.double() / n).sqrt().numpy(), ref.std(-1, correction=0).numpy(), rtol=1e-5, atol=1e-6)
+    assert torch.all(m2[:, 5:7] == 0)  # constant channels: exactly no spread

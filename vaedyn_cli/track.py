@@ -11,9 +11,10 @@ several processes, over all processes: the numbers equal one process seeing the 
 
 How. Hooks exist only on tracked steps (registered at `begin_step`, removed at `end_step`).
 Each hook only reduces its tensors per (sample, channel) over the spatial axes and keeps the
-small (batch, channel) results: the input's mean and variance (var_mean on GPU; on CPU, where
-var_mean is slow, a sum and a norm per row, with ill-conditioned rows recomputed two-pass), sum
-|y|, and the activation's mean and variance. On CPU every temporary lives in reused scratch
+small (batch, channel) results: the input's sum and sum of squared deviations (var_mean on GPU;
+on CPU, where var_mean is slow, two-pass for small maps and a sum and a sum of squares per row for
+large ones, with ill-conditioned rows recomputed two-pass; in the tensor's own memory layout),
+sum |y|, and the same two sums of the activation. On CPU every temporary lives in reused scratch
 memory (`Scratch`), so a tracked step allocates nothing activation-sized. A plain GroupNorm's
 output moments are not measured but derived from its input's (its normalisation is affine per
 sample and group): one pass over y fewer. At the end of the step they are folded, all layers at
@@ -237,34 +238,53 @@ def _per_sample_view(t: torch.Tensor) -> torch.Tensor:
 # mean^2 <= 4 var (measured: relative std error 1e-6 at |mean| = 2 std, 2e-5 at 10 std); rows
 # beyond that (near-constant channels above all) are recomputed two-pass.
 ONE_PASS_MAX_MEAN_SQ_OVER_VAR = 4.0
+# Up to this many elements (1 MiB of float32, which stays in the cores' L2 caches between passes)
+# the moments are two-pass: fewer kernels than one pass and its conditioning check.
+TWO_PASS_MAX_NUMEL = 1 << 18
 
 
 def _moments(t: torch.Tensor, scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (sample, channel) mean and population variance of a (B, C, L) tensor.
+    """Per (sample, channel) sum and sum of squared deviations from the mean (M2) of a (B, C, L)
+    tensor; `_fold` divides them by L for all layers at once.
 
-    On GPU var_mean (one kernel, no host sync). On CPU read-only passes with no activation-sized
-    temporary (see `Scratch`): the sum and the norm of each row, the variance from the two, and
-    the ill-conditioned rows (where the subtraction would cancel) gathered into scratch and
-    recomputed two-pass. A strided tensor is first copied into scratch (the norm is 10x slower on
-    strided rows)."""
+    On GPU var_mean (one kernel, no host sync). On CPU, where var_mean is slow, with few kernels and
+    no activation-sized temporary (see `Scratch`): small tensors two-pass, the deviations in
+    scratch; large ones from the sum and the sum of squares of each row, recomputed two-pass where
+    the subtraction would cancel. Rows are summed in the tensor's own layout: a contiguous tensor by
+    its rows (squares summed as a norm), a channels-last one (what oneDNN convolutions return, and
+    the norms after them) along the middle axis of its (B, L, C) layout, squares in scratch
+    (measured at width 1: a norm over its strided rows is 5x slower, copying it into rows first
+    3x). Other layouts are copied into scratch."""
+    n = t.shape[-1]
     if t.device.type != "cpu":
         var, mean = torch.var_mean(t, dim=-1, correction=0)
-        return mean, var
-    if not t.is_contiguous():
+        return mean.mul_(n), var.mul_(n)
+    if not t.is_contiguous() and not t.transpose(1, 2).is_contiguous():
         t = scratch.take("dense", t).copy_(t)
-    n = t.shape[-1]
-    mean = t.sum(-1).div_(n)
-    mean_sq = mean * mean
-    var = torch.linalg.vector_norm(t, 2, dim=-1).square_().div_(n).sub_(mean_sq)
-    idx = (var * ONE_PASS_MAX_MEAN_SQ_OVER_VAR <= mean_sq).view(-1).nonzero().squeeze(1)  # a host sync: free on CPU
-    if idx.numel():
-        rows = t.view(-1, n)
-        rows = torch.index_select(rows, 0, idx, out=scratch.take("rows", rows, (idx.numel(), n)))
-        m = rows.sum(-1).div_(n)
-        v = torch.linalg.vector_norm(rows.sub_(m.unsqueeze(1)), 2, dim=-1).square_().div_(n)
-        mean.view(-1).index_copy_(0, idx, m)
-        var.view(-1).index_copy_(0, idx, v)
-    return mean, var
+    s = t.sum(-1)
+    if t.numel() <= TWO_PASS_MAX_NUMEL:
+        d = torch.sub(t, s.div(n).unsqueeze(-1), out=scratch.like(t, "square"))  # s / n: a constant row's mean exactly
+        return s, d.mul_(d).sum(-1)
+    if t.is_contiguous():
+        m2 = torch.linalg.vector_norm(t, 2, dim=-1).square_().addcmul_(s, s, value=-1 / n)
+        idx = _ill_conditioned(s, m2, n).view(-1).nonzero().squeeze(1)  # a host sync: free on CPU
+        if idx.numel():  # those rows gathered into scratch, two-pass
+            rows = t.view(-1, n)
+            rows = torch.index_select(rows, 0, idx, out=scratch.take("rows", rows, (idx.numel(), n)))
+            rows.sub_(s.view(-1)[idx].div_(n).unsqueeze(1))
+            m2.view(-1).index_copy_(0, idx, torch.linalg.vector_norm(rows, 2, dim=-1).square_())
+        return s, m2
+    tl = t.transpose(1, 2)  # contiguous (B, L, C)
+    sq = scratch.take("square", tl)
+    m2 = torch.mul(tl, tl, out=sq).sum(1).addcmul_(s, s, value=-1 / n)
+    if bool(_ill_conditioned(s, m2, n).any()):  # rare in large maps: all rows two-pass
+        m2 = torch.sub(tl, s.div(n).unsqueeze(1), out=sq).square_().sum(1)
+    return s, m2
+
+
+def _ill_conditioned(s: torch.Tensor, m2: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows with mean^2 >= ONE_PASS_MAX_MEAN_SQ_OVER_VAR * var (M2 <= s^2 / (k n))."""
+    return torch.addcmul(m2, s, s, value=-1 / (ONE_PASS_MAX_MEAN_SQ_OVER_VAR * n)).le_(0)
 
 
 def _plain_group_norm(module: nn.Module) -> bool:
@@ -412,13 +432,13 @@ class ChannelProbes:
                 return
             with torch.no_grad():
                 x, y = _per_sample_view(inputs[0]), _per_sample_view(output)
-                xm, xv = _moments(x, self.scratch)  # (B, C)
+                xs, xm2 = _moments(x, self.scratch)  # (B, C)
                 y1 = _abs_sum(y, self.scratch)
                 if derive and output.dtype in (torch.float32, torch.float64):
-                    self._gn.append((i, x.shape[-1], (xm, xv, y1)))  # y's moments follow from x's (`_derive`)
+                    self._gn.append((i, x.shape[-1], (xs, xm2, y1)))  # y's moments follow from x's (`_derive`)
                 else:
-                    ym, yv = _moments(y, self.scratch)
-                    self._xy.append((i, x.shape[-1], (xm, xv, ym, yv, y1)))
+                    ys, ym2 = _moments(y, self.scratch)
+                    self._xy.append((i, x.shape[-1], (xs, xm2, ys, ym2, y1)))
             self._host_counts[0, i] += x.shape[0] * x.shape[-1]
             self._pending = (i, output) if has_act else None
 
@@ -432,8 +452,8 @@ class ChannelProbes:
         i = pending[0]
         with torch.no_grad():
             a = _per_sample_view(output)
-            am, av = _moments(a, self.scratch)
-        self._act.append((i, a.shape[-1], (am, av)))
+            a_s, a_m2 = _moments(a, self.scratch)
+        self._act.append((i, a.shape[-1], (a_s, a_m2)))
         self._host_counts[1, i] += a.shape[0] * a.shape[-1]
 
     def _fold(self, entries: list[tuple[int, int, tuple[torch.Tensor, ...]]], first_row: int, derive: bool = False) -> None:
@@ -447,6 +467,9 @@ class ChannelProbes:
             signature = tuple((i, n) for i, n, _ in group)
             cols, spatial = self._columns(signature)
             stats = [torch.cat([e[2][k] for e in group], dim=1).to(self.sums.dtype) for k in range(len(group[0][2]))]
+            for j in range(0, len(stats) - 1, 2):  # (sum, M2) -> (mean, variance)
+                stats[j].div_(spatial)
+                stats[j + 1].div_(spatial)
             if derive:
                 stats = self._derive(signature, cols, *stats)
             # squares in the buffer's precision: the between-sample variance S_m2/N - mean^2 cancels
@@ -485,10 +508,11 @@ class ChannelProbes:
         gid, size, eps = self._groups(signature)
         b = xm.shape[0]
         mu = torch.zeros(b, size.numel(), dtype=xm.dtype, device=xm.device).index_add_(1, gid, xm).div_(size)
-        d = xm - mu[:, gid]
+        d = xm - mu.index_select(1, gid)  # index_select: 5x faster than indexing with a tensor
         var_g = torch.zeros_like(mu).index_add_(1, gid, xv + d * d).div_(size)
-        scale = var_g.add_(eps).rsqrt_()[:, gid] * self._affine[0, cols]
-        return [xm, xv, d * scale + self._affine[1, cols], xv * scale * scale, y1]
+        gamma, beta = self._affine.index_select(1, cols)
+        scale = var_g.add_(eps).rsqrt_().index_select(1, gid).mul_(gamma)
+        return [xm, xv, d.mul_(scale).add_(beta), xv * scale * scale, y1]
 
     def _groups(self, signature: tuple[tuple[int, int], ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For a sequence of derivable hook calls: each column's group (numbered over the sequence),

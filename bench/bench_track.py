@@ -2,8 +2,8 @@
 
 Full SDXL VAE architecture (width 1), 32x32 images, batch 8, AdamW, on CPU by default:
 step time with every GroupNorm tracked at every step over step time with tracking off (median of
-interleaved pairs; target <= 1.03), the same at track.interval 10 (pairs of 10-step blocks;
-target <= 1.01), and a reference row: the original project's ActivityMonitor (a forward hook
+interleaved pairs, with a bootstrap 95% interval; target <= 1.03), the same at track.interval 10
+(pairs of 10-step blocks; target <= 1.01), and a reference row: the original project's ActivityMonitor (a forward hook
 taking mean |activation| per channel, one host copy per layer per step, Python lists). Also the
 peak memory tracking adds (CUDA: measured; CPU: the size of its buffers).
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -32,13 +33,30 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--width", type=float, default=1.0, help="SDXL width multiplier (1 = the real architecture)")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--pairs", type=int, default=20, help="interleaved (off, on) step pairs")
+    p.add_argument("--pairs", type=int, default=40, help="interleaved step pairs (order alternates: off-on, on-off)")
     p.add_argument("--block-pairs", type=int, default=5, help="interleaved pairs of 10-step blocks (interval 10)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-near-zero", action="store_true", help="leave out the near-zero weight statistics")
     return p.parse_args()
+
+
+def median_ci(values: list[float], resamples: int = 2000, seed: int = 0) -> list[float]:
+    """Bootstrap 95% interval of the median (percentile method)."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return [meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]]
+
+
+def paired(first: object, second: object, i: int) -> tuple[object, object]:
+    """Run the two thunks in alternating order (pair i even: first, second), so that neither side
+    always follows the other; returns their results as (first, second)."""
+    if i % 2:
+        b = second()
+        return first(), b
+    a = first()
+    return a, second()
 
 
 class ActivityMonitor:
@@ -132,24 +150,27 @@ def main() -> None:
         # every step: interleaved pairs
         off_t, on_t, ratios = [], [], []
         for i in range(args.pairs):
-            a, b = train_step(None), train_step(every)
+            a, b = paired(lambda: train_step(None), lambda: train_step(every), i)
             off_t.append(a)
             on_t.append(b)
             ratios.append(b / a)
             log(f"pair {i}: off {a * 1e3:.1f} ms, tracked {b * 1e3:.1f} ms")
         # reference: ActivityMonitor, interleaved with off
-        mon_ratios = []
-        for _ in range(args.pairs):
-            a = train_step(None)
+        def monitored_step() -> float:
             mon = ActivityMonitor(model)
-            b = train_step(None)
-            mon.remove()
+            try:
+                return train_step(None)
+            finally:
+                mon.remove()
+
+        mon_ratios = []
+        for i in range(args.pairs):
+            a, b = paired(lambda: train_step(None), monitored_step, i)
             mon_ratios.append(b / a)
         # interval 10: pairs of 10-step blocks
         block_ratios = []
         for i in range(args.block_pairs):
-            a = sum(train_step(None) for _ in range(10))
-            b = sum(train_step(tenth) for _ in range(10))
+            a, b = paired(lambda: sum(train_step(None) for _ in range(10)), lambda: sum(train_step(tenth) for _ in range(10)), i)
             block_ratios.append(b / a)
             log(f"block pair {i}: off {a:.2f} s, interval 10 {b:.2f} s")
         every.close()
@@ -190,8 +211,11 @@ def main() -> None:
         "step_off_ms_median": statistics.median(off_t) * 1e3,
         "step_tracked_ms_median": statistics.median(on_t) * 1e3,
         "ratio_every_step": statistics.median(ratios),
+        "ratio_every_step_ci95": median_ci(ratios),
+        "ratio_every_step_pairs": [round(r, 4) for r in ratios],
         "ratio_every_step_mean": statistics.fmean(ratios),
         "ratio_interval_10": statistics.median(block_ratios),
+        "ratio_interval_10_pairs": [round(r, 4) for r in block_ratios],
         "ratio_interval_10_mean": statistics.fmean(block_ratios),
         "ratio_reference_activity_monitor": statistics.median(mon_ratios),
         "targets": {"ratio_every_step": 1.03, "ratio_interval_10": 1.01},

@@ -148,7 +148,9 @@ class Scratch:
     and are then kept. The probes' passes write their temporaries here instead of allocating
     activation-sized tensors on every tracked step: on CPU such allocations reshape the heap, and
     the allocator hands pages back and faults them in again during the backward pass (measured
-    at width 1: 120k extra page faults and about 0.2 s per tracked step)."""
+    at width 1: 120k extra page faults and about 0.2 s per tracked step). Two purposes: "work" for
+    one pass's temporary (squares, deviations, |y|, |w|) and "dense", a dense copy of a strided
+    input that such a pass reads while it writes "work"."""
 
     def __init__(self) -> None:
         self._bufs: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
@@ -163,7 +165,7 @@ class Scratch:
             buf = self._bufs[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buf[:numel].view(shape)
 
-    def like(self, t: torch.Tensor, purpose: str = "dense") -> torch.Tensor:
+    def like(self, t: torch.Tensor, purpose: str = "work") -> torch.Tensor:
         """A tensor with t's shape and strides (t dense, as conv and norm outputs are: contiguous
         or channels-last), so that elementwise ops run at full speed."""
         flat = self.take(purpose, t, (t.numel(),))
@@ -192,7 +194,7 @@ def near_zero_fractions(weights: Sequence[torch.Tensor], cfg: NearZeroConfig, sc
     scratch = scratch or Scratch()
     out = []
     for w in weights:
-        a = torch.abs(w.detach(), out=scratch.take("dense", w))
+        a = torch.abs(w.detach(), out=scratch.take("work", w))
         if cfg.mode == "absolute":
             thr: torch.Tensor | float = cfg.abs_threshold
         else:
@@ -216,7 +218,7 @@ def out_weight_norm(readers: Sequence[nn.Module], channels: int, scratch: Scratc
         if w is None or w.ndim < 2 or w.shape[1] != channels:
             return None
         w = w.detach() if w.dtype in (torch.float32, torch.float64) else w.detach().float()
-        sq = torch.mul(w, w, out=scratch.take("dense", w)).reshape(w.shape[0], -1).sum(0)
+        sq = torch.mul(w, w, out=scratch.take("work", w)).reshape(w.shape[0], -1).sum(0)
         sq = sq.view(channels, -1).sum(1)
         total = sq if total is None else total + sq
     return None if total is None else total.sqrt()
@@ -263,19 +265,19 @@ def _moments(t: torch.Tensor, scratch: Scratch) -> tuple[torch.Tensor, torch.Ten
         t = scratch.take("dense", t).copy_(t)
     s = t.sum(-1)
     if t.numel() <= TWO_PASS_MAX_NUMEL:
-        d = torch.sub(t, s.div(n).unsqueeze(-1), out=scratch.like(t, "square"))  # s / n: a constant row's mean exactly
+        d = torch.sub(t, s.div(n).unsqueeze(-1), out=scratch.like(t))  # s / n: a constant row's mean exactly
         return s, d.mul_(d).sum(-1)
     if t.is_contiguous():
         m2 = torch.linalg.vector_norm(t, 2, dim=-1).square_().addcmul_(s, s, value=-1 / n)
         idx = _ill_conditioned(s, m2, n).view(-1).nonzero().squeeze(1)  # a host sync: free on CPU
         if idx.numel():  # those rows gathered into scratch, two-pass
             rows = t.view(-1, n)
-            rows = torch.index_select(rows, 0, idx, out=scratch.take("rows", rows, (idx.numel(), n)))
+            rows = torch.index_select(rows, 0, idx, out=scratch.take("work", rows, (idx.numel(), n)))
             rows.sub_(s.view(-1)[idx].div_(n).unsqueeze(1))
             m2.view(-1).index_copy_(0, idx, torch.linalg.vector_norm(rows, 2, dim=-1).square_())
         return s, m2
     tl = t.transpose(1, 2)  # contiguous (B, L, C)
-    sq = scratch.take("square", tl)
+    sq = scratch.take("work", tl)
     m2 = torch.mul(tl, tl, out=sq).sum(1).addcmul_(s, s, value=-1 / n)
     if bool(_ill_conditioned(s, m2, n).any()):  # rare in large maps: all rows two-pass
         m2 = torch.sub(tl, s.div(n).unsqueeze(1), out=sq).square_().sum(1)

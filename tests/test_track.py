@@ -526,3 +526,43 @@ def test_moments_in_every_layout_and_size_equal_float64(layout, h, w):
     np.testing.assert_allclose((s.double() / n).numpy(), ref.mean(-1).numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose((m2.double() / n).sqrt().numpy(), ref.std(-1, correction=0).numpy(), rtol=1e-5, atol=1e-6)
     assert torch.all(m2[:, 5:7] == 0)  # constant channels: exactly no spread
+
+
+def test_tracker_folds_after_the_backward_and_without_that_call(tmp_path):
+    """In the training loop the probes are disarmed and folded at after_backward (their results are
+    released before the optimizer allocates); a loop that never calls after_backward records the
+    same statistics at end_step."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from vaedyn_cli.track import Tracker
+
+    model = tiny_model()
+    cfg = RunConfig.model_validate(tiny_config_dict(tmp_path, track={"interval": 1}))
+    ctx = SimpleNamespace(cfg=cfg, accelerator=Accelerator(cpu=True), model=model, optimizer=None,
+                          run_dir=tmp_path / "run", resume_step=None, train_loader=None)
+    tracker = Tracker(ctx)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    hooks = lambda: sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())  # noqa: E731
+    for step, calls_after_backward in ((1, True), (2, False)):
+        tracker.begin_step(step)
+        assert hooks() > 0
+        loss = model(x).sample.square().mean()
+        loss.backward()
+        if calls_after_backward:
+            tracker.after_backward(step)
+            assert hooks() == 0 and tracker.probes.counts.any()  # folded before an optimizer would run
+        tracker.end_step(step, {"loss": float(loss.detach())})
+        assert hooks() == 0
+        model.zero_grad(set_to_none=True)  # same weights, same batch: the same statistics
+    tracker.close()
+    stats = xr.open_datatree(tmp_path / "run" / artifacts.TRACE_DIR, engine="zarr").to_dataset()
+    assert stats["step"].values.tolist() == [1, 2]
+    for name in ("in_std", "mean", "mean_abs", "std", "act_mean", "act_std", "gn_weight"):
+        first, second = stats[name].sel(step=1).values, stats[name].sel(step=2).values
+        np.testing.assert_allclose(first, second, rtol=1e-6, err_msg=name)
+        assert np.isfinite(first).any()
+    # |grad gamma| is read at after_backward only
+    assert np.isfinite(stats["gn_weight_grad"].sel(step=1).values).all()
+    assert np.isnan(stats["gn_weight_grad"].sel(step=2).values).all()

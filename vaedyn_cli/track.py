@@ -9,8 +9,8 @@ population std (ddof=0) over batch and spatial positions (the length axis for th
 norm's (batch, channel, length) input), pooled over all micro-batches of the step and, under
 several processes, over all processes: the numbers equal one process seeing the global batch.
 
-How. Hooks exist only on tracked steps (registered at `begin_step`, removed at `end_step`).
-Each hook only reduces its tensors per (sample, channel) over the spatial axes and keeps the
+How. Hooks exist only on tracked steps (registered at `begin_step`, removed after the step's last
+backward, before the optimizer step). Each hook only reduces its tensors per (sample, channel) over the spatial axes and keeps the
 small (batch, channel) results: the input's sum and sum of squared deviations (var_mean on GPU;
 on CPU, where var_mean is slow, two-pass for small maps and a sum and a sum of squares per row for
 large ones, with ill-conditioned rows recomputed two-pass; in the tensor's own memory layout),
@@ -728,6 +728,7 @@ class Tracker(TrainHook):
         self.probes = ChannelProbes(self.model, cfg.track, ring=cfg.track.queue_size + 2)
         self.probe_batch = load_probe_batch(cfg) if cfg.track.source == "probe" and self.main else None
         self.tracked = False
+        self.folded = False
         self.writer: TraceWriter | None = None
         if self.main:
             path = Path(ctx.run_dir) / artifacts.TRACE_DIR
@@ -748,6 +749,7 @@ class Tracker(TrainHook):
 
     def begin_step(self, step: int) -> None:
         self.tracked = step % self.cfg.track.interval == 0
+        self.folded = False
         if not self.tracked:
             return
         self.probes.reset()
@@ -763,16 +765,25 @@ class Tracker(TrainHook):
         return (step - interval) % self.cfg.track.weight_interval < interval
 
     def after_backward(self, step: int) -> None:
-        if self.tracked and self.cfg.track.gradients:
+        """The step's forwards are over: |grad gamma|, and the hooks' results folded now, before the
+        optimizer allocates its temporaries (see `ChannelProbes.finish`)."""
+        if not self.tracked:
+            return
+        if self.cfg.track.gradients:
             self.probes.capture_grads()
+        if self.cfg.track.source == "batch":
+            self.probes.disarm()
+            self.probes.finish(self.acc)
+            self.folded = True
 
     def end_step(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.tracked:
             return
         self.tracked = False
         if self.cfg.track.source == "batch":
-            self.probes.disarm()
-            self.probes.finish(self.acc)
+            if not self.folded:  # a loop that does not call after_backward
+                self.probes.disarm()
+                self.probes.finish(self.acc)
         elif self.main:
             assert self.probe_batch is not None
             self.probes.capture_params(weights=self._weights_due(step))

@@ -7,7 +7,7 @@ interleaved pairs, with a bootstrap 95% interval; target <= 1.03), the same at t
 taking mean |activation| per channel, one host copy per layer per step, Python lists). Also the
 peak memory tracking adds (CUDA: measured; CPU: the size of its buffers).
 
-    python bench/bench_track.py                         # the figures of bench/RESULTS.md
+    python bench/bench_track.py                         # the figures of bench/RESULTS.md (about 20 min)
     python bench/bench_track.py --width 0.25 --pairs 4  # smoke run
 
 Prints one JSON object on stdout (progress on stderr).
@@ -33,7 +33,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--width", type=float, default=1.0, help="SDXL width multiplier (1 = the real architecture)")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--pairs", type=int, default=40, help="interleaved step pairs (order alternates: off-on, on-off)")
+    p.add_argument("--pairs", type=int, default=60, help="interleaved step pairs (order alternates: off-on, on-off)")
     p.add_argument("--block-pairs", type=int, default=5, help="interleaved pairs of 10-step blocks (interval 10)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -10,11 +10,11 @@ norm's (batch, channel, length) input), pooled over all micro-batches of the ste
 several processes, over all processes: the numbers equal one process seeing the global batch.
 
 How. Hooks exist only on tracked steps (registered at `begin_step`, removed after the step's last
-backward, before the optimizer step). Each hook only reduces its tensors per (sample, channel) over the spatial axes and keeps the
-small (batch, channel) results: the input's sum and sum of squared deviations (var_mean on GPU;
-on CPU, where var_mean is slow, two-pass for small maps and a sum and a sum of squares per row for
-large ones, with ill-conditioned rows recomputed two-pass; in the tensor's own memory layout),
-sum |y|, and the same two sums of the activation. On CPU every temporary lives in reused scratch
+backward, before the optimizer step). Each hook only reduces its tensors per (sample, channel)
+over the spatial axes and keeps the small (batch, channel) results: the input's sum and sum of
+squared deviations (var_mean on GPU; on CPU, where var_mean is slow, two-pass for small maps and a
+sum and a sum of squares per row for large ones, with ill-conditioned rows recomputed two-pass; in
+the tensor's own memory layout), sum |y|, and the same two sums of the activation. On CPU every temporary lives in reused scratch
 memory (`Scratch`), so a tracked step allocates nothing activation-sized. A plain GroupNorm's
 output moments are not measured but derived from its input's (its normalisation is affine per
 sample and group): one pass over y fewer. At the end of the step they are folded, all layers at

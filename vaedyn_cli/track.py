@@ -14,17 +14,17 @@ backward, before the optimizer step). Each hook only reduces its tensors per (sa
 over the spatial axes and keeps the small (batch, channel) results: the input's sum and sum of
 squared deviations (var_mean on GPU; on CPU, where var_mean is slow, two-pass for small maps and a
 sum and a sum of squares per row for large ones, with ill-conditioned rows recomputed two-pass; in
-the tensor's own memory layout), sum |y|, and the same two sums of the activation. On CPU every temporary lives in reused scratch
-memory (`Scratch`), so a tracked step allocates nothing activation-sized. A plain GroupNorm's
-output moments are not measured but derived from its input's (its normalisation is affine per
-sample and group): one pass over y fewer. At the end of the step they are folded, all layers at
-once, into one preallocated float64 device buffer as per-channel sums (of means, variances and
-squared means, weighted by the spatial size; squares in float64 so that the between-sample
-variance does not cancel); the buffer (sums, counts, parameter statistics) is all-reduced when
-needed and copied to the host once (asynchronously into pinned memory on CUDA); turning sums
-into statistics happens on the store's writer thread. Hooks fire only inside the forward of the
-model's top-level parts, so gradient checkpointing's recomputation during backward is not
-counted twice.
+the tensor's own memory layout), sum |y|, and the same two sums of the activation. On CPU every
+temporary lives in reused scratch memory (`Scratch`), so a tracked step allocates nothing
+activation-sized. A plain GroupNorm's output moments are not measured but derived from its
+input's (its normalisation is affine per sample and group): one pass over y fewer. After the
+step's last backward they are folded, all layers at once, into one preallocated float64 device
+buffer as per-channel sums (of means, variances and squared means, weighted by the spatial size;
+squares in float64 so that the between-sample variance does not cancel); the buffer (sums,
+counts, parameter statistics) is all-reduced when needed and copied to the host once
+(asynchronously into pinned memory on CUDA); turning sums into statistics happens on the store's
+writer thread. Hooks fire only inside the forward of the model's top-level parts, so gradient
+checkpointing's recomputation during backward is not counted twice.
 """
 
 from __future__ import annotations
@@ -264,24 +264,23 @@ def _moments(t: torch.Tensor, scratch: Scratch) -> tuple[torch.Tensor, torch.Ten
     if not t.is_contiguous() and not t.transpose(1, 2).is_contiguous():
         t = scratch.take("dense", t).copy_(t)
     s = t.sum(-1)
-    if t.numel() <= TWO_PASS_MAX_NUMEL:
-        d = torch.sub(t, s.div(n).unsqueeze(-1), out=scratch.like(t))  # s / n: a constant row's mean exactly
-        return s, d.mul_(d).sum(-1)
-    if t.is_contiguous():
-        m2 = torch.linalg.vector_norm(t, 2, dim=-1).square_().addcmul_(s, s, value=-1 / n)
-        idx = _ill_conditioned(s, m2, n).view(-1).nonzero().squeeze(1)  # a host sync: free on CPU
-        if idx.numel():  # those rows gathered into scratch, two-pass
-            rows = t.view(-1, n)
-            rows = torch.index_select(rows, 0, idx, out=scratch.take("work", rows, (idx.numel(), n)))
-            rows.sub_(s.view(-1)[idx].div_(n).unsqueeze(1))
-            m2.view(-1).index_copy_(0, idx, torch.linalg.vector_norm(rows, 2, dim=-1).square_())
-        return s, m2
-    tl = t.transpose(1, 2)  # contiguous (B, L, C)
-    sq = scratch.take("work", tl)
-    m2 = torch.mul(tl, tl, out=sq).sum(1).addcmul_(s, s, value=-1 / n)
-    if bool(_ill_conditioned(s, m2, n).any()):  # rare in large maps: all rows two-pass
-        m2 = torch.sub(tl, s.div(n).unsqueeze(1), out=sq).square_().sum(1)
-    return s, m2
+    if t.numel() > TWO_PASS_MAX_NUMEL:
+        if t.is_contiguous():
+            m2 = torch.linalg.vector_norm(t, 2, dim=-1).square_().addcmul_(s, s, value=-1 / n)
+            idx = _ill_conditioned(s, m2, n).view(-1).nonzero().squeeze(1)  # a host sync: free on CPU
+            if idx.numel():  # those rows gathered into scratch, two-pass
+                rows = t.view(-1, n)
+                rows = torch.index_select(rows, 0, idx, out=scratch.take("work", rows, (idx.numel(), n)))
+                rows.sub_(s.view(-1)[idx].div_(n).unsqueeze(1))
+                m2.view(-1).index_copy_(0, idx, torch.linalg.vector_norm(rows, 2, dim=-1).square_())
+            return s, m2
+        tl = t.transpose(1, 2)  # contiguous (B, L, C)
+        m2 = torch.mul(tl, tl, out=scratch.take("work", tl)).sum(1).addcmul_(s, s, value=-1 / n)
+        if not bool(_ill_conditioned(s, m2, n).any()):
+            return s, m2
+        # rare in large maps: all rows two-pass (gathering strided rows costs more than the pass)
+    d = torch.sub(t, s.div(n).unsqueeze(-1), out=scratch.like(t))  # s / n: a constant row's mean exactly
+    return s, d.mul_(d).sum(-1)
 
 
 def _ill_conditioned(s: torch.Tensor, m2: torch.Tensor, n: int) -> torch.Tensor:
@@ -295,8 +294,8 @@ def _plain_group_norm(module: nn.Module) -> bool:
 
 
 def _abs_sum(t: torch.Tensor, scratch: Scratch) -> torch.Tensor:
-    """Per (sample, channel) sum of |t| (on CPU |t| in scratch, then summed: about twice as fast as
-    an L1 norm)."""
+    """Per (sample, channel) sum of |t| (on CPU |t| in scratch, then summed: measured 3 to 8x faster
+    than an L1 norm)."""
     if t.device.type == "cpu":
         return torch.abs(t, out=scratch.like(t)).sum(-1)
     return torch.linalg.vector_norm(t, ord=1, dim=-1)

@@ -727,7 +727,6 @@ class Tracker(TrainHook):
         self.probes = ChannelProbes(self.model, cfg.track, ring=cfg.track.queue_size + 2)
         self.probe_batch = load_probe_batch(cfg) if cfg.track.source == "probe" and self.main else None
         self.tracked = False
-        self.folded = False
         self.writer: TraceWriter | None = None
         if self.main:
             path = Path(ctx.run_dir) / artifacts.TRACE_DIR
@@ -748,7 +747,6 @@ class Tracker(TrainHook):
 
     def begin_step(self, step: int) -> None:
         self.tracked = step % self.cfg.track.interval == 0
-        self.folded = False
         if not self.tracked:
             return
         self.probes.reset()
@@ -773,14 +771,13 @@ class Tracker(TrainHook):
         if self.cfg.track.source == "batch":
             self.probes.disarm()
             self.probes.finish(self.acc)
-            self.folded = True
 
     def end_step(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.tracked:
             return
         self.tracked = False
         if self.cfg.track.source == "batch":
-            if not self.folded:  # a loop that does not call after_backward
+            if self.probes.armed:  # a loop that does not call after_backward
                 self.probes.disarm()
                 self.probes.finish(self.acc)
         elif self.main:

@@ -500,7 +500,7 @@ def _planted_rows(b: int, c: int, h: int, w: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-@pytest.mark.parametrize(("h", "w"), [(4, 4), (64, 80)], ids=["two-pass size", "one-pass size"])
+@pytest.mark.parametrize(("h", "w"), [(4, 4), (3, 5), (64, 80)], ids=["two-pass size", "two-pass odd size", "one-pass size"])
 def test_moments_in_every_layout_and_size_equal_float64(layout, h, w):
     """`_moments` (sum and M2 per sample and channel) on every CPU path: small tensors two-pass,
     large ones one-pass with ill-conditioned rows redone, contiguous rows, a channels-last layout
@@ -566,3 +566,22 @@ def test_tracker_folds_after_the_backward_and_without_that_call(tmp_path):
     # |grad gamma| is read at after_backward only
     assert np.isfinite(stats["gn_weight_grad"].sel(step=1).values).all()
     assert np.isnan(stats["gn_weight_grad"].sel(step=2).values).all()
+
+
+def test_scratch_views_follow_the_buffer_when_it_grows():
+    """Scratch hands out cached views; after a larger request replaces the buffer, a view of a
+    shape asked for before is a view of the new buffer (a stale view would let two passes write
+    into different memory than they read), and it has the strides of the tensor it mimics."""
+    from vaedyn_cli.track import Scratch
+
+    scratch = Scratch()
+    small = torch.zeros(2, 3, 4)
+    cl = torch.zeros(2, 3, 4, 4).contiguous(memory_format=torch.channels_last).flatten(2)
+    first = scratch.like(small)
+    assert scratch.like(small) is first  # cached
+    grown = scratch.take("work", small, (1000,))
+    again = scratch.like(small)
+    assert again.data_ptr() == grown.data_ptr() != first.data_ptr()
+    view = scratch.like(cl)
+    assert view.stride() == cl.stride() and view.data_ptr() == grown.data_ptr()
+    assert scratch.nbytes == 1000 * 4

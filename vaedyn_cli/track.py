@@ -148,28 +148,53 @@ class Scratch:
     and are then kept. The probes' passes write their temporaries here instead of allocating
     activation-sized tensors on every tracked step: on CPU such allocations reshape the heap, and
     the allocator hands pages back and faults them in again during the backward pass (measured
-    at width 1: 120k extra page faults and about 0.2 s per tracked step). Two purposes: "work" for
-    one pass's temporary (squares, deviations, |y|, |w|) and "dense", a dense copy of a strided
-    input that such a pass reads while it writes "work"."""
+    at width 1: 120k extra page faults and about 0.2 s per tracked step). Purposes: "work" for
+    one pass's temporary (squares, deviations, |y|, |w|), "dense", a dense copy of a strided
+    input that such a pass reads while it writes "work", and "fold", the block of all layers'
+    per-sample statistics that `ChannelProbes._fold` sums."""
+
+    # Views handed out are kept (by purpose, shape and strides): the same few shapes recur every
+    # step, and making a view costs as much as a small kernel inside the model's forward.
+    MAX_VIEWS = 512
 
     def __init__(self) -> None:
         self._bufs: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self._views: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def _buffer(self, purpose: str, like: torch.Tensor, numel: int) -> torch.Tensor:
+        key = (purpose, like.device, like.dtype)
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self._bufs[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self._views.clear()  # views of the old buffer
+        return buf
+
+    def _view(self, key: tuple[Any, ...], make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) >= self.MAX_VIEWS:
+                self._views.clear()
+            view = self._views[key] = make()
+        return view
 
     def take(self, purpose: str, like: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
         """A contiguous tensor of `shape` (default: like's) with like's dtype and device."""
         shape = tuple(like.shape if shape is None else shape)
         numel = math.prod(shape)
-        key = (purpose, like.device, like.dtype)
-        buf = self._bufs.get(key)
-        if buf is None or buf.numel() < numel:
-            buf = self._bufs[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-        return buf[:numel].view(shape)
+        buf = self._buffer(purpose, like, numel)
+        return self._view((purpose, like.device, like.dtype, shape), lambda: buf[:numel].view(shape))
 
     def like(self, t: torch.Tensor, purpose: str = "work") -> torch.Tensor:
         """A tensor with t's shape and strides (t dense, as conv and norm outputs are: contiguous
         or channels-last), so that elementwise ops run at full speed."""
-        flat = self.take(purpose, t, (t.numel(),))
-        return flat.as_strided(t.shape, t.stride()) if _dense(t) else flat.view(t.shape)
+        shape, stride = tuple(t.shape), t.stride()
+        buf = self._buffer(purpose, t, t.numel())
+
+        def make() -> torch.Tensor:
+            flat = buf[: t.numel()]
+            return flat.as_strided(shape, stride) if _dense(t) else flat.view(shape)
+
+        return self._view((purpose, t.device, t.dtype, shape, stride), make)
 
     @property
     def nbytes(self) -> int:
@@ -229,11 +254,19 @@ def out_weight_norm(readers: Sequence[nn.Module], channels: int, scratch: Scratc
 
 
 def _per_sample_view(t: torch.Tensor) -> torch.Tensor:
-    """(B, C, ...) as (B, C, L): spatial positions (or the attention norm's length) flattened."""
-    t = t.detach()
+    """(B, C, ...) as (B, C, L): spatial positions (or the attention norm's length) flattened.
+    Called under no_grad (hooks), so no detach is needed."""
     if t.dtype not in (torch.float32, torch.float64):
         t = t.float()
-    return t.reshape(t.shape[0], t.shape[1], -1)
+    return t if t.ndim == 3 else t.flatten(2)
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    """Whether a (B, C, L) tensor is laid out as a contiguous (B, L, C) (what t.transpose(1, 2)
+    .is_contiguous() says, without making the view)."""
+    b, c, n = t.shape
+    sb, sc, sn = t.stride()
+    return (c == 1 or sc == 1) and (n == 1 or sn == c) and (b == 1 or sb == c * n)
 
 
 # One-pass moments (float32 sum and sum of squares) keep about 6 digits of the std while
@@ -261,7 +294,7 @@ def _moments(t: torch.Tensor, scratch: Scratch) -> tuple[torch.Tensor, torch.Ten
     if t.device.type != "cpu":
         var, mean = torch.var_mean(t, dim=-1, correction=0)
         return mean.mul_(n), var.mul_(n)
-    if not t.is_contiguous() and not t.transpose(1, 2).is_contiguous():
+    if not t.is_contiguous() and not _channels_last(t):
         t = scratch.take("dense", t).copy_(t)
     s = t.sum(-1)
     if t.numel() > TWO_PASS_MAX_NUMEL:
@@ -279,7 +312,10 @@ def _moments(t: torch.Tensor, scratch: Scratch) -> tuple[torch.Tensor, torch.Ten
         if not bool(_ill_conditioned(s, m2, n).any()):
             return s, m2
         # rare in large maps: all rows two-pass (gathering strided rows costs more than the pass)
-    d = torch.sub(t, s.div(n).unsqueeze(-1), out=scratch.like(t))  # s / n: a constant row's mean exactly
+    # the deviations from s / n (a constant row's mean exactly): as t - s * (1 / n), one kernel,
+    # where 1 / n is exact (n a power of two, as spatial sizes are)
+    mean = s.unsqueeze(-1) if n & (n - 1) == 0 else s.div(n).unsqueeze(-1)
+    d = torch.sub(t, mean, alpha=1 / n if n & (n - 1) == 0 else 1, out=scratch.like(t))
     return s, d.mul_(d).sum(-1)
 
 
@@ -460,27 +496,34 @@ class ChannelProbes:
     def _fold(self, entries: list[tuple[int, int, tuple[torch.Tensor, ...]]], first_row: int, derive: bool = False) -> None:
         """Add the per-(sample, channel) statistics collected by the hooks into the sums, all layers
         at once: moment triplets (sum of means, variances, squared means, times the spatial size)
-        and, for the norm outputs, sum |y|. A few kernels per step instead of a few per layer."""
+        and, for the norm outputs, sum |y|. A few kernels per step instead of a few per layer: every
+        statistic of every call goes side by side into one float64 block (one cat), and each
+        moment pair is added with two index_adds."""
         groups: dict[int, list[tuple[int, int, tuple[torch.Tensor, ...]]]] = {}
         for entry in entries:
             groups.setdefault(entry[2][0].shape[0], []).append(entry)
-        for group in groups.values():
+        for b, group in groups.items():
             signature = tuple((i, n) for i, n, _ in group)
             cols, spatial = self._columns(signature)
-            stats = [torch.cat([e[2][k] for e in group], dim=1).to(self.sums.dtype) for k in range(len(group[0][2]))]
-            for j in range(0, len(stats) - 1, 2):  # (sum, M2) -> (mean, variance)
-                stats[j].div_(spatial)
-                stats[j + 1].div_(spatial)
+            k, width = len(group[0][2]), cols.numel()
+            parts = [e[2][j] for j in range(k) for e in group]
+            stats = self.scratch.take("fold", self.sums, (b, k, width))
+            if parts[0].dtype == stats.dtype:
+                torch.cat(parts, dim=1, out=stats.view(b, k * width))
+            else:  # cat's fast path needs one dtype: float32 first, then one conversion
+                stats.view(b, k * width).copy_(torch.cat(parts, dim=1, out=self.scratch.take("fold", parts[0], (b, k * width))))
+            n_pairs = k // 2
+            stats[:, : 2 * n_pairs].div_(spatial)  # (sum, M2) -> (mean, variance)
+            pairs = [stats[:, 2 * p : 2 * p + 2] for p in range(n_pairs)]  # (B, 2, K): mean, variance
             if derive:
-                stats = self._derive(signature, cols, *stats)
-            # squares in the buffer's precision: the between-sample variance S_m2/N - mean^2 cancels
-            for j in range(0, len(stats) - 1, 2):
-                mean, var = stats[j], stats[j + 1]
-                block = torch.stack([mean.sum(0), var.sum(0), (mean * mean).sum(0)]) * spatial
-                row = first_row + 3 * (j // 2)
-                self.sums[row : row + 3].index_add_(1, cols, block)
-            if len(stats) % 2:
-                self.sums[Y_ABS].index_add_(0, cols, stats[-1].sum(0))
+                pairs.append(self._derive(signature, cols, stats[:, 0], stats[:, 1]))
+            for p, mv in enumerate(pairs):
+                # squares in the buffer's precision: the between-sample variance S_m2/N - mean^2 cancels
+                rows = self.sums[first_row + 3 * p : first_row + 3 * p + 3]
+                rows[:2].index_add_(1, cols, mv.sum(0).mul_(spatial))
+                rows[2].index_add_(0, cols, torch.mul(mv[:, 0], mv[:, 0]).sum(0).mul_(spatial))
+            if k % 2:
+                self.sums[Y_ABS].index_add_(0, cols, stats[:, -1].sum(0))
         entries.clear()
 
     def _snapshot_affine(self) -> None:
@@ -500,20 +543,24 @@ class ChannelProbes:
         return torch.cat(vals)
 
     def _derive(
-        self, signature: tuple[tuple[int, int], ...], cols: torch.Tensor, xm: torch.Tensor, xv: torch.Tensor, y1: torch.Tensor
-    ) -> list[torch.Tensor]:
-        """The output moments of plain GroupNorms from their inputs', all layers at once (float64,
-        (B, K) per column): y = gamma (x - mu_g) rstd_g + beta per sample and group, where the group's
-        mean and variance pool its channels' (law of total variance) and rstd_g = 1 / sqrt(var_g + eps),
-        as GroupNorm computes them. Exact up to the rounding of y itself, and a pass over y fewer."""
+        self, signature: tuple[tuple[int, int], ...], cols: torch.Tensor, xm: torch.Tensor, xv: torch.Tensor
+    ) -> torch.Tensor:
+        """The output moments of plain GroupNorms from their inputs', all layers at once: (B, 2, K)
+        float64, the means and variances of y per sample and column. y = gamma (x - mu_g) rstd_g +
+        beta per sample and group, where the group's mean and variance pool its channels' (law of
+        total variance) and rstd_g = 1 / sqrt(var_g + eps), as GroupNorm computes them. Exact up to
+        the rounding of y itself, and a pass over y fewer."""
         gid, size, eps = self._groups(signature)
         b = xm.shape[0]
         mu = torch.zeros(b, size.numel(), dtype=xm.dtype, device=xm.device).index_add_(1, gid, xm).div_(size)
-        d = xm - mu.index_select(1, gid)  # index_select: 5x faster than indexing with a tensor
-        var_g = torch.zeros_like(mu).index_add_(1, gid, xv + d * d).div_(size)
+        out = torch.empty(b, 2, xm.shape[1], dtype=xm.dtype, device=xm.device)
+        d = torch.sub(xm, mu.index_select(1, gid), out=out[:, 0])  # index_select: 5x faster than indexing with a tensor
+        var_g = torch.zeros_like(mu).index_add_(1, gid, torch.addcmul(xv, d, d)).div_(size)
         gamma, beta = self._affine.index_select(1, cols)
         scale = var_g.add_(eps).rsqrt_().index_select(1, gid).mul_(gamma)
-        return [xm, xv, d.mul_(scale).add_(beta), xv * scale * scale, y1]
+        torch.mul(xv, scale.square(), out=out[:, 1])
+        d.mul_(scale).add_(beta)
+        return out
 
     def _groups(self, signature: tuple[tuple[int, int], ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For a sequence of derivable hook calls: each column's group (numbered over the sequence),

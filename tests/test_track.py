@@ -585,3 +585,32 @@ def test_scratch_views_follow_the_buffer_when_it_grows():
     view = scratch.like(cl)
     assert view.stride() == cl.stride() and view.data_ptr() == grown.data_ptr()
     assert scratch.nbytes == 1000 * 4
+
+
+def test_fold_of_mixed_precision_statistics_keeps_the_double_precision():
+    """The fold concatenates the hooks' float32 results before converting them (cat's fast path);
+    a call whose statistics are float64 (a layer run in double) must not be rounded to float32 on
+    the way: the sums equal those of an all-float64 fold of the same values."""
+    model = build_preset(TINY_WIDTH, 0)
+    probes = ChannelProbes(model, TrackConfig())
+    probes.reset()
+    probes.arm()
+    with torch.no_grad():
+        model(torch.rand(2, 3, 32, 32) * 2 - 1)
+    probes.disarm()
+    saved = [list(probes._xy), list(probes._gn), list(probes._act)]
+    assert all(t.dtype == torch.float32 for entries in saved for _, _, stats in entries for t in stats)
+    i, n, stats = saved[1][1]  # not the first call: the first one's dtype picks the path
+    fine = (i, n, tuple(t.double() * (1 + 2**-40) for t in stats))  # not representable in float32
+
+    def fold(entries: list[list]) -> torch.Tensor:
+        probes.sums.zero_()
+        probes._xy[:], probes._gn[:], probes._act[:] = (list(v) for v in entries)
+        probes.finish()
+        return probes.sums.clone()
+
+    as_double = [[(j, m, tuple(t.double() for t in st)) for j, m, st in v] for v in saved]
+    as_double[1][1] = fine
+    mixed = [list(v) for v in saved]
+    mixed[1][1] = fine
+    assert torch.equal(fold(mixed), fold(as_double))

@@ -508,10 +508,13 @@ class ChannelProbes:
             k, width = len(group[0][2]), cols.numel()
             parts = [e[2][j] for j in range(k) for e in group]
             stats = self.scratch.take("fold", self.sums, (b, k, width))
-            if parts[0].dtype == stats.dtype:
-                torch.cat(parts, dim=1, out=stats.view(b, k * width))
-            else:  # cat's fast path needs one dtype: float32 first, then one conversion
-                stats.view(b, k * width).copy_(torch.cat(parts, dim=1, out=self.scratch.take("fold", parts[0], (b, k * width))))
+            flat, dtype = stats.view(b, k * width), parts[0].dtype
+            if dtype == flat.dtype:
+                torch.cat(parts, dim=1, out=flat)
+            elif all(p.dtype == dtype for p in parts):  # cat's fast path needs one dtype: cat first, then convert
+                flat.copy_(torch.cat(parts, dim=1, out=self.scratch.take("fold", parts[0], (b, k * width))))
+            else:  # mixed dtypes (cat promotes)
+                flat.copy_(torch.cat(parts, dim=1))
             n_pairs = k // 2
             stats[:, : 2 * n_pairs].div_(spatial)  # (sum, M2) -> (mean, variance)
             pairs = [stats[:, 2 * p : 2 * p + 2] for p in range(n_pairs)]  # (B, 2, K): mean, variance

@@ -312,10 +312,11 @@ def _moments(t: torch.Tensor, scratch: Scratch) -> tuple[torch.Tensor, torch.Ten
         if not bool(_ill_conditioned(s, m2, n).any()):
             return s, m2
         # rare in large maps: all rows two-pass (gathering strided rows costs more than the pass)
-    # the deviations from s / n (a constant row's mean exactly): as t - s * (1 / n), one kernel,
-    # where 1 / n is exact (n a power of two, as spatial sizes are)
-    mean = s.unsqueeze(-1) if n & (n - 1) == 0 else s.div(n).unsqueeze(-1)
-    d = torch.sub(t, mean, alpha=1 / n if n & (n - 1) == 0 else 1, out=scratch.like(t))
+    # the deviations from s / n (a constant row's mean exactly)
+    if n & (n - 1) == 0:  # n a power of two, as spatial sizes are: 1 / n is exact, one kernel
+        d = torch.sub(t, s.unsqueeze(-1), alpha=1 / n, out=scratch.like(t))
+    else:
+        d = torch.sub(t, s.div(n).unsqueeze(-1), out=scratch.like(t))
     return s, d.mul_(d).sum(-1)
 
 

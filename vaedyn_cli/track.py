@@ -558,10 +558,13 @@ class ChannelProbes:
         b = xm.shape[0]
         mu = torch.zeros(b, size.numel(), dtype=xm.dtype, device=xm.device).index_add_(1, gid, xm).div_(size)
         out = torch.empty(b, 2, xm.shape[1], dtype=xm.dtype, device=xm.device)
-        d = torch.sub(xm, mu.index_select(1, gid), out=out[:, 0])  # index_select: 5x faster than indexing with a tensor
+        # spread per column with gather (on CPU 3x faster than index_select along dim 1, which is
+        # 5x faster than indexing with a tensor)
+        g = gid.expand(b, -1)
+        d = torch.sub(xm, torch.gather(mu, 1, g), out=out[:, 0])
         var_g = torch.zeros_like(mu).index_add_(1, gid, torch.addcmul(xv, d, d)).div_(size)
-        gamma, beta = self._affine.index_select(1, cols)
-        scale = var_g.add_(eps).rsqrt_().index_select(1, gid).mul_(gamma)
+        gamma, beta = torch.gather(self._affine, 1, cols.expand(2, -1))
+        scale = torch.gather(var_g.add_(eps).rsqrt_(), 1, g).mul_(gamma)
         torch.mul(xv, scale.square(), out=out[:, 1])
         d.mul_(scale).add_(beta)
         return out

@@ -1,14 +1,15 @@
 """Where a tracked step's extra time goes, measured in-process (steadier than a step ratio on a
 noisy machine): the Tracker's calls, its hooks and the probes' parts within them are timed with
-perf_counter during tracked training steps, its writer thread by that thread's CPU time
-(tracking_clock.py); medians over the steps.
+perf_counter during tracked training steps, the store's writer and zarr's I/O threads by their
+CPU time (tracking_clock.py); medians over the steps. A store commit (every
+track.commit_interval_s, 60 s) seldom falls into this short run: bench_track.py accounts for it.
 
     python bench/profile_track.py             # full SDXL architecture, 32 px, batch 8, 10 steps
     python bench/profile_track.py --width 0.25 --steps 3   # smoke run
 
 Prints JSON on stdout. `hooks` is the time inside the forward hooks (`moments` and `abs_sum` are
 the reductions within them; the rest is Python and views); `total` adds the Tracker's calls
-outside the forward and the writer thread's CPU time; `ratio_estimate` is the tracked step over
+outside the forward and the background threads' CPU time; `ratio_estimate` is the tracked step over
 the same step less that total. Timers add a few microseconds per call.
 """
 
@@ -50,7 +51,7 @@ def main() -> None:
         ctx = SimpleNamespace(cfg=cfg, accelerator=Accelerator(cpu=True), model=model, optimizer=opt,
                               run_dir=Path(tmp) / "run", resume_step=None, train_loader=None)
         tracker = track_mod.Tracker(ctx)
-        clock = TrackingClock(tracker)  # the Tracker's calls, its hooks and its writer thread
+        clock = TrackingClock(tracker)  # the Tracker's calls, its hooks and the store's threads
         # and, within them, the reductions and the fold
         track_mod._moments = clock.timed("moments", track_mod._moments)
         track_mod._abs_sum = clock.timed("abs_sum", track_mod._abs_sum)
@@ -79,7 +80,7 @@ def main() -> None:
         tracker.close()
 
     med = {k: round(statistics.median(v), 2) for k, v in per_step.items()}
-    med["total"] = round(med["in_step"] + med["writer_thread"], 2)
+    med["total"] = round(med["in_step"] + med["background"], 2)
     med["ratio_estimate"] = round(med["step_wall"] / (med["step_wall"] - med["total"]), 4)  # tracked / untracked
     print(json.dumps({"device": "cpu", "width": args.width, "resolution": args.resolution, "batch": args.batch,
                       "threads": torch.get_num_threads(), "ms_median": med}, indent=2))

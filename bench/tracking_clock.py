@@ -1,5 +1,7 @@
 """Time a Tracker's own work in-process: its calls from the training loop and its forward hooks
-(wall time, perf_counter around each call), and its store writer thread (that thread's CPU time).
+(wall time, perf_counter around each call), and the CPU time of the process's other Python
+threads: the store's writer thread and zarr's I/O threads, which do the writer's encoding and
+writing while it waits (nothing else runs in the background of a benchmark).
 
 Used by bench_track.py (the accounted ratios) and profile_track.py (the breakdown by part). On a
 shared machine whose speed changes from one step to the next, the step ratio of interleaved pairs
@@ -10,6 +12,7 @@ hooks' memory), which the pair ratios include. Each timed call costs about a mic
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -29,36 +32,41 @@ class TrackingClock:
         make_hook = probes._make_norm_hook  # hooks are made when the probes are armed: wrap the factory
         probes._make_norm_hook = lambda i: self.timed("hooks", make_hook(i))
         probes._act_hook = self.timed("hooks", probes._act_hook)
-        writer = tracker.writer
-        self._writer_clock = time.pthread_getcpuclockid(writer._thread.ident) if writer is not None else None
-        self._writer_last = self._writer_cpu()
+        self._background_last: dict[int, float] = {}
+        self._background_cpu()
 
-    def timed(self, name: str, f: Callable[..., Any], clock: Callable[[], float] = time.perf_counter) -> Callable[..., Any]:
+    def timed(self, name: str, f: Callable[..., Any]) -> Callable[..., Any]:
         acc = self.acc
 
         def wrapper(*a: Any, **k: Any) -> Any:
-            t0 = clock()
+            t0 = time.perf_counter()
             try:
                 return f(*a, **k)
             finally:
-                acc[name] += clock() - t0
+                acc[name] += time.perf_counter() - t0
 
         return wrapper
 
-    def _writer_cpu(self) -> float:
-        if self._writer_clock is None:
-            return 0.0
-        try:
-            return time.clock_gettime(self._writer_clock)
-        except OSError:  # the thread has ended
-            return self._writer_last
+    def _background_cpu(self) -> float:
+        """CPU seconds of the Python threads other than the main one since the last call (a thread
+        that ended in between loses what it did since then)."""
+        spent = 0.0
+        for thread in threading.enumerate():
+            if thread is threading.main_thread() or thread.ident is None:
+                continue
+            try:
+                now = time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+            except OSError:  # it has just ended
+                continue
+            spent += now - self._background_last.get(thread.ident, 0.0)
+            self._background_last[thread.ident] = now
+        return spent
 
     def take(self) -> dict[str, float]:
         """Seconds by part since the last call: the timed calls, `in_step` (their sum, all spent on
-        the training thread inside the step) and `writer_thread` (CPU time of the store's thread)."""
+        the training thread inside the step) and `background` (CPU time of the other threads)."""
         out = dict(self.acc)
         self.acc.clear()
         out["in_step"] = sum(out.get(k, 0.0) for k in (*self.CALLS, "hooks"))
-        now = self._writer_cpu()
-        out["writer_thread"], self._writer_last = now - self._writer_last, now
+        out["background"] = self._background_cpu()
         return out

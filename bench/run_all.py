@@ -1,6 +1,6 @@
 """Run every benchmark in turn with the settings whose figures are in bench/RESULTS.md.
 
-    python bench/run_all.py            # all (about half an hour on a 2-core CPU)
+    python bench/run_all.py            # all (about 45 minutes on a 2-core CPU)
     python bench/run_all.py track      # one of: train, track, classify
 
 Each benchmark prints its own figures on stdout; run them on a quiet machine.

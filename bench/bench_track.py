@@ -171,23 +171,21 @@ def main() -> None:
         every.writer.flush()  # nothing of the warm-up left to commit
         tenth.writer.flush()
         every_clock.take()
+        every_clock.background()
         log(f"tracked layers: {len(every.probes.layers)}, channels: {every.probes.n_channels}")
 
         # every step: interleaved pairs; the Tracker's own time in each tracked step
         off_t, on_t, ratios, in_step = [], [], [], []
-        background = 0.0
         for i in range(args.pairs):
             a, b = paired(train_step, lambda: train_step(every), i)
-            parts = every_clock.take()
-            in_step.append(parts["in_step"])
-            background += parts["background"]
+            in_step.append(every_clock.take()["in_step"])
             off_t.append(a)
             on_t.append(b)
             ratios.append(b / a)
             log(f"pair {i}: off {a * 1e3:.1f} ms, tracked {b * 1e3:.1f} ms (tracking {in_step[-1] * 1e3:.1f} ms)")
         every.writer.flush()  # the writer commits what it holds: the CPU time for these steps is then complete
         # (conservative: commits come every 60 s of wall time, which holds half as many tracked steps here)
-        background_every = (background + every_clock.take()["background"]) / args.pairs
+        background_every = every_clock.background() / args.pairs
         accounted = [t / (t - a - background_every) for t, a in zip(on_t, in_step, strict=True)]
 
         # reference: ActivityMonitor, interleaved with off
@@ -206,23 +204,21 @@ def main() -> None:
 
         # interval 10: cycles of ten interleaved single-step pairs, one tracked step per cycle
         tenth_clock.take()  # only this phase's time
+        tenth_clock.background()
         cycle_ratios, cycle_off, cycle_on, cycle_tracking = [], [], [], []
-        background = 0.0
         for c in range(args.cycles):
             off_s = on_s = 0.0
             for i in range(10):
                 a, b = paired(train_step, lambda: train_step(tenth), i)
                 off_s += a
                 on_s += b
-            parts = tenth_clock.take()
-            cycle_tracking.append(parts["in_step"])
-            background += parts["background"]
+            cycle_tracking.append(tenth_clock.take()["in_step"])
             cycle_off.append(off_s)
             cycle_on.append(on_s)
             cycle_ratios.append(on_s / off_s)
             log(f"cycle {c}: off {off_s:.2f} s, interval 10 {on_s:.2f} s (tracking {cycle_tracking[-1] * 1e3:.1f} ms)")
         tenth.writer.flush()
-        background_tenth = background + tenth_clock.take()["background"]
+        background_tenth = tenth_clock.background()
 
         # the weight statistics (out_weight_norm, near_zero_frac): once per track.weight_interval steps
         probes = every.probes

@@ -70,7 +70,7 @@ def main() -> None:
             tracker.end_step(step, {"loss": loss.detach(), "rec_loss": loss.detach(), "kl_loss": 0.0, "lr": 1e-6})
             wall = time.perf_counter() - t0
             time.sleep(0.2)  # let the writer thread finish the step
-            parts = clock.take()
+            parts = {**clock.take(), "background": clock.background()}
             if step > 3:
                 for k, v in parts.items():
                     per_step[k].append(v * 1e3)

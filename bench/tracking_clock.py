@@ -20,7 +20,9 @@ from typing import Any
 
 
 class TrackingClock:
-    """Accumulates, by part, the seconds a Tracker spends; `take()` returns and clears them."""
+    """Accumulates, by part, the seconds a Tracker spends in the training thread; `take()` returns
+    and clears them. `background()` is kept apart: a commit happens once per
+    track.commit_interval_s, so it is read over a whole phase, not per step."""
 
     CALLS = ("begin_step", "after_backward", "end_step")
 
@@ -33,7 +35,7 @@ class TrackingClock:
         probes._make_norm_hook = lambda i: self.timed("hooks", make_hook(i))
         probes._act_hook = self.timed("hooks", probes._act_hook)
         self._background_last: dict[int, float] = {}
-        self._background_cpu()
+        self.background()
 
     def timed(self, name: str, f: Callable[..., Any]) -> Callable[..., Any]:
         acc = self.acc
@@ -47,7 +49,7 @@ class TrackingClock:
 
         return wrapper
 
-    def _background_cpu(self) -> float:
+    def background(self) -> float:
         """CPU seconds of the Python threads other than the main one since the last call (a thread
         that ended in between loses what it did since then)."""
         spent = 0.0
@@ -63,10 +65,9 @@ class TrackingClock:
         return spent
 
     def take(self) -> dict[str, float]:
-        """Seconds by part since the last call: the timed calls, `in_step` (their sum, all spent on
-        the training thread inside the step) and `background` (CPU time of the other threads)."""
+        """Seconds by part since the last call: the timed calls and `in_step`, their sum (all spent
+        on the training thread inside the step)."""
         out = dict(self.acc)
         self.acc.clear()
         out["in_step"] = sum(out.get(k, 0.0) for k in (*self.CALLS, "hooks"))
-        out["background"] = self._background_cpu()
         return out

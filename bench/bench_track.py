@@ -37,9 +37,9 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
+import tracked_loop
 from tracking_clock import TrackingClock
 
 
@@ -106,7 +106,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from accelerate import Accelerator
 
-    from vaedyn_cli.config import RunConfig
     from vaedyn_cli.model import build_preset
     from vaedyn_cli.track import Tracker
 
@@ -122,14 +121,8 @@ def main() -> None:
             torch.cuda.synchronize()
 
     def make_tracker(interval: int, run_dir: Path) -> Tracker:
-        cfg = RunConfig.model_validate({
-            "model": {"width": args.width},
-            "track": {"interval": interval, "near_zero": {"enabled": not args.no_near_zero}},
-            "log": {"report_to": "none"},
-        })
-        ctx = SimpleNamespace(cfg=cfg, accelerator=acc, model=model, optimizer=opt, run_dir=run_dir,
-                              resume_step=None, train_loader=None)
-        return Tracker(ctx)
+        return tracked_loop.make_tracker(model, opt, acc, run_dir, width=args.width, interval=interval,
+                                         near_zero=not args.no_near_zero)
 
     steps: dict[int, int] = {}  # each tracker's own step count (a tracker sees only its own steps)
 
@@ -137,17 +130,7 @@ def main() -> None:
         s = steps[id(hook)] = steps.get(id(hook), 0) + 1
         sync()
         t0 = time.perf_counter()
-        if hook:
-            hook.begin_step(s)
-        out = model(x).sample
-        loss = torch.nn.functional.mse_loss(out, x)
-        loss.backward()
-        if hook:
-            hook.after_backward(s)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if hook:
-            hook.end_step(s, {"loss": loss.detach(), "rec_loss": loss.detach(), "kl_loss": 0.0, "lr": 1e-6})
+        tracked_loop.train_step(model, opt, x, hook, s)
         sync()
         return time.perf_counter() - t0
 

@@ -23,9 +23,9 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
+import tracked_loop
 from tracking_clock import TrackingClock
 
 
@@ -40,17 +40,13 @@ def main() -> None:
     from accelerate import Accelerator
 
     from vaedyn_cli import track as track_mod
-    from vaedyn_cli.config import RunConfig
     from vaedyn_cli.model import build_preset
 
     model = build_preset(args.width, 0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     x = torch.rand(args.batch, 3, args.resolution, args.resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    cfg = RunConfig.model_validate({"model": {"width": args.width}, "track": {"interval": 1}, "log": {"report_to": "none"}})
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = SimpleNamespace(cfg=cfg, accelerator=Accelerator(cpu=True), model=model, optimizer=opt,
-                              run_dir=Path(tmp) / "run", resume_step=None, train_loader=None)
-        tracker = track_mod.Tracker(ctx)
+        tracker = tracked_loop.make_tracker(model, opt, Accelerator(cpu=True), Path(tmp) / "run", width=args.width, interval=1)
         clock = TrackingClock(tracker)  # the Tracker's calls, its hooks and the store's threads
         # and, within them, the reductions and the fold
         track_mod._moments = clock.timed("moments", track_mod._moments)
@@ -60,14 +56,7 @@ def main() -> None:
         per_step: dict[str, list[float]] = defaultdict(list)
         for step in range(1, args.steps + 4):
             t0 = time.perf_counter()
-            tracker.begin_step(step)
-            out = model(x).sample
-            loss = torch.nn.functional.mse_loss(out, x)
-            loss.backward()
-            tracker.after_backward(step)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            tracker.end_step(step, {"loss": loss.detach(), "rec_loss": loss.detach(), "kl_loss": 0.0, "lr": 1e-6})
+            tracked_loop.train_step(model, opt, x, tracker, step)
             wall = time.perf_counter() - t0
             time.sleep(0.2)  # let the writer thread finish the step
             parts = {**clock.take(), "background": clock.background()}

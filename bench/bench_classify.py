@@ -34,7 +34,8 @@ OUT = Path(__file__).resolve().parent / "out"
 
 def layout() -> tuple[list[tuple[str, int, str, bool]], dict]:
     """(layer, channels, part, has_activation) of every GroupNorm of the SDXL VAE, and its config."""
-    from vaedyn_cli.model import build_preset, groupnorm_layers, sdxl_config
+    from vaedyn_cli.anatomy import groupnorm_layers
+    from vaedyn_cli.model import build_preset, sdxl_config
 
     layers = [(name, norm.num_channels, name.split(".")[0], not name.endswith("attentions.0.group_norm"))
               for name, norm in groupnorm_layers(build_preset(1.0))]
@@ -100,18 +101,18 @@ def measure(path: str, mode: str) -> dict:
     """One measurement inside this (fresh) process: out of core, or whole trace in memory."""
     import xarray as xr
 
-    from vaedyn_cli import classify, store
+    from vaedyn_cli import classification, store
 
     ds = store.open_trace(Path(path))
-    params = classify.resolve_params(ds)
+    params = classification.trace_params(ds)
     base = _current_rss_mb()
     t0 = time.perf_counter()
     if mode == "stream":
-        labels = classify.classify_trace(ds, params)
+        labels = classification.classify_trace(ds, params)
     else:  # the time series the classifier reads, loaded whole; then one chunk spanning the trace
         whole = xr.open_zarr(path, consolidated=False, chunks=None)[["act_std", "std"]].load()
         loaded = ds.assign(act_std=whole["act_std"], std=whole["std"])
-        labels = classify.classify_trace(loaded, params.model_copy(update={"chunk_steps": ds.sizes["step"]}))
+        labels = classification.classify_trace(loaded, params.model_copy(update={"chunk_steps": ds.sizes["step"]}))
     seconds = time.perf_counter() - t0
     return {"mode": mode, "steps": ds.sizes["step"], "channels": ds.sizes["channel"], "seconds": round(seconds, 3),
             "peak_rss_mb": round(_peak_rss_mb(), 1), "rss_before_mb": round(base, 1),

@@ -107,7 +107,7 @@ def main() -> None:
     from accelerate import Accelerator
 
     from vaedyn_cli.model import build_preset
-    from vaedyn_cli.track import Tracker
+    from vaedyn_cli.tracker import Tracker
 
     dev = torch.device(args.device)
     model = build_preset(args.width, 0).to(dev)

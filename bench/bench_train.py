@@ -135,8 +135,9 @@ def plain_loop(args: argparse.Namespace) -> float:
 def vaedyn_loop(args: argparse.Namespace) -> float:
     """`vaedyn train` itself, timed by a hook at the end of every step."""
     from vaedyn_cli import train as train_mod
+    from vaedyn_cli.hooks import TrainHook
 
-    class Timer(train_mod.TrainHook):
+    class Timer(TrainHook):
         def __init__(self, timer: StepTimer):
             self.timer = timer
 
@@ -145,12 +146,8 @@ def vaedyn_loop(args: argparse.Namespace) -> float:
 
     timer = StepTimer(args.warmup, args.warmup + args.steps)
     factory = lambda ctx: Timer(timer)  # noqa: E731
-    train_mod.HOOK_FACTORIES.append(factory)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            train_mod.train(run_config(args, Path(tmp)))
-    finally:
-        train_mod.HOOK_FACTORIES.remove(factory)
+    with tempfile.TemporaryDirectory() as tmp:
+        train_mod.train(run_config(args, Path(tmp)), hooks=(*train_mod.DEFAULT_HOOKS, factory))
     return timer.per_step()
 
 

@@ -39,7 +39,7 @@ def main() -> None:
 
     from accelerate import Accelerator
 
-    from vaedyn_cli import track as track_mod
+    from vaedyn_cli import probes as probes_mod
     from vaedyn_cli.model import build_preset
 
     model = build_preset(args.width, 0)
@@ -49,8 +49,8 @@ def main() -> None:
         tracker = tracked_loop.make_tracker(model, opt, Accelerator(cpu=True), Path(tmp) / "run", width=args.width, interval=1)
         clock = TrackingClock(tracker)  # the Tracker's calls, its hooks and the store's threads
         # and, within them, the reductions and the fold
-        track_mod._moments = clock.timed("moments", track_mod._moments)
-        track_mod._abs_sum = clock.timed("abs_sum", track_mod._abs_sum)
+        probes_mod.moments = clock.timed("moments", probes_mod.moments)
+        probes_mod.abs_sum = clock.timed("abs_sum", probes_mod.abs_sum)
         tracker.probes._fold = clock.timed("fold", tracker.probes._fold)
 
         per_step: dict[str, list[float]] = defaultdict(list)

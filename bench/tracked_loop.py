@@ -16,7 +16,7 @@ def make_tracker(model: torch.nn.Module, opt: torch.optim.Optimizer, acc: Any, r
                  interval: int, near_zero: bool = True) -> Any:
     """A Tracker over `model` recording every `interval` steps into run_dir's trace store."""
     from vaedyn_cli.config import RunConfig
-    from vaedyn_cli.track import Tracker
+    from vaedyn_cli.tracker import Tracker
 
     cfg = RunConfig.model_validate({
         "model": {"width": width},

@@ -94,15 +94,26 @@ def cli():
     return invoke
 
 
+@pytest.fixture
+def hooks(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The hook factories that `train()` and `vaedyn train` build in this test: the defaults, in a list
+    the test extends (or edits) before it trains."""
+    from vaedyn_cli import train as train_mod
+
+    factories = list(train_mod.DEFAULT_HOOKS)
+    monkeypatch.setattr(train_mod, "DEFAULT_HOOKS", factories)
+    return factories
+
+
 class Crash(Exception):
     """A simulated crash (raised by CrashAt)."""
 
 
 def crash_at(step: int, exc: type[BaseException] = Crash):
     """A train hook factory whose hook raises `exc` at the start of optimizer step `step`."""
-    from vaedyn_cli import train as train_mod
+    from vaedyn_cli.hooks import TrainHook
 
-    class CrashAt(train_mod.TrainHook):
+    class CrashAt(TrainHook):
         def begin_step(self, s: int) -> None:
             if s == step:
                 raise exc(f"simulated crash at step {s}")

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from tests.conftest import TINY_WIDTH, tiny_config_dict
-from vaedyn_cli import artifacts
-from vaedyn_cli import evaluate as ev
+from vaedyn_cli import ablation, artifacts
+from vaedyn_cli import metrics as ev
 from vaedyn_cli.config import RunConfig
 from vaedyn_cli.model import build_preset, save_model
-from vaedyn_cli.nudge import Target, store_classification
+from vaedyn_cli.selection import Target, store_classification
 
 # gamma <- 0 and beta <- BETA: the channel outputs the constant BETA (dead, mechanism gn_scale).
 PLANTED = [
@@ -140,7 +140,7 @@ def test_channel_means_are_the_mean_output_over_batch_and_space() -> None:
         norm.bias.copy_(torch.tensor([0.1, 0.2, -0.3, 0.4]))
     model = torch.nn.Sequential(norm)
     batches = [torch.randn(3, 4, 5, 6) * 2 + torch.arange(4.0).view(1, 4, 1, 1), torch.randn(2, 4, 5, 6)]
-    with torch.no_grad(), ev.ChannelMeans(model, ["0"]) as means:
+    with torch.no_grad(), ablation.ChannelMeans(model, ["0"]) as means:
         outputs = [model(x) for x in batches]
     expected = torch.cat(outputs).double().mean(dim=(0, 2, 3))
     for c in range(4):
@@ -156,13 +156,13 @@ def test_control_is_seeded_active_and_per_layer(caplog: pytest.LogCaptureFixture
     channels = [{"layer": "a", "channel_index": i, "state": "active" if i % 3 else "dormant"} for i in range(30)]
     channels += [{"layer": "b", "channel_index": i, "state": "active" if i < 2 else "dead"} for i in range(8)]
     targets = [Target("a", 0), Target("a", 3), Target("a", 6), Target("b", 5), Target("b", 6), Target("b", 7)]
-    first = ev.control_targets(channels, targets, seed=1)
-    assert first == ev.control_targets(channels, targets, seed=1)
+    first = ablation.control_targets(channels, targets, seed=1)
+    assert first == ablation.control_targets(channels, targets, seed=1)
     assert [t.layer for t in first] == ["a"] * 3 + ["b"] * 2  # b has only 2 active channels
     assert all(t.channel_index % 3 for t in first if t.layer == "a")
     assert [t.channel_index for t in first if t.layer == "b"] == [0, 1]
     assert "b has 2 active channels for 3 ablated ones" in caplog.text
-    draws = {tuple(t.channel_index for t in ev.control_targets(channels, targets, seed=s) if t.layer == "a")
+    draws = {tuple(t.channel_index for t in ablation.control_targets(channels, targets, seed=s) if t.layer == "a")
              for s in range(6)}
     assert len(draws) > 1
     assert np.all([len(set(d)) == 3 for d in draws])

@@ -109,7 +109,8 @@ def edit_root_attrs(store: Path, **attrs: object) -> None:
 
 def other_width_classification(width: float) -> dict:
     """A classify JSON of the preset at another width: same layer names, other channel counts."""
-    from vaedyn_cli.model import build_preset, groupnorm_layers
+    from vaedyn_cli.anatomy import groupnorm_layers
+    from vaedyn_cli.model import build_preset
 
     layers = {n: m.num_channels for n, m in groupnorm_layers(build_preset(width, 0))}
     channels = [{"layer": n, "channel_index": 0, "state": "dormant", "trajectory": "died", "mechanism": "gn_scale",

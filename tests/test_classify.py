@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from vaedyn_cli import classify
+from vaedyn_cli import classification, classify, persistence
+from vaedyn_cli import labels as lab
 from vaedyn_cli import store as store_mod
 from vaedyn_cli.config import ClassifyConfig
+from vaedyn_cli.errors import VaedynError
 
 STAT_VARS = ("in_std", "mean", "mean_abs", "std", "act_mean", "act_std", "gn_weight", "gn_bias",
              "gn_weight_grad", "out_weight_norm")
@@ -74,7 +76,7 @@ def write_store(ds: xr.Dataset, path: Path, config: dict | None = None, model_co
 
 
 def labels_of(labels: xr.Dataset, layer: str, index: int) -> dict:
-    rec = [r for r in classify.to_records(labels) if r["layer"] == layer and r["channel_index"] == index]
+    rec = [r for r in lab.to_records(labels) if r["layer"] == layer and r["channel_index"] == index]
     assert len(rec) == 1
     return rec[0]
 
@@ -114,7 +116,7 @@ def planted_trace() -> xr.Dataset:
 
 
 def test_planted_trajectories_are_labelled_with_exact_steps() -> None:
-    labels = classify.classify_trace(planted_trace(), ClassifyConfig())
+    labels = classification.classify_trace(planted_trace(), ClassifyConfig())
     expect = {  # channel: (state, trajectory, onset, revival, n_transitions)
         0: ("dormant", "died", 200, None, 1),
         1: ("dead", "died", 200, None, 1),
@@ -135,7 +137,7 @@ def test_planted_trajectories_are_labelled_with_exact_steps() -> None:
         assert got == (state, traj, onset, revival, n), f"channel {i}: {got}"
     att = labels_of(labels, "decoder.mid_block.attentions.0.group_norm", 0)
     assert (att["state"], att["trajectory"], att["onset_step"]) == ("dormant", "died", 300)
-    healthy = [r for r in classify.to_records(labels) if r["layer"] == PLANT and r["channel_index"] >= 11]
+    healthy = [r for r in lab.to_records(labels) if r["layer"] == PLANT and r["channel_index"] >= 11]
     assert {r["trajectory"] for r in healthy} == {"active"}
     # scores: the last observed step; a dormant channel's score is its activity over the layer mean
     rec0 = labels_of(labels, PLANT, 0)
@@ -145,7 +147,7 @@ def test_planted_trajectories_are_labelled_with_exact_steps() -> None:
 
 
 def test_min_persist_one_counts_every_flip() -> None:
-    labels = classify.classify_trace(planted_trace(), ClassifyConfig(min_persist=1))
+    labels = classification.classify_trace(planted_trace(), ClassifyConfig(min_persist=1))
     rec5 = labels_of(labels, PLANT, 5)  # glitches at 3,4 | 10 | 17,18 | 30 -> 8 flips
     assert (rec5["trajectory"], rec5["n_transitions"], rec5["revival_step"]) == ("intermittent", 8, 310)
     assert labels_of(labels, PLANT, 8)["state"] == "dormant"
@@ -153,13 +155,13 @@ def test_min_persist_one_counts_every_flip() -> None:
 
 def test_window_from_to_step() -> None:
     ds = planted_trace()
-    labels = classify.classify_trace(ds, ClassifyConfig(), from_step=210, to_step=300)
+    labels = classification.classify_trace(ds, ClassifyConfig(), from_step=210, to_step=300)
     assert (labels.attrs["first_step"], labels.attrs["last_step"], labels.attrs["n_steps"]) == (210, 300, 10)
     assert labels_of(labels, PLANT, 0)["trajectory"] == "born_dormant"  # dead before the window
     rec4 = labels_of(labels, PLANT, 4)  # on 210-240, off 250-290, on again only at 300 (< min_persist)
     assert (rec4["state"], rec4["trajectory"], rec4["onset_step"], rec4["n_transitions"]) == ("dormant", "died", 250, 1)
-    with pytest.raises(classify.VaedynError, match="no tracked step"):
-        classify.classify_trace(ds, ClassifyConfig(), from_step=1000)
+    with pytest.raises(VaedynError, match="no tracked step"):
+        classification.classify_trace(ds, ClassifyConfig(), from_step=1000)
 
 
 def test_step_states_at_chosen_steps_match_the_classification() -> None:
@@ -167,22 +169,22 @@ def test_step_states_at_chosen_steps_match_the_classification() -> None:
     read, and the score a one-step classification reports."""
     ds = planted_trace()
     p = ClassifyConfig()
-    codes, score = classify.step_states(ds, p, [0, 20, 39])
-    whole, whole_score = classify.step_states(ds, p, slice(None))
+    codes, score = classification.step_states(ds, p, [0, 20, 39])
+    whole, whole_score = classification.step_states(ds, p, slice(None))
     assert codes.shape == score.shape == (3, 40) and codes.dtype == np.int8 and score.dtype == np.float32
     np.testing.assert_array_equal(codes, whole[[0, 20, 39]])
     np.testing.assert_array_equal(score, whole_score[[0, 20, 39]])
-    A, S, D, U = classify.ACTIVE, classify.DORMANT, classify.DEAD, classify.UNOBSERVED
+    A, S, D, U = lab.ACTIVE, lab.DORMANT, lab.DEAD, lab.UNOBSERVED
     assert codes[0, :12].tolist() == [A, A, S, S, A, A, A, A, A, S, A, A]
     assert codes[1, :12].tolist() == [S, D, A, S, A, A, A, A, A, A, A, A]
     assert codes[2, [0, 1, 7, 8, 10, 32, 33]].tolist() == [S, D, S, S, U, S, A]
     assert np.isnan(score[2, 10]) and score[1, 1] == 0.0
-    labels = classify.classify_trace(ds, ClassifyConfig(min_persist=1), from_step=390, to_step=390)
+    labels = classification.classify_trace(ds, ClassifyConfig(min_persist=1), from_step=390, to_step=390)
     np.testing.assert_array_equal(labels["score"].values, score[2].astype(np.float64))
     state = {A: "active", S: "dormant", D: "dead", U: "unknown"}
     assert labels["state"].values.tolist() == [state[c] for c in codes[2].tolist()]
     # a layer selection narrows the columns to that layer's channels
-    attn, _ = classify.step_states(ds, p, slice(30, 31), layers=["*attentions*"])
+    attn, _ = classification.step_states(ds, p, slice(30, 31), layers=["*attentions*"])
     assert attn[0].tolist() == [S] + [A] * 7
 
 
@@ -196,9 +198,9 @@ def test_step_states_with_a_layer_mixing_channels_with_and_without_activation() 
     act[:, 4] = 0.6
     ds = ds.assign_coords(has_activation=("channel", ha)).assign(
         std=(("step", "channel"), std), act_std=(("step", "channel"), act))
-    codes, _ = classify.step_states(ds, ClassifyConfig(), [1])
-    assert codes[0].tolist() == [classify.ACTIVE] * 4 + [classify.DEAD] + [classify.ACTIVE] * 3
-    assert classify.classify_trace(ds, ClassifyConfig(min_persist=1))["state"].values.tolist()[4] == "dead"
+    codes, _ = classification.step_states(ds, ClassifyConfig(), [1])
+    assert codes[0].tolist() == [lab.ACTIVE] * 4 + [lab.DEAD] + [lab.ACTIVE] * 3
+    assert classification.classify_trace(ds, ClassifyConfig(min_persist=1))["state"].values.tolist()[4] == "dead"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,10 +229,10 @@ def flicker_trace(seed: int, n_steps: int = 53) -> xr.Dataset:
 def test_chunked_equals_whole_in_memory(tmp_path: Path, method: str) -> None:
     ds = flicker_trace(1)
     store = write_store(ds, tmp_path / "t.zarr")
-    whole = classify.classify_trace(ds, ClassifyConfig(method=method, chunk_steps=10_000, min_persist=2))
+    whole = classification.classify_trace(ds, ClassifyConfig(method=method, chunk_steps=10_000, min_persist=2))
     assert (whole["n_transitions"] >= 2).sum() > 5  # the trace really flickers
     for chunk in (1, 2, 5, 16, 52, 53):
-        lazy = classify.classify_trace(store_mod.open_trace(store), ClassifyConfig(method=method, chunk_steps=chunk,
+        lazy = classification.classify_trace(store_mod.open_trace(store), ClassifyConfig(method=method, chunk_steps=chunk,
                                                                                  min_persist=2))
         xr.testing.assert_identical(lazy, whole.assign_attrs(params=lazy.attrs["params"]))
 
@@ -262,7 +264,7 @@ def test_debounce_matches_a_plain_reference() -> None:
         codes = codes.astype(np.int8)
         steps = np.arange(n_steps) * 5
         for chunk in (1, 3, n_steps):
-            m = classify._Debounce(n_ch, k)
+            m = persistence.Debounce(n_ch, k)
             for a in range(0, n_steps, chunk):
                 m.update(steps[a:a + chunk], codes[a:a + chunk])
             for j in range(n_ch):
@@ -302,7 +304,7 @@ def mechanism_trace() -> xr.Dataset:
 def test_mechanisms_and_flags_on_synthetic_trace(tmp_path: Path) -> None:
     store = write_store(mechanism_trace(), tmp_path / "m.zarr", model_config={"norm_num_groups": 2})
     labels = classify.classify_store(store, ClassifyConfig(), write=False)
-    recs = {r["channel_index"]: r for r in classify.to_records(labels)}
+    recs = {r["channel_index"]: r for r in lab.to_records(labels)}
     assert [recs[i]["mechanism"] for i in range(5)] == ["gn_scale", "saturated", "input_collapse", "gn_scale", "other"]
     assert all(recs[i]["mechanism"] is None for i in range(5, 16))
     assert {i for i, r in recs.items() if r["unused"]} == {5}
@@ -312,7 +314,7 @@ def test_mechanisms_and_flags_on_synthetic_trace(tmp_path: Path) -> None:
 
 def test_without_model_config_the_layer_is_one_group(tmp_path: Path) -> None:
     store = write_store(mechanism_trace(), tmp_path / "m.zarr")
-    recs = {r["channel_index"]: r for r in classify.to_records(classify.classify_store(store, write=False))}
+    recs = {r["channel_index"]: r for r in lab.to_records(classify.classify_store(store, write=False))}
     # the layer mean of in_std is ~44: all of group 0 (~1) falls under 0.1 * 44, channel 9 (5.0) does not
     assert {i for i, r in recs.items() if r["input_collapsed"]} == set(range(8))
 
@@ -324,7 +326,7 @@ def test_mean_abs_threshold_flags_exactly_the_channels_under_the_threshold() -> 
     level[0] = 0.2  # exactly at the threshold: not under it
     mean_abs = np.repeat(level[None, :], n_steps, axis=0)
     ds = make_trace([("decoder.up_blocks.3.resnets.2.norm2", n_ch, True)], np.arange(n_steps), mean_abs=mean_abs)
-    labels = classify.classify_trace(ds, ClassifyConfig(method="mean_abs_threshold", threshold=0.2))
+    labels = classification.classify_trace(ds, ClassifyConfig(method="mean_abs_threshold", threshold=0.2))
     flagged = labels["state"].values != "active"
     np.testing.assert_array_equal(flagged, level.astype(np.float32) < 0.2)
     assert set(labels["state"].values[flagged]) == {"dormant"}
@@ -332,7 +334,7 @@ def test_mean_abs_threshold_flags_exactly_the_channels_under_the_threshold() -> 
     # with a varying trace and no persistence, the final state is the last step's rule
     mean_abs = rng.uniform(0.0, 0.5, (n_steps, n_ch)).astype(np.float32)
     ds = make_trace([("decoder.up_blocks.3.resnets.2.norm2", n_ch, True)], np.arange(n_steps), mean_abs=mean_abs)
-    labels = classify.classify_trace(ds, ClassifyConfig(method="mean_abs_threshold", threshold=0.2, min_persist=1))
+    labels = classification.classify_trace(ds, ClassifyConfig(method="mean_abs_threshold", threshold=0.2, min_persist=1))
     np.testing.assert_array_equal(labels["state"].values != "active", mean_abs[-1] < 0.2)
 
 
@@ -349,7 +351,7 @@ def test_store_config_supplies_defaults_and_committed_steps_trim(tmp_path: Path)
     assert labels_of(labels, PLANT, 5)["n_transitions"] == 6  # min_persist 1; the glitch at index 30 is uncommitted
     text = classify.run(str(store), {"min_persist": 3}, write=False, fmt="json")
     assert json.loads(text)["params"]["min_persist"] == 3
-    with pytest.raises(classify.VaedynError, match="invalid classify parameters: tau"):
+    with pytest.raises(VaedynError, match="invalid classify parameters: tau"):
         classify.run(str(store), {"tau": -1}, write=False, fmt="json")
 
 
@@ -359,7 +361,7 @@ def test_classification_group_round_trip_and_rewrite(tmp_path: Path) -> None:
     root_meta = (store / "zarr.json").read_text()
     labels = classify.classify_store(store)
     assert (store / "zarr.json").read_text() == root_meta  # the root group is untouched
-    back = classify.read_classification(store)
+    back = store_mod.read_classification(store)
     assert back.sizes["channel"] == 40 and bool(back["classified"].all())
     for name in ("state", "trajectory", "unused", "input_collapsed", "score", "onset_step", "revival_step",
                  "n_transitions"):
@@ -372,24 +374,24 @@ def test_classification_group_round_trip_and_rewrite(tmp_path: Path) -> None:
     assert tree["classification"].sizes["channel"] == tree.sizes["channel"]  # row i is the root's channel i
     # rewritten as a whole: now only the attention layer is classified
     classify.classify_store(store, ClassifyConfig(tau=0.5), layers=["*attentions*"])
-    back = classify.read_classification(store)
+    back = store_mod.read_classification(store)
     assert back["classified"].values.tolist() == [False] * 32 + [True] * 8
     assert set(back["state"].values[:32].tolist()) == {""}
-    assert back["onset_step"].values[32] == 300 and back["onset_step"].values[0] == classify.NO_STEP
+    assert back["onset_step"].values[32] == 300 and back["onset_step"].values[0] == store_mod.schema.NO_STEP
     assert json.loads(back.attrs["params"])["tau"] == 0.5
     assert sorted(p.name for p in store.iterdir() if p.name.startswith("classification")) == ["classification"]
 
 
 def test_layer_globs_and_errors(tmp_path: Path) -> None:
     ds = planted_trace()
-    labels = classify.classify_trace(ds, ClassifyConfig(), layers=["*norm1", "decoder.up_blocks.0.*"])
+    labels = classification.classify_trace(ds, ClassifyConfig(), layers=["*norm1", "decoder.up_blocks.0.*"])
     assert set(labels["layer"].values.tolist()) == {PLANT}
-    with pytest.raises(classify.VaedynError, match="matches no layer"):
-        classify.classify_trace(ds, ClassifyConfig(), layers=["encoder.*"])
-    with pytest.raises(classify.VaedynError, match="not a trace store"):
+    with pytest.raises(VaedynError, match="matches no layer"):
+        classification.classify_trace(ds, ClassifyConfig(), layers=["encoder.*"])
+    with pytest.raises(VaedynError, match="not a trace store"):
         classify.classify_store(tmp_path)
     bad = write_store(ds.assign_attrs(schema="other"), tmp_path / "o.zarr")
-    with pytest.raises(classify.VaedynError, match="not a vaedyn.trace store"):
+    with pytest.raises(VaedynError, match="not a vaedyn.trace store"):
         classify.classify_store(bad)
 
 
@@ -415,7 +417,7 @@ def test_cli_json_from_stdin_run_folder(cli, tmp_path: Path) -> None:
     assert data["steps"] == [0, 390]
     assert data["layers"] == {PLANT: 32, "decoder.mid_block.attentions.0.group_norm": 8}
     assert len(data["channels"]) == 40
-    assert list(data["channels"][0]) == list(classify.RECORD_KEYS)
+    assert list(data["channels"][0]) == list(lab.RECORD_KEYS)
     assert data["channels"][1] == {**data["channels"][1], "state": "dead", "trajectory": "died", "onset_step": 200,
                                    "revival_step": None, "mechanism": "other", "part": "decoder"}
     assert (run / "trace.zarr" / "classification" / "zarr.json").is_file()
@@ -509,8 +511,8 @@ def test_planted_channels_of_a_tracked_model_are_found(tmp_path: Path, tiny_cfg)
         folders.append(model_mod.save_model(vae, tmp_path / f"ckpt-{step}", tiny_cfg, step=step))
     store = track.track_checkpoints(tiny_cfg, [str(f) for f in folders], out=tmp_path / "trace.zarr", device="cpu")
 
-    after = {(r["layer"], r["channel_index"]): r for r in classify.to_records(classify.classify_store(store))}
-    before = {(r["layer"], r["channel_index"]): r for r in classify.to_records(
+    after = {(r["layer"], r["channel_index"]): r for r in lab.to_records(classify.classify_store(store))}
+    before = {(r["layer"], r["channel_index"]): r for r in lab.to_records(
         classify.classify_store(store, to_step=10, write=False))}
     assert len(after) == 1240
     rec = after[gn_scale]
@@ -544,10 +546,10 @@ def test_in_memory_window_of_records_equals_the_store_window(tmp_path: Path) -> 
     window = store_mod.records_to_dataset(records[-6:], layout, attrs)
     store = write_store(ds, tmp_path / "t.zarr", model_config={"norm_num_groups": 2})
     params = ClassifyConfig(min_persist=2)
-    live = classify.classify_trace(window, params)
-    stored = classify.classify_trace(store_mod.open_trace(store), params, from_step=int(ds["step"].values[-6]))
+    live = classification.classify_trace(window, params)
+    stored = classification.classify_trace(store_mod.open_trace(store), params, from_step=int(ds["step"].values[-6]))
     xr.testing.assert_identical(live.drop_attrs(), stored.drop_attrs())
-    one = classify.classify_trace(store_mod.records_to_dataset(records[-1:], layout, attrs), params)
+    one = classification.classify_trace(store_mod.records_to_dataset(records[-1:], layout, attrs), params)
     assert set(one["trajectory"].values.tolist()) <= {"active", "born_dormant", "unknown"}
 
 
@@ -561,9 +563,9 @@ def test_sparse_weight_statistics_use_the_latest_recorded_value(tmp_path: Path) 
         ds[name].values[-1] = np.nan  # the last step was skipped (non-finite)
     store = write_store(ds, tmp_path / "sparse.zarr", model_config={"norm_num_groups": 2})
     labels = classify.classify_store(store, ClassifyConfig(), write=False)
-    recs = {r["channel_index"]: r for r in classify.to_records(labels)}
+    recs = {r["channel_index"]: r for r in lab.to_records(labels)}
     assert {i for i, r in recs.items() if r["unused"]} == {5}
     assert [recs[i]["mechanism"] for i in range(5)] == ["gn_scale", "saturated", "input_collapse", "gn_scale", "other"]
     assert {i for i, r in recs.items() if r["input_collapsed"]} == {2, 3, 9}
     window = classify.classify_store(store, ClassifyConfig(), from_step=2, write=False)
-    assert not classify.to_records(window)[5]["unused"]  # no weight record inside the window
+    assert not lab.to_records(window)[5]["unused"]  # no weight record inside the window

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import tiny_config_dict
 from vaedyn_cli import artifacts, store
+from vaedyn_cli import hooks as hooks_mod
 from vaedyn_cli import train as train_mod
 from vaedyn_cli.config import RunConfig
 from vaedyn_cli.errors import VaedynError
@@ -118,7 +119,7 @@ def test_killed_three_times_resumes_to_the_uninterrupted_run(reference, tmp_path
     # 2. resumed, then killed while the checkpoint of step 6 is written: its files lie in the temporary
     #    folder, the step-3 checkpoint stays latest; the trace reached step 6, the nudge at 4 is recorded
     assert_killed(run_cli(cfg_file, "--resume", "latest", fault="checkpoint_save:6"))
-    tmp_ckpt = run / artifacts.CHECKPOINTS_DIR / f"{train_mod.TMP_PREFIX}step-000006"
+    tmp_ckpt = artifacts.temp_path(run / artifacts.CHECKPOINTS_DIR / "step-000006")
     assert (tmp_ckpt / artifacts.ACCELERATE_MODEL_FILE).is_file()
     assert latest(run) == 3
     assert trace_steps(run) == list(range(1, 7))
@@ -160,11 +161,11 @@ def test_killed_three_times_resumes_to_the_uninterrupted_run(reference, tmp_path
 # non-finite losses
 
 
-class Poison(train_mod.TrainHook):
+class Poison(hooks_mod.TrainHook):
     """A NaN bias makes the forward of step `step` non-finite; restored after the step (so that with
     on_nonfinite=skip training continues from intact weights)."""
 
-    def __init__(self, ctx: train_mod.TrainContext, step: int):
+    def __init__(self, ctx: hooks_mod.TrainContext, step: int):
         self.bias = ctx.accelerator.unwrap_model(ctx.model).decoder.conv_out.bias
         self.step, self.saved = step, None
 
@@ -181,11 +182,8 @@ class Poison(train_mod.TrainHook):
 
 
 @pytest.fixture
-def poison_step_3():
-    saved = list(train_mod.HOOK_FACTORIES)
-    train_mod.HOOK_FACTORIES.append(lambda ctx: Poison(ctx, 3))  # after the tracker: it sees the NaN step
-    yield
-    train_mod.HOOK_FACTORIES[:] = saved
+def poison_step_3(hooks):
+    hooks.append(lambda ctx: Poison(ctx, 3))  # after the tracker: it sees the NaN step
 
 
 def nonfinite_config(tmp_path: Path, mode: str) -> dict:

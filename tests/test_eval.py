@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from tests.conftest import tiny_config_dict
+from vaedyn_cli import compare, metrics
 from vaedyn_cli import evaluate as ev
 from vaedyn_cli.config import RunConfig
 from vaedyn_cli.errors import VaedynError
@@ -52,7 +53,7 @@ def test_known_answer_metrics_are_per_image_means():
     values = [-0.2, 0.2, -0.2, 0.2, -0.2, 0.2]
     images = torch.stack([torch.full((3, 16, 16), v) for v in values])
     loader = torch.utils.data.DataLoader(images, batch_size=4)
-    result = ev.reconstruction_metrics(ShiftModel(), loader, device="cpu", keep=3)
+    result = metrics.reconstruction_metrics(ShiftModel(), loader, device="cpu", keep=3)
 
     assert result.num_images == 6
     # [-1, 1] errors 0.2 and 0.1 -> MSE 0.04 and 0.01; mean 0.025
@@ -72,7 +73,7 @@ def test_known_answer_metrics_are_per_image_means():
 
 def test_psnr_of_a_known_perturbation_20db():
     images = torch.full((2, 3, 16, 16), -0.4)  # +0.2 on [-1, 1] is +0.1 on [0, 1]: MSE 0.01 -> 20 dB
-    result = ev.reconstruction_metrics(ShiftModel(), [images], device="cpu")
+    result = metrics.reconstruction_metrics(ShiftModel(), [images], device="cpu")
     assert result.metrics["psnr"] == pytest.approx(20.0, abs=1e-4)
 
 
@@ -220,7 +221,7 @@ def test_compare_labels_ties_and_errors(tmp_path, cli):
     a = write_metrics(tmp_path / "a", "same", 1e-3, 5.0, 30.0, 0.9)
     b = write_metrics(tmp_path / "b", "same", 1e-3, 4.0, 30.0, 0.8)
     c = write_metrics(tmp_path / "c", "same", 1e-3, 4.0, 31.0, 0.8)
-    data = json.loads(ev.compare([a, b, c], fmt="json"))
+    data = json.loads(compare.compare([a, b, c], fmt="json"))
     assert [r["label"] for r in data["runs"]] == ["same@10#1", "same@10#2", "same@10#3"]
     better = {r["metric"]: r["better"] for r in data["rows"]}
     assert better == {"mse": "tie", "kl": "tie", "psnr": "same@10#3", "ssim": "same@10#1"}
@@ -231,6 +232,6 @@ def test_compare_labels_ties_and_errors(tmp_path, cli):
     assert result.exit_code == 2 and "has no metrics.json" in result.stderr
     (tmp_path / "broken.json").write_text("{}")
     with pytest.raises(VaedynError, match="not a metrics file"):
-        ev.compare([a, tmp_path / "broken.json"])
+        compare.compare([a, tmp_path / "broken.json"])
     result = cli("eval", a)
     assert result.exit_code == 2 and "PATHS are for --compare" in result.stderr

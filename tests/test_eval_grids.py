@@ -15,7 +15,7 @@ from tests.conftest import TINY_WIDTH, tiny_config_dict
 from vaedyn_cli import artifacts
 from vaedyn_cli.config import RunConfig
 from vaedyn_cli.model import build_preset, save_model
-from vaedyn_cli.nudge import store_classification
+from vaedyn_cli.selection import store_classification
 
 LAYER = "decoder.up_blocks.3.resnets.0.norm2"  # 8 channels at 16x16, SiLU follows
 ATTENTION = "encoder.mid_block.attentions.0.group_norm"  # 32 channels at 2x2, no activation

@@ -15,8 +15,10 @@ import xarray as xr
 
 from tests.conftest import tiny_config_dict
 from vaedyn_cli import store
-from vaedyn_cli.classify import classify_store, to_json
+from vaedyn_cli.classify import classify_store
 from vaedyn_cli.config import RunConfig
+from vaedyn_cli.labels import to_json
+from vaedyn_cli.store import metadata as store_metadata
 
 LAYERS = [("encoder.down_blocks.0.resnets.0.norm1", "encoder"), ("decoder.up_blocks.0.resnets.0.norm2", "decoder")]
 WIDTH = 8
@@ -180,7 +182,7 @@ def test_consolidate_never_undoes_a_concurrent_commit(tmp_path, monkeypatch):
     path = writer.path
     writer.append(expected(1))
     writer.flush()
-    walk = store._node_metadata
+    walk = store_metadata.node_metadata
     main = threading.get_ident()
 
     def slow_walk(root):
@@ -189,9 +191,9 @@ def test_consolidate_never_undoes_a_concurrent_commit(tmp_path, monkeypatch):
             time.sleep(0.3)
         return walk(root)
 
-    monkeypatch.setattr(store, "_node_metadata", slow_walk)
+    monkeypatch.setattr(store_metadata, "node_metadata", slow_walk)
     store.consolidate(path)
-    monkeypatch.setattr(store, "_node_metadata", walk)
+    monkeypatch.setattr(store_metadata, "node_metadata", walk)
     writer.flush()
     assert committed(path) == writer.committed_steps == 2
     writer.close()

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from vaedyn_cli import artifacts
 from vaedyn_cli import model as mm
+from vaedyn_cli.anatomy import groupnorm_layers
 from vaedyn_cli.config import ModelConfig, RunConfig
 from vaedyn_cli.errors import VaedynError
 
@@ -24,7 +25,7 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def test_sdxl_preset_matches_the_real_architecture() -> None:
     m = mm.build_preset(1.0, seed=0)
-    norms = mm.groupnorm_layers(m)
+    norms = groupnorm_layers(m)
     assert sum(p.numel() for p in m.parameters()) == 83_653_863
     assert len(norms) == 52
     assert sum(n.num_channels for _, n in norms) == 19_840
@@ -35,10 +36,10 @@ def test_sdxl_preset_matches_the_real_architecture() -> None:
 def test_width_scales_channels_and_groups_together() -> None:
     m = mm.build_preset(0.25, seed=0)
     assert list(m.config.block_out_channels) == [32, 64, 128, 128]
-    norms = mm.groupnorm_layers(m)
+    norms = groupnorm_layers(m)
     assert {n.num_groups for _, n in norms} == {8}
     assert {n.num_channels // n.num_groups for _, n in norms} == {4, 8, 16}  # as in the full model
-    full = {n.num_channels // n.num_groups for _, n in mm.groupnorm_layers(mm.build_preset(1.0, 0))}
+    full = {n.num_channels // n.num_groups for _, n in groupnorm_layers(mm.build_preset(1.0, 0))}
     assert full == {4, 8, 16}
 
 

@@ -13,19 +13,12 @@ import yaml
 
 from tests.conftest import TINY_WIDTH
 from vaedyn_cli import artifacts
+from vaedyn_cli.anatomy import groupnorm_layers
 from vaedyn_cli.config import NudgeConfig, RunConfig
 from vaedyn_cli.errors import VaedynError
-from vaedyn_cli.model import build_preset, groupnorm_layers, resolve_checkpoint, save_model
-from vaedyn_cli.nudge import (
-    STRATEGIES,
-    Target,
-    apply,
-    channel_wiring,
-    check_classification_fits,
-    parse_classification,
-    parse_select,
-    select_targets,
-)
+from vaedyn_cli.model import build_preset, resolve_checkpoint, save_model
+from vaedyn_cli.selection import Target, check_classification_fits, parse_classification, parse_select, select_targets
+from vaedyn_cli.strategies import STRATEGIES, apply, channel_wiring
 
 # One target of each wiring kind: producer+consumer, upsampler producer, attention, conv_norm_out,
 # and a norm1 reading a residual sum (no producer).

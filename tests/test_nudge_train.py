@@ -18,9 +18,12 @@ from safetensors.torch import load_file
 
 from tests.conftest import crash_at, tiny_config_dict
 from vaedyn_cli import artifacts, store
+from vaedyn_cli import hooks as hooks_mod
 from vaedyn_cli import train as train_mod
-from vaedyn_cli.classify import classify_store, to_records
+from vaedyn_cli.classify import classify_store
 from vaedyn_cli.config import RunConfig, load_config
+from vaedyn_cli.labels import to_records
+from vaedyn_cli.tracker import make_tracker
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # (layer, channel) -> (gamma, beta) planted at the start of training
@@ -31,17 +34,10 @@ PLANTED = {
 }
 
 
-@pytest.fixture
-def hooks():
-    saved = list(train_mod.HOOK_FACTORIES)
-    yield train_mod.HOOK_FACTORIES
-    train_mod.HOOK_FACTORIES[:] = saved
-
-
-class Plant(train_mod.TrainHook):
+class Plant(hooks_mod.TrainHook):
     """Sets PLANTED gammas and betas before the first step of a fresh run (a resumed run loads them)."""
 
-    def __init__(self, ctx: train_mod.TrainContext):
+    def __init__(self, ctx: hooks_mod.TrainContext):
         if ctx.resume_step is not None:
             return
         modules = dict(ctx.accelerator.unwrap_model(ctx.model).named_modules())
@@ -51,10 +47,10 @@ class Plant(train_mod.TrainHook):
                 modules[layer].bias[c] = beta
 
 
-class Moments(train_mod.TrainHook):
+class Moments(hooks_mod.TrainHook):
     """Runs after the nudge: keeps copies of the Adam moments of every GroupNorm gamma at `steps`."""
 
-    def __init__(self, ctx: train_mod.TrainContext, steps: set[int]):
+    def __init__(self, ctx: hooks_mod.TrainContext, steps: set[int]):
         self.steps, self.seen = steps, {}
         self.opt = ctx.optimizer.optimizer
         self.gammas = {n: m.weight for n, m in ctx.accelerator.unwrap_model(ctx.model).named_modules()
@@ -189,7 +185,7 @@ def test_nudge_needs_the_tracker(tmp_path, hooks) -> None:
     with pytest.raises(Exception, match="track.enabled"):
         nudge_cfg(tmp_path, "x", track={"enabled": False})
     cfg = nudge_cfg(tmp_path, "no-tracker")
-    hooks.remove(train_mod._tracker_factory)
+    hooks.remove(make_tracker)
     with pytest.raises(VaedynError, match="track.enabled"):
         train_mod.train(cfg)
     assert not cfg.run_dir.exists()

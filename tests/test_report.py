@@ -241,8 +241,9 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path: Path, cli) -> None:
 def test_step_states_by_hand() -> None:
     import xarray as xr
 
-    from vaedyn_cli.classify import ACTIVE, DEAD, DORMANT, UNOBSERVED, step_states
+    from vaedyn_cli.classification import step_states
     from vaedyn_cli.config import ClassifyConfig
+    from vaedyn_cli.labels import ACTIVE, DEAD, DORMANT, UNOBSERVED
 
     activity = np.array([[1.0, 1.0, 0.05, 0.0, 2.0, np.nan, 0.0, 0.0]])
     ds = xr.Dataset({"act_std": (("step", "channel"), activity), "mean_abs": (("step", "channel"), activity),

@@ -17,8 +17,10 @@ from vaedyn_cli import artifacts, store
 from vaedyn_cli import train as train_mod
 from vaedyn_cli.config import NearZeroConfig, RunConfig, TrackConfig
 from vaedyn_cli.errors import VaedynError
+from vaedyn_cli.kernels import near_zero_fractions
 from vaedyn_cli.model import build_preset, save_model
-from vaedyn_cli.track import ChannelProbes, load_probe_batch, near_zero_fractions, run_probe, track_checkpoints
+from vaedyn_cli.probes import ChannelProbes, load_probe_batch, run_probe
+from vaedyn_cli.track import track_checkpoints
 
 pytestmark = pytest.mark.filterwarnings("error::UserWarning", "error::RuntimeWarning")
 
@@ -306,13 +308,8 @@ def test_train_run_trace_has_one_step_per_interval(trained):
 
 def test_resume_truncates_the_trace_to_the_checkpoint(trained, tmp_path):
     cfg = train_cfg(tmp_path, "crashed")
-    saved = list(train_mod.HOOK_FACTORIES)
-    try:
-        train_mod.HOOK_FACTORIES.append(crash_at(5))
-        with pytest.raises(Crash):
-            train_mod.train(cfg)
-    finally:
-        train_mod.HOOK_FACTORIES[:] = saved
+    with pytest.raises(Crash):
+        train_mod.train(cfg, hooks=(*train_mod.DEFAULT_HOOKS, crash_at(5)))
     trace = cfg.run_dir / artifacts.TRACE_DIR
     assert store.open_trace(trace)["step"].values.tolist() == [2, 4]  # step 4 lies after checkpoint 3
     train_mod.train(cfg, resume="latest")
@@ -438,7 +435,7 @@ class _Norms(torch.nn.Module):
 def test_group_norm_output_moments_derived_from_the_input_equal_direct_ones(monkeypatch):
     """A plain GroupNorm's output mean and std come from its input's moments (one pass fewer);
     planted: channels with large offsets, a group whose channels are constant, one gamma = 0."""
-    from vaedyn_cli import track as track_mod
+    from vaedyn_cli import probes as probes_mod
 
     torch.manual_seed(0)
     model = _Norms()
@@ -448,8 +445,8 @@ def test_group_norm_output_moments_derived_from_the_input_equal_direct_ones(monk
     x[:, 0:4] += torch.tensor([20.0, -20.0, 5.0, 0.0]).view(1, 4, 1, 1)  # offsets, within a group
     x[:, 4:8] = torch.arange(4.0).view(1, 4, 1, 1) * 0.5 + 3.0  # a group of constant channels
     calls = []
-    real = track_mod._moments
-    monkeypatch.setattr(track_mod, "_moments", lambda t, scratch: calls.append(t.shape) or real(t, scratch))
+    real = probes_mod.moments
+    monkeypatch.setattr(probes_mod, "moments", lambda t, scratch: calls.append(t.shape) or real(t, scratch))
     probes = ChannelProbes(model, TrackConfig(module_types=["GroupNorm", "_ShiftedGroupNorm"]))
     assert [layer.name for layer in probes.layers] == [f"body.{k}" for k in model.body]
     cap = Capture(model)
@@ -481,7 +478,7 @@ def test_group_norm_output_moments_derived_from_the_input_equal_direct_ones(monk
 def test_weight_statistics_once_per_weight_interval(interval, weight_interval, due):
     from types import SimpleNamespace
 
-    from vaedyn_cli.track import Tracker
+    from vaedyn_cli.tracker import Tracker
 
     cfg = RunConfig.model_validate({"track": {"interval": interval, "weight_interval": weight_interval}})
     tracked = [s for s in range(1, 301) if s % interval == 0]
@@ -505,7 +502,7 @@ def test_moments_in_every_layout_and_size_equal_float64(layout, h, w):
     """`_moments` (sum and M2 per sample and channel) on every CPU path: small tensors two-pass,
     large ones one-pass with ill-conditioned rows redone, contiguous rows, a channels-last layout
     and one that is neither (copied)."""
-    from vaedyn_cli import track as track_mod
+    from vaedyn_cli import kernels as track_mod
 
     b, c = 2, 32
     assert (b * c * 4 * 4 <= track_mod.TWO_PASS_MAX_NUMEL) and (b * c * 64 * 80 > track_mod.TWO_PASS_MAX_NUMEL)
@@ -519,7 +516,7 @@ def test_moments_in_every_layout_and_size_equal_float64(layout, h, w):
     else:
         t = t4.reshape(b, c, h * w)
     before = t.clone()
-    s, m2 = track_mod._moments(t, track_mod.Scratch())
+    s, m2 = track_mod.moments(t, track_mod.Scratch())
     torch.testing.assert_close(t, before, rtol=0, atol=0)  # the input is left alone
     ref = t.double()
     n = ref.shape[-1]
@@ -536,7 +533,7 @@ def test_tracker_folds_after_the_backward_and_without_that_call(tmp_path):
 
     from accelerate import Accelerator
 
-    from vaedyn_cli.track import Tracker
+    from vaedyn_cli.tracker import Tracker
 
     model = tiny_model()
     cfg = RunConfig.model_validate(tiny_config_dict(tmp_path, track={"interval": 1}))
@@ -572,7 +569,7 @@ def test_scratch_views_follow_the_buffer_when_it_grows():
     """Scratch hands out cached views; after a larger request replaces the buffer, a view of a
     shape asked for before is a view of the new buffer (a stale view would let two passes write
     into different memory than they read), and it has the strides of the tensor it mimics."""
-    from vaedyn_cli.track import Scratch
+    from vaedyn_cli.kernels import Scratch
 
     scratch = Scratch()
     small = torch.zeros(2, 3, 4)

@@ -11,7 +11,8 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import Crash, crash_at, tiny_config_dict
-from vaedyn_cli import artifacts
+from vaedyn_cli import artifacts, randomness
+from vaedyn_cli import hooks as hooks_mod
 from vaedyn_cli import train as train_mod
 from vaedyn_cli.config import RunConfig, load_config
 from vaedyn_cli.errors import RuntimeFailure, VaedynError
@@ -46,14 +47,6 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-
-
-@pytest.fixture
-def hooks():
-    """Install hook factories for one test; the registry is restored afterwards."""
-    saved = list(train_mod.HOOK_FACTORIES)
-    yield train_mod.HOOK_FACTORIES
-    train_mod.HOOK_FACTORIES[:] = saved
 
 
 def tb_scalars(logs: Path) -> dict[str, list[tuple[int, float]]]:
@@ -158,8 +151,8 @@ def test_resume_mid_epoch_gives_bitwise_identical_weights(tmp_path, hooks):
     assert resumed_val == ref_val
 
 
-class Recorder(train_mod.TrainHook):
-    def __init__(self, ctx: train_mod.TrainContext):
+class Recorder(hooks_mod.TrainHook):
+    def __init__(self, ctx: hooks_mod.TrainContext):
         self.ctx, self.events, self.scalars, self.closed = ctx, [], {}, 0
         self.param = next(ctx.model.parameters())
 
@@ -204,7 +197,7 @@ def test_hooks_order_scalars_and_checkpoint_retention(tmp_path, hooks):
     assert [s for s, _ in artifacts.list_checkpoints(run)] == [2, 3]  # retention: newest two
 
 
-class Poison(train_mod.TrainHook):
+class Poison(hooks_mod.TrainHook):
     """Makes the forward of one step non-finite, and repairs the weights after it."""
 
     def __init__(self, ctx, step: int):
@@ -301,14 +294,14 @@ def test_streamed_data_needs_max_steps(tmp_path, monkeypatch):
 
 
 def test_epoch_sampler_replays_each_epoch():
-    s = train_mod.EpochSampler(10, seed=3)
+    s = randomness.EpochSampler(10, seed=3)
     first = list(s)
     s.set_epoch(1)
     second = list(s)
     assert sorted(first) == sorted(second) == list(range(10)) and first != second
     s.set_epoch(0)
     assert list(s) == first
-    assert list(train_mod.EpochSampler(10, seed=4)) != first
+    assert list(randomness.EpochSampler(10, seed=4)) != first
 
 
 def test_config_yaml_is_the_resolved_config(tmp_path):

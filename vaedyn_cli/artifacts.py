@@ -1,15 +1,19 @@
-"""Names of every file and folder that stages exchange, defined once (STYLE 6).
+"""Names of every file and folder that stages exchange, and the one way vaedyn writes them atomically.
 
-A run folder holds `config.yaml`, `trace.zarr/`, `checkpoints/step-NNNNNN/`, `final/`,
-`logs/` and `eval/`; see DESIGN.md "Run folder".
+A run folder holds `config.yaml`, `trace.zarr/`, `checkpoints/step-NNNNNN/`, `final/`, `logs/` and
+`eval/` (docs/design.md "Run folder"). Work in progress lives under a hidden sibling name
+(`temp_path`) and is renamed into place when complete, so a reader finds the old or the new
+artifact, never a half-written one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 CONFIG_FILE = "config.yaml"
@@ -28,9 +32,11 @@ RUN_CONFIG_IN_CHECKPOINT = "vaedyn_config.yaml"
 MODEL_CONFIG_FILE = "config.json"  # diffusers model config
 STEP_FILE = "vaedyn_step.json"  # {"step": N} in final/ and nudged folders: the global step of the weights
 ACCELERATE_MODEL_FILE = "model.safetensors"  # accelerate.save_state's name for model 0
+TRAINING_STATE_FILE = "custom_checkpoint_0.pkl"  # accelerate's name for the first registered object (TrainState)
 
 STEP_PREFIX = "step-"
 _STEP_RE = re.compile(r"^step-(\d{6,})$")
+TEMP_MARK = ".tmp"  # `.NAME.tmp[-TAG]`: a hidden sibling being written
 
 
 def step_dir_name(step: int) -> str:
@@ -63,6 +69,47 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
+# ---------------------------------------------------------------------------------------------
+# atomic writes
+
+
+def unique_tag() -> str:
+    """A tag no other writer uses: this process and a random part."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def temp_path(target: Path | str, tag: str | None = None) -> Path:
+    """The hidden sibling where `target` is written before it is renamed into place:
+    `.NAME.tmp` (one writer owns the target, e.g. a checkpoint of a locked run folder; a crashed
+    attempt is found and removed by that name) or `.NAME.tmp-TAG` (any number of writers)."""
+    target = Path(target)
+    return target.with_name(f".{target.name}{TEMP_MARK}" + (f"-{tag}" if tag else ""))
+
+
+def is_temp(name: str) -> bool:
+    """Whether a file or folder name is a `temp_path` (a leftover of an interrupted write)."""
+    return name.startswith(".") and (name.endswith(TEMP_MARK) or f"{TEMP_MARK}-" in name)
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Delete what interrupted writes left in `folder` (only `temp_path` names)."""
+    if Path(folder).is_dir():
+        for p in Path(folder).iterdir():
+            if is_temp(p.name):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """Write a text file under a temporary name and rename it over `path`."""
+    path = Path(path)
+    tmp = temp_path(path, unique_tag())
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def replace_dir(tmp: Path, target: Path) -> None:
     """Rename a finished folder into place. An older folder of that name is first moved aside under a
     hidden unique name and deleted after, so a reader finds the old or the new one, never a mix."""
@@ -70,8 +117,22 @@ def replace_dir(tmp: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     old = None
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        old = temp_path(target, "old-" + unique_tag())
         os.rename(target, old)
     os.rename(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(target: Path | str) -> Iterator[Path]:
+    """Yield an empty hidden folder to write `target` into; renamed into place (replacing an older
+    `target`) when the block ends without error, deleted when it raises."""
+    target = Path(target)
+    tmp = temp_path(target, unique_tag())
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

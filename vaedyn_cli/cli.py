@@ -275,9 +275,10 @@ def eval_cmd(
 ) -> None:
     """Evaluate a checkpoint (MSE, KL, PSNR, SSIM); prints the metrics.json path. With --compare, a table."""
     from vaedyn_cli import evaluate
+    from vaedyn_cli.compare import compare as compare_runs
 
     if compare:
-        out(evaluate.compare(list(paths or []), fmt))
+        out(compare_runs(list(paths or []), fmt))
         return
     if paths:
         raise VaedynError(f"unexpected argument {paths[0]}: PATHS are for --compare; pass the model with --checkpoint")

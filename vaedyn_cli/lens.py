@@ -27,21 +27,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vaedyn_cli import anatomy
+from vaedyn_cli.classification import layer_states
+from vaedyn_cli.config import ClassifyConfig
 from vaedyn_cli.errors import VaedynError
+from vaedyn_cli.labels import CODE_NAMES
 
 # Outline colour of each class; unlabelled channels get no outline.
 LABEL_COLOURS = {"active": "#2ca02c", "dormant": "#ff7f0e", "dead": "#d62728"}
-ACTIVATED_SUFFIXES = ("norm1", "norm2", "conv_norm_out")
-DEFAULT_TAU = 0.1
 FLAT_RTOL = 1e-6  # a tile is flat when its range is below this share of the layer's largest range
 MAX_LENS_ROWS = 200_000  # pixels used to fit the lens (a seeded subsample beyond that)
 
 Labels = Sequence[str] | Mapping[int, str] | None
-
-
-def follows_activation(layer: str) -> bool:
-    """Whether a nonlinearity reads this GroupNorm's output in diffusers' AutoencoderKL."""
-    return layer.rsplit(".", 1)[-1] in ACTIVATED_SUFFIXES
 
 
 def _groupnorm(model: torch.nn.Module, layer: str) -> torch.nn.GroupNorm:
@@ -68,8 +65,8 @@ class LayerActivations:
 def layer_activations(model: torch.nn.Module, images: torch.Tensor, layer: str) -> LayerActivations:
     """Run images (N, 3, H, W in [-1, 1]) through the VAE (posterior mode) and capture one layer."""
     norm = _groupnorm(model, layer)
-    act_name = str(getattr(getattr(model, "config", None), "act_fn", "silu"))
-    activated = follows_activation(layer)
+    act = anatomy.activation(model, layer)
+    act_name = str(getattr(getattr(model, "config", None), "act_fn", type(act).__name__.lower()))
     captured: list[torch.Tensor] = []
 
     def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
@@ -89,11 +86,9 @@ def layer_activations(model: torch.nn.Module, images: torch.Tensor, layer: str) 
         n, c, length = maps.shape
         h = round(math.sqrt(length * images.shape[-2] / images.shape[-1]))
         maps = maps.reshape(n, c, h, length // h)
-    if activated:
-        from diffusers.models.activations import get_activation
-
-        maps = get_activation(act_name)(maps)
-    what = f"{act_name}(GroupNorm output)" if activated else "GroupNorm output"
+    if act is not None:
+        maps = act(maps)
+    what = f"{act_name}(GroupNorm output)" if act is not None else "GroupNorm output"
     return LayerActivations(layer, maps.float().cpu(), what)
 
 
@@ -109,14 +104,12 @@ def labels_list(labels: Labels, n_channels: int) -> list[str | None]:
     return out
 
 
-def probe_states(maps: torch.Tensor, tau: float = DEFAULT_TAU, dead: float = 1e-6) -> list[str]:
-    """States from the probe maps themselves (DESIGN.md's rule): std over images and space, divided by
-    the layer's mean std; dormant at or below tau, dead when the std is ~0 in absolute terms."""
+def probe_states(maps: torch.Tensor, params: ClassifyConfig | None = None) -> list[str]:
+    """States from the probe maps themselves, by the classification's per-step rule (dormancy
+    method): activity = std over images and space, divided by the layer's mean activity."""
+    params = (params or ClassifyConfig()).model_copy(update={"method": "dormancy"})
     std = maps.double().transpose(0, 1).reshape(maps.shape[1], -1).std(dim=1, unbiased=False)
-    mean = float(std.mean())
-    score = std / mean if mean > 0 else torch.zeros_like(std)
-    pairs = zip(std.tolist(), score.tolist(), strict=True)
-    return ["dead" if s <= dead else "dormant" if r <= tau else "active" for s, r in pairs]
+    return [CODE_NAMES[code] for code in layer_states(std.numpy(), params).tolist()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +336,7 @@ def lens_figure(
     labels: Labels = None,
     out_png: Path | str = "lens.png",
     show: int = 2,
-    tau: float = DEFAULT_TAU,
+    params: ClassifyConfig | None = None,
 ) -> dict[str, Any]:
     """Fit the linear lens of `layer` on `images` and draw what each channel set reconstructs.
 
@@ -353,7 +346,7 @@ def lens_figure(
     acts = layer_activations(model, images, layer)
     c = acts.maps.shape[1]
     given = labels_list(labels, c)
-    states = [s or "active" for s in given] if labels is not None else probe_states(acts.maps, tau)
+    states = [s or "active" for s in given] if labels is not None else probe_states(acts.maps, params)
     fits = lens_fits(acts.maps, images, states)
     shown = list(range(1, images.shape[0], 2))[:show] if images.shape[0] >= 2 else [0]
     fig = _lens_plot(acts, images, fits, shown)

@@ -293,8 +293,3 @@ def _diffusers_checkpoint(source: str, folder: Path, run_dir: Path | None) -> Ch
     if meta.is_file():
         step = int(json.loads(meta.read_text())["step"])
     return Checkpoint(source, "diffusers", folder, step, run_dir, cfg)
-
-
-def groupnorm_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.GroupNorm]]:
-    """Every GroupNorm of the model in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.GroupNorm)]

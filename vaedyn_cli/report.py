@@ -31,15 +31,14 @@ import numpy as np
 import xarray as xr
 
 from vaedyn_cli import artifacts
-from vaedyn_cli import classify as classify_mod
 from vaedyn_cli import store as store_mod
-from vaedyn_cli.classify import ACTIVE, DEAD, DORMANT, Channels, select_channels, step_states
+from vaedyn_cli.classification import Channels, select_channels, step_states, stored_labels, trace_params
 from vaedyn_cli.config import ClassifyConfig
 from vaedyn_cli.errors import VaedynError
+from vaedyn_cli.labels import ACTIVE, DEAD, DORMANT, MECHANISMS, PARTS, STATES, TRAJECTORIES, UNKNOWN
 
 log = logging.getLogger(__name__)
 
-PARTS = ("encoder", "decoder")
 PART_COLOURS = {"encoder": "#1f77b4", "decoder": "#d62728"}
 MAX_LINE_STEPS = 2000
 MAX_HEATMAP_STEPS = 400
@@ -227,24 +226,13 @@ def gather(path: Path, ds: xr.Dataset) -> ReportData:
     steps = np.asarray(ds["step"].values).astype(np.int64)
     if len(steps) == 0:
         raise VaedynError(f"trace {path} has no committed step yet; report after the first tracked step is written")
-    params = classify_mod.resolve_params(ds)
+    params = trace_params(ds)
     d = ReportData(path=path, ds=ds, run_dir=_run_dir(path), params=params,
                    channels=select_channels(ds), steps=steps,
                    line_idx=_spread(len(steps), MAX_LINE_STEPS), heat_idx=np.array([], np.int64))
     d.heat_idx = d.line_idx[_spread(len(d.line_idx), MAX_HEATMAP_STEPS)]
     _reduce_steps(d)
-    stored = classify_mod.read_classification(path)
-    if stored is not None and "classified" in stored:
-        keep = np.asarray(stored["classified"].values, bool)
-        stored = stored.isel(channel=keep).assign_coords(
-            layer=("channel", _text(ds["layer"].values)[keep]),
-            channel_index=("channel", np.asarray(ds["channel_index"].values)[keep]),
-            part=("channel", _text(ds["part"].values)[keep]),
-        )
-    if stored is not None:
-        d.labels, d.labels_from = stored, "stored by `vaedyn classify`"
-    else:
-        d.labels, d.labels_from = classify_mod.classify_trace(ds, params), "computed in memory (store has none)"
+    d.labels, d.labels_from = stored_labels(path, ds)
     d.events = store_mod.read_events(path)
     d.validation = _load_validation(d)
     return d
@@ -486,13 +474,13 @@ def class_counts(labels: xr.Dataset) -> dict[str, dict[str, dict[str, int]]]:
     """{trajectory|mechanism|flag: {class: {part: count}}} from per-channel labels."""
     part = _text(labels["part"].values)
     out: dict[str, dict[str, dict[str, int]]] = {"state": {}, "trajectory": {}, "mechanism": {}, "flag": {}}
-    for key, classes in (("state", (*classify_mod.STATES, classify_mod.UNKNOWN)),
-                         ("trajectory", (*classify_mod.TRAJECTORIES, classify_mod.UNKNOWN)),
-                         ("mechanism", classify_mod.MECHANISMS)):
+    for key, classes in (("state", (*STATES, UNKNOWN)),
+                         ("trajectory", (*TRAJECTORIES, UNKNOWN)),
+                         ("mechanism", MECHANISMS)):
         v = np.asarray([str(x) if x is not None else "" for x in labels[key].values.tolist()])
         for c in classes:
             counts = {p: int(((v == c) & (part == p)).sum()) for p in PARTS}
-            if sum(counts.values()) or c != classify_mod.UNKNOWN:
+            if sum(counts.values()) or c != UNKNOWN:
                 out[key][c] = counts
     for flag in ("unused", "input_collapsed"):
         v = np.asarray(labels[flag].values).astype(bool)
@@ -621,14 +609,7 @@ def render_figures(d: ReportData, out: Path) -> dict[str, str | None]:
 
 
 def _stored_config(d: ReportData) -> dict[str, Any]:
-    raw = d.ds.attrs.get("config")
-    try:
-        cfg = json.loads(raw) if isinstance(raw, str) else dict(raw or {})
-    except ValueError:
-        import yaml
-
-        cfg = yaml.safe_load(raw) or {}
-    return cfg if isinstance(cfg, dict) else {}
+    return store_mod.stored_config(d.ds.attrs) or {}
 
 
 def _events_summary(d: ReportData) -> dict[str, Any]:

@@ -5,9 +5,9 @@ and histograms of |gamma| per part; at every validation: the probe images over t
 reconstructions. Enabled when `log.report_to` is `tensorboard` or `all`; it writes through
 accelerate's TensorBoard tracker, into the run's `logs/`.
 
-The counts use the classification's per-step rule (`classify.step_states`, no persistence filter) on
-statistics of that step's training forward, collected by forward hooks attached for that step
-only. They are a live view; the trace store and `vaedyn classify` are the record.
+The counts use the classification's per-step rule (`classification.step_states`, no persistence filter) on
+statistics of that step's training forward, collected by the probes (exact mode) attached for that
+step only. They are a live view; the trace store and `vaedyn classify` are the record.
 """
 
 from __future__ import annotations
@@ -19,98 +19,54 @@ import numpy as np
 import torch
 import xarray as xr
 
-from vaedyn_cli.config import ClassifyConfig
-from vaedyn_cli.lens import follows_activation
-from vaedyn_cli.model import groupnorm_layers
-from vaedyn_cli.train import HOOK_FACTORIES, TrainContext, TrainHook
+from vaedyn_cli.anatomy import groupnorm_layers
+from vaedyn_cli.classification import select_channels, step_states
+from vaedyn_cli.config import ClassifyConfig, NearZeroConfig, TrackConfig
+from vaedyn_cli.hooks import TrainContext, TrainHook
+from vaedyn_cli.labels import DEAD, DORMANT, PARTS
+from vaedyn_cli.metrics import reconstruct, to_unit
+from vaedyn_cli.probes import ChannelProbes
+from vaedyn_cli.store import records_to_dataset
 
 log = logging.getLogger(__name__)
 
-PARTS = ("encoder", "decoder")
 RECON_IMAGES = 4
 
 
 class ChannelActivity:
-    """Per-channel output statistics of every GroupNorm (and of the activation after it) over the
-    forwards made while attached: mean, std and mean |y| over batch and space."""
+    """The probes (exact mode) on every GroupNorm over the forwards made while attached, read as a
+    one-step trace and counted with the classification's per-step rule."""
 
-    def __init__(self, model: torch.nn.Module, act_fn: str = "silu"):
-        from diffusers.models.activations import get_activation
-
-        self.norms = groupnorm_layers(model)
-        self.act = get_activation(act_fn)
-        self.handles: list[Any] = []
-        self.sums: dict[str, torch.Tensor] = {}
-        names = [n for n, m in self.norms for _ in range(m.num_channels)]
-        self.meta = {
-            "layer": np.asarray(names, dtype=object),
-            "channel_index": np.concatenate([np.arange(m.num_channels) for _, m in self.norms]).astype(np.int64),
-            "part": np.asarray([n.split(".", 1)[0] for n in names], dtype=object),
-            "has_activation": np.asarray([follows_activation(n) for n in names], bool),
-        }
+    def __init__(self, model: torch.nn.Module):
+        track = TrackConfig(layers=["*"], module_types=["GroupNorm"], near_zero=NearZeroConfig(enabled=False))
+        self.probes = ChannelProbes(model, track, exact=True)
+        self.seen = False
 
     @property
     def attached(self) -> bool:
-        return bool(self.handles)
+        return self.probes.armed
 
     def attach(self) -> None:
-        self.detach()
-        self.sums = {}
-        for name, module in self.norms:
-            self.handles.append(module.register_forward_hook(self._hook(name, follows_activation(name))))
+        self.probes.disarm()
+        self.probes.reset()
+        self.probes.arm()
+        self.seen = True
 
     def detach(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-    def _hook(self, name: str, activated: bool):  # noqa: ANN202
-        def hook(_m: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-            with torch.no_grad():
-                y = output.detach().double()
-                dims = [d for d in range(y.ndim) if d != 1]
-                rows = [y.sum(dims), (y * y).sum(dims), y.abs().sum(dims)]
-                if activated:
-                    a = self.act(y)
-                    rows += [a.sum(dims), (a * a).sum(dims)]
-                count = torch.full_like(rows[0], y.numel() / y.shape[1])
-                new = torch.stack([count, *rows])
-                self.sums[name] = self.sums[name] + new if name in self.sums else new
-        return hook
+        self.probes.disarm()
 
     def trace(self) -> xr.Dataset | None:
-        """The statistics as a one-step trace (DESIGN.md variable names), or None before any forward."""
-        if len(self.sums) != len(self.norms):
+        """The statistics as a one-step trace (the store's variable names), or None before any forward."""
+        if not self.seen:
             return None
-        std, act_std, mean_abs, mean = [], [], [], []
-        for name, module in self.norms:
-            s = self.sums[name].cpu().numpy()
-            n = s[0]
-            m = s[1] / n
-            mean.append(m)
-            std.append(np.sqrt(np.maximum(s[2] / n - m * m, 0)))
-            mean_abs.append(s[3] / n)
-            if s.shape[0] > 4:
-                am = s[4] / n
-                act_std.append(np.sqrt(np.maximum(s[5] / n - am * am, 0)))
-            else:
-                act_std.append(np.full(module.num_channels, np.nan))
-        row = ("step", "channel")
-        return xr.Dataset(
-            {
-                "mean": (row, np.concatenate(mean)[None].astype(np.float32)),
-                "std": (row, np.concatenate(std)[None].astype(np.float32)),
-                "mean_abs": (row, np.concatenate(mean_abs)[None].astype(np.float32)),
-                "act_std": (row, np.concatenate(act_std)[None].astype(np.float32)),
-                **{k: ("channel", v) for k, v in self.meta.items()},
-            },
-            coords={"step": [0]},
-        )
+        self.probes.finish()
+        record = self.probes.snapshot(0).resolve()
+        if not np.isfinite(record.channels["std"]).any():
+            return None
+        return records_to_dataset([record], self.probes.layout)
 
     def counts(self, params: ClassifyConfig) -> dict[str, dict[str, int]] | None:
         """{part: {"inactive": dormant + dead, "dead": dead}} by the classification's per-step rule."""
-        from vaedyn_cli.classify import DEAD, DORMANT, select_channels, step_states
-
         ds = self.trace()
         if ds is None:
             return None
@@ -136,7 +92,7 @@ class TensorBoardHook(TrainHook):
         self.acc = ctx.accelerator
         self.cfg = ctx.cfg
         self.vae = ctx.accelerator.unwrap_model(ctx.model)
-        self.activity = ChannelActivity(self.vae, str(getattr(self.vae.config, "act_fn", "silu")))
+        self.activity = ChannelActivity(self.vae)
         self.probe = probe
         self._writer: Any = None
 
@@ -173,8 +129,6 @@ class TensorBoardHook(TrainHook):
         w = self.writer()
         if w is None or self.probe is None:
             return
-        from vaedyn_cli.evaluate import reconstruct, to_unit
-
         param = next(self.vae.parameters())
         x = self.probe.to(param.device, param.dtype)
         was_training = self.vae.training
@@ -203,5 +157,3 @@ def tensorboard_hook(ctx: TrainContext) -> TensorBoardHook | None:
         probe = probe_batch(cfg.data, cfg.data.validation_split_name, n, cfg.seed)
     return TensorBoardHook(ctx, probe)
 
-
-HOOK_FACTORIES.append(tensorboard_hook)

@@ -1,0 +1,514 @@
+"""Offline classification of inactive channels: a trace (xarray) -> one label set per channel.
+
+Definitions (DESIGN.md "Activity, state, trajectory, mechanism"), made exact here:
+
+State of a channel at a tracked step (method `dormancy`, the default):
+    activity = `act_std` where an activation follows the norm (`has_activation`), else `std`;
+    score    = activity / mean activity of the channel's layer at that step (ReDo's
+               normalisation on std, so a constant non-zero channel counts as inactive);
+    `dead` when activity <= dead_threshold, else `dormant` when score <= tau, else `active`.
+    Method `mean_abs_threshold` (the original project's rule): `dormant` when mean_abs <
+    threshold, else `active`; score = mean_abs. A step where the statistic is NaN is not
+    observed: it neither extends nor breaks a run.
+
+Persistence filter (a debounce on inactive = dead or dormant vs active): the filtered state
+starts as the state of the first observed step; it changes only when the raw state has differed
+from it for `min_persist` consecutive observed steps, and the change is dated at the first step
+of that run. `n_transitions` counts these persistent changes.
+
+Trajectory: `active` (0 changes, started active), `born_dormant` (0 changes, inactive from the
+first step), `died` (1 change, active -> inactive), `revived` (1 change, inactive -> active),
+`intermittent` (2 or more changes). `onset_step` is the step where the most recent persistent
+change to inactive began, `revival_step` the same for the most recent change to active; each is
+None (JSON null, -1 in the store) when there was no such change (e.g. `born_dormant` has no
+onset). A channel with no finite statistic in the window is `unknown` (state and trajectory).
+
+Final `state`: the filtered state at the last step of the window; an inactive channel is `dead`
+when its most recent inactive observed step was dead, else `dormant`. `score` is the score at
+the channel's last observed step.
+
+Mechanism, only for channels inactive at the end ("" in the Dataset and store, JSON null
+otherwise), from the statistics at the last step of the window, first match wins:
+    1. `gn_scale`: |gamma| <= gn_scale_ratio * median |gamma| of its layer (the norm's own
+       scale silences the channel; nothing downstream of gamma matters then);
+    2. `saturated`: an activation follows and mean + m * std < -m of the norm output y, with
+       m = saturation_margin: nearly all of y lies below -m, where SiLU is flat (its slope is at
+       most ~0.1 in magnitude below -2), so y varies but the activation flattens it;
+    3. `input_collapse`: the `input_collapsed` flag below;
+    4. `other`.
+Flags on every classified channel, at the last step of the window:
+    `unused`: out_weight_norm <= unused_ratio * mean out_weight_norm of its layer;
+    `input_collapsed`: in_std <= input_collapse_ratio * mean in_std of its GroupNorm group
+    (groups are consecutive channels; their number is `norm_num_groups` of the store's
+    `model_config` attribute when that divides the layer's width, else the layer is one group).
+A statistic missing from the store or NaN makes its test false.
+
+The store's `classification` group (`write_classification`) spans every channel of the root, row
+i being the root's channel i (so `xarray.open_datatree` can align it); `classified` marks the
+channels of the selected layers, the others hold "" labels, NaN score and -1 steps. Attributes:
+`method`, `params` (JSON, with the window and layer globs), `first_step`, `last_step`, `n_steps`.
+
+Out of core: the trace is read `chunk_steps` steps at a time and a vectorised per-channel state
+machine carries the runs across chunks, so memory is bounded by the chunk, not the trace. The
+same code classifies an in-memory window (the in-training nudge passes the recent steps).
+The per-step rule alone (codes UNOBSERVED / ACTIVE / DORMANT / DEAD and scores at chosen steps)
+is `step_states`, the one implementation that the report and the TensorBoard hook count with.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from vaedyn_cli import settings
+from vaedyn_cli import store as store_mod
+from vaedyn_cli.config import ClassifyConfig
+from vaedyn_cli.errors import VaedynError
+from vaedyn_cli.labels import DEAD, MECHANISMS, TRAJECTORIES, UNOBSERVED
+from vaedyn_cli.persistence import Debounce
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# channels
+
+
+@dataclass
+class Channels:
+    """The selected channels, grouped by layer (each layer one contiguous segment)."""
+
+    pos: np.ndarray  # positions along the root `channel` dim
+    layer: np.ndarray  # layer name per channel (object)
+    channel_index: np.ndarray
+    part: np.ndarray
+    has_activation: np.ndarray  # bool
+    seg: np.ndarray  # per channel: index of its layer among the selected layers
+    bounds: list[tuple[int, int]]  # [start, end) of each layer's segment
+    group: np.ndarray  # global GroupNorm group id per channel
+
+    @property
+    def n(self) -> int:
+        return len(self.pos)
+
+    @property
+    def names(self) -> list[str]:
+        """The selected layers, in segment order (`seg` indexes it)."""
+        return [str(self.layer[start]) for start, _ in self.bounds]
+
+
+def _strings(values: Any) -> np.ndarray:
+    return np.asarray([str(v) for v in np.asarray(values).tolist()], dtype=object)
+
+
+def _norm_groups(ds: xr.Dataset) -> int | None:
+    raw = ds.attrs.get("model_config")
+    if not raw:
+        return None
+    try:
+        cfg = json.loads(raw) if isinstance(raw, str) else dict(raw)
+        groups = int(cfg.get("norm_num_groups") or 0)
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return groups or None
+
+
+def select_channels(ds: xr.Dataset, layers: Sequence[str] | None = None) -> Channels:
+    """Channels of the layers whose names match any glob in `layers` (all layers when None), in
+    store order; should a layer's channels not be contiguous in the store, they are grouped."""
+    for name in ("layer", "channel_index"):
+        if name not in ds.variables:
+            raise VaedynError(f"trace has no '{name}' variable: not a vaedyn.trace store (see DESIGN.md)")
+    layer_all = _strings(ds["layer"].values)
+    if layers:
+        keep = np.zeros(len(layer_all), bool)
+        for pattern in layers:
+            hit = np.array([fnmatch.fnmatchcase(n, pattern) for n in layer_all], bool)
+            if not hit.any():
+                some = ", ".join(list(dict.fromkeys(layer_all.tolist()))[:2])
+                raise VaedynError(
+                    f"--layers {pattern!r} matches no layer of the trace (e.g. {some}); "
+                    "use a glob on module names such as 'decoder.*' or '*norm1'"
+                )
+            keep |= hit
+        pos = np.flatnonzero(keep)
+    else:
+        pos = np.arange(len(layer_all))
+    names = list(dict.fromkeys(layer_all[pos].tolist()))
+    code = {n: i for i, n in enumerate(names)}
+    pos = pos[np.argsort([code[n] for n in layer_all[pos]], kind="stable")]
+    layer = layer_all[pos]
+    seg = np.array([code[n] for n in layer], np.int64)
+    counts = np.bincount(seg, minlength=len(names))
+    ends = np.cumsum(counts)
+    bounds = [(int(e - c), int(e)) for c, e in zip(counts, ends, strict=True)]
+    cidx = np.asarray(ds["channel_index"].values)[pos].astype(np.int64)
+    if "part" in ds.variables:
+        part = _strings(ds["part"].values)[pos]
+    else:  # a store from another program: the module path's first name (encoder / decoder)
+        part = np.asarray([n.split(".", 1)[0] for n in layer.tolist()], dtype=object)
+    if "has_activation" in ds.variables:
+        has_act = np.asarray(ds["has_activation"].values)[pos].astype(bool)
+    else:
+        has_act = np.zeros(len(pos), bool)
+    n_groups = _norm_groups(ds)
+    local = np.zeros(len(pos), np.int64)
+    if n_groups:
+        width = counts[seg]
+        divisible = width % n_groups == 0
+        local = np.where(divisible, cidx // np.maximum(width // n_groups, 1), 0)
+    group = seg * (int(local.max(initial=0)) + 1) + local
+    return Channels(pos, layer, cidx, part, has_act, seg, bounds, group)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-step states
+
+
+def _indexer(pos: np.ndarray) -> slice | np.ndarray:
+    """A slice when the positions are one increasing contiguous range (a cheaper read), else the array."""
+    if len(pos) and pos[-1] - pos[0] + 1 == len(pos) and np.all(np.diff(pos) == 1):
+        return slice(int(pos[0]), int(pos[-1]) + 1)
+    return pos
+
+
+def _read(ds: xr.Dataset, name: str, steps: slice | np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """A (steps, channels) block as float32; never modified in place (it may be the caller's data)."""
+    if name not in ds.variables:
+        raise VaedynError(f"trace has no '{name}' variable, needed by the classification method; "
+                          "write it (see DESIGN.md 'Trace store') or choose another --method")
+    return np.asarray(ds[name].isel(step=steps, channel=_indexer(pos)).values, dtype=np.float32)
+
+
+class _Activity:
+    """The activity of a chunk, layer by layer: act_std where an activation follows, else std.
+
+    Each source is read once for the whole chunk (a store chunk spans many layers), then sliced.
+    """
+
+    def __init__(self, ds: xr.Dataset, ch: Channels, steps: slice | np.ndarray, method: str) -> None:
+        self.ch = ch
+        self.act = self.std = None
+        self.std_from = 0
+        if method == "mean_abs_threshold":
+            self.act = _read(ds, "mean_abs", steps, ch.pos)
+            self.ha = np.ones(ch.n, bool)
+            return
+        self.ha = ch.has_activation
+        if self.ha.any():
+            self.act = _read(ds, "act_std", steps, ch.pos)
+        if not self.ha.all():  # std over whole layers: a layer may mix channels with and without
+            no_act = np.flatnonzero(~self.ha)
+            self.std_from = ch.bounds[ch.seg[no_act[0]]][0]
+            self.std = _read(ds, "std", steps, ch.pos[self.std_from:ch.bounds[ch.seg[no_act[-1]]][1]])
+
+    def segment(self, start: int, end: int) -> np.ndarray:
+        ha = self.ha[start:end]
+        if ha.all():
+            return self.act[:, start:end]
+        std = self.std[:, start - self.std_from:end - self.std_from]
+        return std if not ha.any() else np.where(ha, self.act[:, start:end], std)
+
+
+def _last_observed_rows(finite: np.ndarray) -> np.ndarray:
+    """Per column, the index of its last finite row (-1 when none)."""
+    flipped = finite[::-1].argmax(axis=0)
+    rows = finite.shape[0] - 1 - flipped
+    rows[~finite.any(axis=0)] = -1
+    return rows
+
+
+def _layer_codes(a: np.ndarray, p: ClassifyConfig, out: np.ndarray) -> np.ndarray:
+    """Write the state codes of one layer's activity block `a` (steps, channels) into `out`; return
+    the per-step normaliser of the score (the layer's mean finite activity; 1 for mean_abs_threshold).
+
+    Compares the activity with tau x layer mean rather than dividing first: no (steps, channels)
+    temporary for the classification's hot loop. Unobserved (NaN) entries are left to the caller."""
+    if p.method == "mean_abs_threshold":
+        np.less(a, p.threshold, out=out, casting="unsafe")
+        return np.ones(a.shape[0], np.float64)
+    norm = a.mean(axis=1, dtype=np.float64)  # NaN in any row when a value is missing
+    if not np.isfinite(norm).all():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: NaN mean, on purpose
+            norm = np.nanmean(a, axis=1, dtype=np.float64)
+    limit = (p.tau * norm).astype(np.float32)[:, None]
+    np.less_equal(a, limit, out=out, casting="unsafe")
+    dead = a <= p.dead_threshold
+    if (limit >= p.dead_threshold).all():  # then dead implies dormant: 1 + 1 = 2
+        out += dead
+    else:
+        out[dead] = DEAD
+    return norm
+
+
+def layer_states(activity: np.ndarray, params: ClassifyConfig) -> np.ndarray:
+    """The per-step rule on one layer at one step: the state codes of its channels' activities
+    (UNOBSERVED where the activity is NaN)."""
+    a = np.asarray(activity, np.float32).reshape(1, -1)
+    out = np.empty(a.shape, np.int8)
+    _layer_codes(a, params, out)
+    out[~np.isfinite(a)] = UNOBSERVED
+    return out[0]
+
+
+def _chunk_states(ds: xr.Dataset, ch: Channels, p: ClassifyConfig, steps: slice | np.ndarray, n_steps: int,
+                  all_scores: bool) -> tuple[np.ndarray, np.ndarray]:
+    """State codes (steps, channels) at the step positions `steps` (`n_steps` of them), and the
+    scores: (steps, channels) when `all_scores`, else each channel's score at its last observed
+    step among them (NaN when it has none), which is all the classification keeps."""
+    source = _Activity(ds, ch, steps, p.method)
+    codes = np.empty((n_steps, ch.n), np.int8)
+    shape = (n_steps, ch.n) if all_scores else (ch.n,)
+    score = np.full(shape, np.nan, np.float32)
+    for start, end in ch.bounds:
+        a = source.segment(start, end)
+        out = codes[:, start:end]
+        norm = _layer_codes(a, p, out)
+        finite = np.isfinite(a)
+        observed = bool(finite.all())
+        if not observed:
+            out[~finite] = UNOBSERVED
+        if all_scores:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                block = np.where(norm[:, None] > 0, a / norm[:, None], 0.0)  # a silent layer scores 0
+            if not observed:
+                block[~finite] = np.nan
+            score[:, start:end] = block
+            continue
+        rows = np.full(end - start, n_steps - 1) if observed else _last_observed_rows(finite)
+        seen = rows >= 0
+        cols = np.flatnonzero(seen)
+        value, base = a[rows[seen], cols], norm[rows[seen]]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            score[start + cols] = np.where(base > 0, value / base, 0.0)
+    return codes, score
+
+
+def _positions(steps: slice | Sequence[int] | np.ndarray, n_total: int) -> tuple[slice | np.ndarray, int]:
+    """A step indexer for `isel` (a slice when the positions are contiguous) and how many steps it takes."""
+    if isinstance(steps, slice):
+        start, stop, stride = steps.indices(n_total)
+        if stride == 1:
+            return slice(start, max(start, stop)), max(0, stop - start)
+    pos = np.atleast_1d(np.arange(n_total)[steps if isinstance(steps, slice) else np.asarray(steps, np.int64)])
+    return _indexer(pos), len(pos)
+
+
+def step_states(
+    ds: xr.Dataset,
+    params: ClassifyConfig,
+    steps: slice | Sequence[int] | np.ndarray = slice(None),
+    layers: Sequence[str] | None = None,
+    *,
+    channels: Channels | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The per-step rule (module docstring, "State of a channel"), with no persistence filter.
+
+    Returns state codes (steps, channels) int8 (UNOBSERVED, ACTIVE, DORMANT, DEAD) and scores
+    (steps, channels) float32 (NaN where unobserved) at the step positions `steps` (a slice or
+    positions along the trace's `step` dim; all of them are read at once, so chunk long traces).
+    Columns follow `channels` (default `select_channels(ds, layers)`: store order when each layer's
+    channels are contiguous, as in every vaedyn store). `classify_trace` runs the same code chunk by chunk.
+    """
+    ch = channels if channels is not None else select_channels(ds, layers)
+    index, n_steps = _positions(steps, ds.sizes["step"])
+    return _chunk_states(ds, ch, params, index, n_steps, all_scores=True)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# mechanism and flags
+
+
+def _last(ds: xr.Dataset, name: str, lo: int, hi: int, pos: np.ndarray) -> np.ndarray:
+    """Each channel's latest finite value of `name` among the window's steps [lo, hi), NaN when none.
+
+    Weight statistics (`out_weight_norm`) are recorded once per `track.weight_interval` steps
+    and a skipped step is NaN, so "the last step" means the last step that recorded the statistic.
+    Reads backwards in growing blocks: usually one row."""
+    if name not in ds.variables:
+        log.warning("trace has no '%s': the tests that need it are false", name)
+        return np.full(len(pos), np.nan, np.float32)
+    out = np.full(len(pos), np.nan, np.float32)
+    missing = np.ones(len(pos), bool)
+    end, span = hi, 1
+    while end > lo and missing.any():
+        start = max(lo, end - span)
+        block = _read(ds, name, slice(start, end), pos)
+        for row in block[::-1]:
+            take = missing & np.isfinite(row)
+            out[take] = row[take]
+            missing &= ~take
+        end, span = start, span * 4
+    return out
+
+
+def _group_mean(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Per-key mean of the finite values, broadcast back to each element (NaN for a key without any)."""
+    finite = np.isfinite(values)
+    sums = np.bincount(keys, np.where(finite, values, 0.0))
+    counts = np.bincount(keys, finite)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (sums / counts)[keys]
+
+
+def _layer_median(ch: Channels, values: np.ndarray) -> np.ndarray:
+    """Per layer median of the finite values, broadcast back to each channel."""
+    out = np.full(len(values), np.nan)
+    for start, end in ch.bounds:
+        v = values[start:end]
+        v = v[np.isfinite(v)]
+        if len(v):
+            out[start:end] = np.median(v)
+    return out
+
+
+def _mechanisms(ds: xr.Dataset, ch: Channels, p: ClassifyConfig, lo: int, hi: int,
+                inactive: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mechanism, unused, input_collapsed) from each statistic's latest recorded value in the window."""
+    gamma = np.abs(_last(ds, "gn_weight", lo, hi, ch.pos)).astype(np.float64)
+    mean = _last(ds, "mean", lo, hi, ch.pos).astype(np.float64)
+    std = _last(ds, "std", lo, hi, ch.pos).astype(np.float64)
+    in_std = _last(ds, "in_std", lo, hi, ch.pos).astype(np.float64)
+    out_norm = _last(ds, "out_weight_norm", lo, hi, ch.pos).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        unused = out_norm <= p.unused_ratio * _group_mean(ch.seg, out_norm)
+        collapsed = in_std <= p.input_collapse_ratio * _group_mean(ch.group, in_std)
+        gn_scale = gamma <= p.gn_scale_ratio * _layer_median(ch, gamma)
+        m = p.saturation_margin
+        saturated = ch.has_activation & (mean + m * std < -m)
+    mech = np.select([gn_scale, saturated, collapsed], ["gn_scale", "saturated", "input_collapse"], "other")
+    mech = mech.astype(object)
+    mech[~inactive] = ""
+    return mech, unused, collapsed
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+
+def _step_window(steps: np.ndarray, from_step: int | None, to_step: int | None) -> tuple[int, int]:
+    lo = 0 if from_step is None else int(np.searchsorted(steps, from_step, side="left"))
+    hi = len(steps) if to_step is None else int(np.searchsorted(steps, to_step, side="right"))
+    if hi <= lo:
+        have = f"{steps[0]}..{steps[-1]}" if len(steps) else "none"
+        window = " ".join(f"--{k} {v}" for k, v in (("from-step", from_step), ("to-step", to_step)) if v is not None)
+        raise VaedynError(f"no tracked step in the window {window} (trace steps: {have}); widen the window")
+    return lo, hi
+
+
+def classify_trace(
+    ds: xr.Dataset,
+    params: ClassifyConfig,
+    *,
+    from_step: int | None = None,
+    to_step: int | None = None,
+    layers: Sequence[str] | None = None,
+) -> xr.Dataset:
+    """Label every channel of the selected layers over the steps [from_step, to_step] of a trace.
+
+    `ds` is the trace's root group, lazy (read chunk by chunk) or in memory. Returns a Dataset
+    with dim `channel` (coordinate: position along the trace's `channel` dim) holding `layer`,
+    `channel_index`, `part` (coordinates) and `state`, `trajectory`, `mechanism`, `unused`,
+    `input_collapsed`, `score`, `onset_step`, `revival_step`, `n_transitions`; attributes
+    `method`, `params` (JSON), `first_step`, `last_step`, `n_steps`.
+    """
+    if "step" not in ds.variables:
+        raise VaedynError("trace has no 'step' coordinate: not a vaedyn.trace store (see DESIGN.md)")
+    steps = np.asarray(ds["step"].values).astype(np.int64)
+    if len(steps) == 0:
+        raise VaedynError("trace has no committed step yet; classify after the first tracked step is written")
+    lo, hi = _step_window(steps, from_step, to_step)
+    ch = select_channels(ds, layers)
+    machine = Debounce(ch.n, params.min_persist)
+    score = np.full(ch.n, np.nan, np.float32)  # at each channel's last observed step
+    for a in range(lo, hi, params.chunk_steps):
+        b = min(hi, a + params.chunk_steps)
+        codes, chunk_score = _chunk_states(ds, ch, params, slice(a, b), b - a, all_scores=False)
+        machine.update(steps[a:b], codes)
+        np.copyto(score, chunk_score, where=~np.isnan(chunk_score))
+        del codes
+    state = machine.states()
+    inactive = (state == "dormant") | (state == "dead")
+    mech, unused, collapsed = _mechanisms(ds, ch, params, lo, hi, inactive)
+    settings = {**params.model_dump(mode="json"), "from_step": from_step, "to_step": to_step,
+                "layers": list(layers) if layers else None}
+    return xr.Dataset(
+        {
+            "state": ("channel", state),
+            "trajectory": ("channel", machine.trajectories()),
+            "mechanism": ("channel", mech),
+            "unused": ("channel", unused),
+            "input_collapsed": ("channel", collapsed),
+            "score": ("channel", score.astype(np.float64)),
+            "onset_step": ("channel", machine.onset),
+            "revival_step": ("channel", machine.revival),
+            "n_transitions": ("channel", machine.n_trans),
+        },
+        coords={
+            "channel": ("channel", ch.pos.astype(np.int64)),
+            "layer": ("channel", ch.layer),
+            "channel_index": ("channel", ch.channel_index),
+            "part": ("channel", ch.part),
+        },
+        attrs={
+            "method": params.method,
+            "params": json.dumps(settings),
+            "first_step": int(steps[lo]),
+            "last_step": int(steps[hi - 1]),
+            "n_steps": int(hi - lo),
+        },
+    )
+
+
+
+def summary(labels: xr.Dataset) -> list[dict[str, Any]]:
+    """Per layer: channels, final states, trajectories, mechanisms and flags (counts)."""
+    rows = []
+    layer = labels["layer"].values
+    cols = {k: labels[k].values for k in ("state", "trajectory", "mechanism", "unused", "input_collapsed")}
+    for name in dict.fromkeys(layer.tolist()):
+        sel = layer == name
+        row: dict[str, Any] = {"layer": name, "channels": int(sel.sum())}
+        for s in ("dormant", "dead"):
+            row[s] = int((cols["state"][sel] == s).sum())
+        for t in TRAJECTORIES:
+            row[t] = int((cols["trajectory"][sel] == t).sum())
+        for m in MECHANISMS:
+            row[m] = int((cols["mechanism"][sel] == m).sum())
+        row["unused"] = int(cols["unused"][sel].sum())
+        row["input_collapsed"] = int(cols["input_collapsed"][sel].sum())
+        rows.append(row)
+    return rows
+
+
+def trace_params(ds: xr.Dataset, options: dict[str, Any] | None = None, sets: Sequence[str] = ()) -> ClassifyConfig:
+    """The classify settings of a trace: the `classify` section of the config stored in it, then the
+    `--set classify.FIELD=VALUE` overrides, then `options` (None values ignored), validated."""
+    return settings.resolve(
+        store_mod.stored_config(ds.attrs), overrides=sets, options={"classify": options or {}},
+        stored_in="the trace", section="classify",
+    ).classify
+
+
+def stored_labels(path: Path, trace: xr.Dataset) -> tuple[xr.Dataset, str]:
+    """The labels of a store's classified channels and where they come from: its `classification`
+    group (with the trace's channel coordinates) when `vaedyn classify` wrote one, else the trace
+    classified in memory with its stored settings (nothing is written)."""
+    group = store_mod.read_classification(path)
+    if group is None:
+        log.info("%s has no classification group: classifying it in memory with its stored settings", path)
+        return classify_trace(trace, trace_params(trace)), "computed in memory (store has none)"
+    keep = np.flatnonzero(np.asarray(group["classified"].values, dtype=bool))
+    coords = {k: ("channel", _strings(trace[k].values)[keep] if k != "channel_index" else
+                  np.asarray(trace[k].values)[keep]) for k in ("layer", "channel_index", "part")}
+    return group.isel(channel=keep).assign_coords(coords), "stored by `vaedyn classify`"

@@ -1,0 +1,182 @@
+"""Reading a store: checks, path resolution, the committed root group and events."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from vaedyn_cli import __version__, artifacts
+from vaedyn_cli.errors import VaedynError
+from vaedyn_cli.store.metadata import read_json
+from vaedyn_cli.store.schema import EVENT_FIELDS, EVENTS_GROUP, SCHEMA, SCHEMA_VERSION, ZARR_JSON
+
+
+def missing_store(path: Path) -> VaedynError:
+    return VaedynError(
+        f"trace store {path} not found: `vaedyn train` writes <run>/{artifacts.TRACE_DIR} and `vaedyn track` writes "
+        f"<run>/{artifacts.TRACK_TRACE_DIR} (or its --out); pass one of those or a run folder"
+    )
+
+
+def check_store(path: str | Path) -> dict[str, Any]:
+    """The root attributes of a vaedyn.trace store; VaedynError (one line) when it is not one."""
+    root = Path(path)
+    if not root.exists():
+        raise missing_store(root)
+    meta_file = root / ZARR_JSON
+    if not meta_file.is_file():
+        raise VaedynError(f"{root} is not a trace store (no {ZARR_JSON}): pass a trace.zarr folder or a run folder")
+    try:
+        meta = read_json(meta_file)
+    except (OSError, ValueError):
+        raise VaedynError(f"{meta_file} is not valid JSON: the store is damaged; rewrite it with `vaedyn track`") from None
+    attrs = meta.get("attributes", {})
+    if meta.get("zarr_format") != 3 or attrs.get("schema") != SCHEMA:
+        raise VaedynError(
+            f"{root} is not a {SCHEMA} store (schema {attrs.get('schema')!r}): pass a store written by "
+            "`vaedyn train` or `vaedyn track`"
+        )
+    version = attrs.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise VaedynError(
+            f"{root} has {SCHEMA} schema_version {version!r}; this vaedyn ({__version__}) reads version "
+            f"{SCHEMA_VERSION}: use the vaedyn that wrote it, or re-create the trace with `vaedyn track`"
+        )
+    return dict(attrs)
+
+
+def resolve_store_path(arg: str | Path) -> Path:
+    """A store path, a run folder (its trace.zarr, else its trace-track.zarr), or '-' (the last
+    non-empty line of stdin, so that `vaedyn train ... | vaedyn classify -` works)."""
+    text = str(arg)
+    if text == "-":
+        lines = [ln.strip() for ln in sys.stdin.read().splitlines() if ln.strip()]
+        if not lines:
+            raise VaedynError("STORE is '-' but stdin is empty; pipe a store or run folder path into it")
+        text = lines[-1]
+    return locate(Path(text).expanduser())
+
+
+def locate(path: Path) -> Path:
+    """A store path as given, or the trace store of a run folder."""
+    if path.is_dir() and not (path / ZARR_JSON).is_file():
+        for name in (artifacts.TRACE_DIR, artifacts.TRACK_TRACE_DIR):
+            if (path / name / ZARR_JSON).is_file():
+                return path / name
+        if (path / artifacts.CONFIG_FILE).is_file():
+            raise VaedynError(
+                f"run folder {path} has no trace store: it was trained with track.enabled=false; "
+                f"make one with `vaedyn track --checkpoint {path / artifacts.CHECKPOINTS_DIR}`"
+            )
+    check_store(path)
+    return path
+
+
+def open_group(root: Path, group: str | None = None) -> xr.Dataset:
+    """Lazily open a group, through the consolidated metadata when the store has it."""
+    consolidated = "consolidated_metadata" in read_json(root / ZARR_JSON)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # xarray's "no consolidated metadata" hint
+        return xr.open_zarr(root, group=group, consolidated=consolidated, chunks=None, zarr_format=3)
+
+
+def open_trace(path: str | Path) -> xr.Dataset:
+    """The root group of a trace store, lazily loaded, trimmed to the committed steps."""
+    root = locate(Path(path))
+    attrs = check_store(root)
+    try:
+        ds = open_group(root)
+    except Exception as e:  # noqa: BLE001 - zarr and xarray raise many types for a damaged store
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise VaedynError(f"cannot read trace store {root}: {type(e).__name__}: {first}") from None
+    committed = int(attrs.get("committed_steps", 0))
+    _check_complete(root, ds, committed)
+    if ds.sizes.get("step", 0) > committed:
+        ds = ds.isel(step=slice(0, committed))
+    return ds
+
+
+def _check_complete(root: Path, ds: xr.Dataset, committed: int) -> None:
+    """Fail on a damaged store here rather than with NaNs later: every root array that the consolidated
+    metadata lists still has its own metadata on disk (zarr reads a missing array as fill values), and
+    the arrays hold every committed step."""
+    fix = "restore it from a copy, or re-create the trace with `vaedyn track`"
+    listed = (read_json(root / ZARR_JSON).get("consolidated_metadata") or {}).get("metadata") or {}
+    for key, meta in listed.items():
+        if "/" not in key and meta.get("node_type") == "array" and not (root / key / ZARR_JSON).is_file():
+            raise VaedynError(
+                f"trace store {root} is damaged: array '{key}' is listed in its {ZARR_JSON} but "
+                f"{root / key / ZARR_JSON} is missing; {fix}"
+            )
+    rows = ds.sizes.get("step", 0)
+    if rows < committed:
+        raise VaedynError(
+            f"trace store {root} is truncated: committed_steps {committed} but its arrays hold {rows} steps; {fix}"
+        )
+
+
+def read_events(path: str | Path) -> xr.Dataset | None:
+    """The `events` group, loaded and trimmed to the committed events (None when no intervention was
+    recorded). Each column is read to `committed_events` on its own, so a reader never sees the
+    columns of a half-appended batch of rows, nor the rows a crashed writer left uncommitted."""
+    import zarr
+
+    root = locate(Path(path))
+    attrs = check_store(root)
+    if attrs.get("committed_events") == 0 or not (root / EVENTS_GROUP / ZARR_JSON).is_file():
+        return None  # (a group left by a writer killed before committing its first rows is not read)
+    try:
+        group = zarr.open_group(str(root / EVENTS_GROUP), mode="r", use_consolidated=False)
+        n = committed_events(attrs, group)
+        if n == 0:
+            return None
+        data = {}
+        for name in EVENT_FIELDS:
+            values = np.asarray(group[name][:n])
+            if values.dtype.kind in "OTU":
+                values = np.array([str(v) for v in values], dtype=object)
+            data[name] = ("event", values)
+        group_attrs = dict(group.attrs)
+    except Exception as e:  # noqa: BLE001 - zarr raises many types for a damaged group
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise VaedynError(
+            f"cannot read the events group of trace store {root}: {type(e).__name__}: {first}; "
+            "restore the store from a copy"
+        ) from None
+    return xr.Dataset(data, attrs=group_attrs)
+
+
+def committed_events(attrs: Mapping[str, Any], group: Any) -> int:
+    """Rows of the events group that were committed (stores without the attribute: every row on disk)."""
+    lengths = [group[name].shape[0] for name in EVENT_FIELDS if name in group]
+    on_disk = min(lengths) if len(lengths) == len(EVENT_FIELDS) else 0
+    committed = attrs.get("committed_events")
+    return on_disk if committed is None else min(int(committed), on_disk)
+
+
+
+def stored_config(attrs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The run config stored in a trace's attributes (`config`, JSON; YAML in hand-made stores), as a
+    plain dict; None when there is none or it does not parse."""
+    raw = attrs.get("config")
+    if not raw:
+        return None
+    if isinstance(raw, Mapping):
+        return dict(raw)
+    try:
+        cfg = json.loads(raw)
+    except ValueError:
+        import yaml
+
+        try:
+            cfg = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            return None
+    return cfg if isinstance(cfg, dict) else None

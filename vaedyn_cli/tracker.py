@@ -1,0 +1,167 @@
+"""The Tracker: the training hook that records a trace step every `track.interval` optimizer steps.
+
+It owns the run's store writer (main process) and the probes (every process); under several
+processes the probes' sums are all-reduced, so the trace equals one process seeing the global
+batch. Other hooks talk to it through `window` (the recent tracked steps as a trace) and
+`add_events` (intervention rows for the store), never through its writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from vaedyn_cli import artifacts
+from vaedyn_cli import store as store_mod
+from vaedyn_cli.config import RunConfig
+from vaedyn_cli.hooks import TrainHook
+from vaedyn_cli.probes import ChannelProbes, load_probe_batch, model_config_json, run_probe
+from vaedyn_cli.store import TraceWriter
+
+log = logging.getLogger(__name__)
+
+class Tracker(TrainHook):
+    """The TrainHook that records a trace step every track.interval optimizer steps."""
+
+    def __init__(self, ctx: Any):
+        cfg: RunConfig = ctx.cfg
+        self.cfg = cfg
+        self.acc = ctx.accelerator
+        self.model = self.acc.unwrap_model(ctx.model)
+        self.main = bool(self.acc.is_main_process)
+        self.probes = ChannelProbes(self.model, cfg.track, ring=cfg.track.queue_size + 2)
+        self.probe_batch = load_probe_batch(cfg) if cfg.track.source == "probe" and self.main else None
+        self.tracked = False
+        self.writer: TraceWriter | None = None
+        self._store_attrs: dict[str, Any] | None = None
+        if self.main:
+            path = Path(ctx.run_dir) / artifacts.TRACE_DIR
+            attrs = store_mod.store_attrs("train", cfg.run_name, cfg.to_json(), model_config_json(self.model))
+            resume = ctx.resume_step
+            self.writer = TraceWriter(
+                path,
+                self.probes.layout,
+                attrs,
+                mode="a" if resume is not None else "w",
+                chunk_steps=cfg.track.chunk_steps,
+                queue_size=cfg.track.queue_size,
+                commit_interval_s=cfg.track.commit_interval_s,
+                keep_recent=cfg.nudge.window,
+            )
+            if resume is not None:
+                self.writer.truncate(resume)
+
+    def begin_step(self, step: int) -> None:
+        self.tracked = step % self.cfg.track.interval == 0
+        if not self.tracked:
+            return
+        self.probes.reset()
+        if self.cfg.track.source == "batch":
+            self.probes.capture_params(weights=self._weights_due(step))
+            self.probes.arm()
+
+    def _weights_due(self, step: int) -> bool:
+        """Weight statistics on the first tracked step (step `interval`) and then on the first tracked step
+        of each window of `weight_interval` steps after it (every such window holds exactly one step
+        (step - interval) % weight_interval < interval that is a multiple of interval)."""
+        interval = self.cfg.track.interval
+        return (step - interval) % self.cfg.track.weight_interval < interval
+
+    def after_backward(self, step: int) -> None:
+        """The step's forwards are over: |grad gamma|, and the hooks' results folded now, before the
+        optimizer allocates its temporaries (see `ChannelProbes.finish`)."""
+        if not self.tracked:
+            return
+        if self.cfg.track.gradients:
+            self.probes.capture_grads()
+        if self.cfg.track.source == "batch":
+            self.probes.disarm()
+            self.probes.finish(self.acc)
+
+    def end_step(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.tracked:
+            return
+        self.tracked = False
+        if self.cfg.track.source == "batch":
+            if self.probes.armed:  # a loop that does not call after_backward
+                self.probes.disarm()
+                self.probes.finish(self.acc)
+        elif self.main:
+            assert self.probe_batch is not None
+            self.probes.capture_params(weights=self._weights_due(step))
+            self.probes.arm()
+            try:
+                run_probe(self.model, self.probe_batch, self.cfg.data.validation_batch_size, self.acc.autocast)
+            finally:
+                self.probes.disarm()
+            self.probes.finish()
+        values = self._global_scalars(scalars)
+        if not math.isfinite(values.get("loss", 0.0)):
+            # the forward (and, unless skipped, the update) went non-finite: its statistics are no
+            # measurement, so the step is left out of the trace rather than stored as if valid
+            if self.main:  # with on_nonfinite=error the run stops with its own message
+                level = logging.WARNING if self.cfg.train.on_nonfinite == "skip" else logging.DEBUG
+                log.log(level, "step %d: non-finite loss, not recorded in the trace", step)
+            return
+        if self.main and self.writer is not None:
+            self.writer.append(self.probes.snapshot(step, values))
+
+    def _global_scalars(self, scalars: Mapping[str, float]) -> dict[str, float]:
+        """The step's training scalars; under several processes the mean over them (equal local
+        batches: the global batch's mean), as the statistics are."""
+        values = {k: float(scalars[k]) for k in store_mod.SCALAR_VARS if k in scalars}
+        if int(self.acc.num_processes) > 1:
+            keys = [k for k in ("loss", "rec_loss", "kl_loss") if k in values]
+            t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.acc.device)
+            values.update(zip(keys, self.acc.reduce(t, reduction="mean").tolist(), strict=True))
+        return values
+
+    # -- what other hooks read and add (main process) ---------------------------------------
+
+    def window(self, step: int, n: int) -> xr.Dataset:
+        """The last `n` tracked steps up to `step` as an in-memory trace Dataset, with the store's
+        dtypes (so the numbers equal the store's): from the writer's recent records, or from the
+        store itself when a resumed run has fewer recent records than `n`."""
+        writer = self.writer
+        if writer is None:
+            raise RuntimeError("the tracker's trace writer is closed")
+        writer.flush()  # the writer thread has turned every queued step into a record
+        recent = [r for r in writer.recent() if r.step <= step][-n:]
+        if len(recent) < n and writer.committed_steps > len(recent):  # resumed: older steps are in the store only
+            trace = store_mod.open_trace(writer.path)
+            hi = int(np.searchsorted(np.asarray(trace["step"].values), step, side="right"))
+            return trace.isel(step=slice(max(0, hi - n), hi)).load()
+        if self._store_attrs is None:
+            self._store_attrs = store_mod.check_store(writer.path)
+        return store_mod.records_to_dataset(recent, writer.layout, self._store_attrs)
+
+    def add_events(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Record intervention rows in the store's `events` group (main process; others ignore)."""
+        if self.writer is not None:
+            self.writer.add_events(rows)
+
+    def before_save(self, step: int) -> None:
+        """Commit the trace up to the checkpoint's step: a run resumed from it continues a complete trace."""
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.probes.disarm()
+        if self.writer is not None:
+            writer, self.writer = self.writer, None
+            writer.close()
+
+
+def make_tracker(ctx: Any) -> Tracker | None:
+    """The hook factory: a Tracker when track.enabled."""
+    if not ctx.cfg.track.enabled:
+        return None
+    return Tracker(ctx)
+

@@ -23,7 +23,7 @@ STAT_VARS = ("in_std", "mean", "mean_abs", "std", "act_mean", "act_std", "gn_wei
 
 
 # ---------------------------------------------------------------------------------------------
-# a store "written by another program": plain xarray + zarr following DESIGN.md
+# a store "written by another program": plain xarray + zarr following docs/design.md
 
 
 def make_trace(layers: list[tuple[str, int, bool]], steps: list[int] | np.ndarray, seed: int = 0,
@@ -377,7 +377,7 @@ def test_classification_group_round_trip_and_rewrite(tmp_path: Path) -> None:
     back = store_mod.read_classification(store)
     assert back["classified"].values.tolist() == [False] * 32 + [True] * 8
     assert set(back["state"].values[:32].tolist()) == {""}
-    assert back["onset_step"].values[32] == 300 and back["onset_step"].values[0] == store_mod.schema.NO_STEP
+    assert back["onset_step"].values[32] == 300 and back["onset_step"].values[0] == lab.NO_STEP
     assert json.loads(back.attrs["params"])["tau"] == 0.5
     assert sorted(p.name for p in store.iterdir() if p.name.startswith("classification")) == ["classification"]
 

@@ -63,7 +63,7 @@ def planted(source: str = "train", steps: int = N_STEPS) -> dict[str, np.ndarray
 
 def write_store(path: Path, tmp_path: Path, *, source: str = "train", events: bool = False, near_zero: bool = True,
                 uncommitted: int = 0) -> Path:
-    """A trace store written by the project's own TraceWriter (DESIGN.md schema), 32 channels x 20 steps;
+    """A trace store written by the project's own TraceWriter (docs/design.md schema), 32 channels x 20 steps;
     `uncommitted` more steps are written but not committed (as a crash between write and commit leaves)."""
     from vaedyn_cli import store
 
@@ -175,7 +175,7 @@ def test_report_of_run_writes_every_file_with_known_counts(run_report: tuple[Pat
 def test_stored_classification_replacing_an_old_report_and_subsampled_steps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vaedyn_cli import report
+    from vaedyn_cli import report_data
     from vaedyn_cli.classify import classify_store
 
     store = write_store(tmp_path / "bare.zarr", tmp_path)
@@ -186,15 +186,15 @@ def test_stored_classification_replacing_an_old_report_and_subsampled_steps(
     assert s["classification"]["from"] == "stored by `vaedyn classify`"
     assert s["classification"]["counts"]["state"]["dead"] == {"encoder": 0, "decoder": 1}
     # a long trace: line plots and heatmap read evenly spaced steps, always with the last one
-    monkeypatch.setattr(report, "MAX_LINE_STEPS", 8)
-    monkeypatch.setattr(report, "MAX_HEATMAP_STEPS", 5)
+    monkeypatch.setattr(report_data, "MAX_LINE_STEPS", 8)
+    monkeypatch.setattr(report_data, "MAX_HEATMAP_STEPS", 5)
     (out / "stale.png").write_bytes(b"x")
     assert build_report(store) == out and not (out / "stale.png").exists()
     assert _listing(tmp_path) == ["bare.zarr", "bare.zarr.report"]  # no temporary or old folder left
     s = json.loads((out / SUMMARY_FILE).read_text())
     assert s["steps"] == {"count": 20, "first": 0, "last": 38, "shown_in_lines": 8, "shown_in_heatmap": 5}
     assert s["last_step"]["encoder"] == {"inactive": 3, "dead": 0, "channels": 16}
-    assert report._spread(20, 8).tolist() == [0, 3, 5, 8, 11, 14, 16, 19]
+    assert report_data.spread(20, 8).tolist() == [0, 3, 5, 8, 11, 14, 16, 19]
 
 
 def test_store_without_classification_events_or_validation_skips_with_notes(tmp_path: Path) -> None:

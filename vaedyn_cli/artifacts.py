@@ -33,6 +33,11 @@ MODEL_CONFIG_FILE = "config.json"  # diffusers model config
 STEP_FILE = "vaedyn_step.json"  # {"step": N} in final/ and nudged folders: the global step of the weights
 ACCELERATE_MODEL_FILE = "model.safetensors"  # accelerate.save_state's name for model 0
 TRAINING_STATE_FILE = "custom_checkpoint_0.pkl"  # accelerate's name for the first registered object (TrainState)
+RANDOM_STATES_GLOB = "random_states_*.pkl"  # accelerate writes one per process
+SAMPLES_DIR = "samples"  # eval: NNNN_{original,reconstruction}.png
+EVAL_GRID_FILE = "grid.png"  # eval: originals over reconstructions
+SUMMARY_FILE = "summary.json"  # report: the numbers behind the page
+INDEX_FILE = "index.html"  # report: the page
 
 STEP_PREFIX = "step-"
 _STEP_RE = re.compile(r"^step-(\d{6,})$")
@@ -61,6 +66,17 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
         if step is not None and p.is_dir():
             found.append((step, p))
     return sorted(found)
+
+
+def run_of(path: Path | str, levels: int = 2) -> Path | None:
+    """The run folder (one holding `config.yaml`) that `path` lies in, looking `levels` folders up
+    (`final/` and nudged folders sit in the run, `checkpoints/step-*` one level deeper)."""
+    parent = Path(path).parent
+    for _ in range(levels):
+        if (parent / CONFIG_FILE).is_file():
+            return parent
+        parent = parent.parent
+    return None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -1,13 +1,13 @@
 """Offline classification of inactive channels: a trace (xarray) -> one label set per channel.
 
-Definitions (DESIGN.md "Activity, state, trajectory, mechanism"), made exact here:
+Definitions (docs/design.md "Activity, state, trajectory, mechanism"), made exact here:
 
 State of a channel at a tracked step (method `dormancy`, the default):
     activity = `act_std` where an activation follows the norm (`has_activation`), else `std`;
     score    = activity / mean activity of the channel's layer at that step (ReDo's
                normalisation on std, so a constant non-zero channel counts as inactive);
     `dead` when activity <= dead_threshold, else `dormant` when score <= tau, else `active`.
-    Method `mean_abs_threshold` (the original project's rule): `dormant` when mean_abs <
+    Method `mean_abs_threshold` (a fixed threshold on mean |y|): `dormant` when mean_abs <
     threshold, else `active`; score = mean_abs. A step where the statistic is NaN is not
     observed: it neither extends nor breaks a run.
 
@@ -43,7 +43,7 @@ Flags on every classified channel, at the last step of the window:
     `model_config` attribute when that divides the layer's width, else the layer is one group).
 A statistic missing from the store or NaN makes its test false.
 
-The store's `classification` group (`write_classification`) spans every channel of the root, row
+The store's `classification` group (`vaedyn_cli.store.classification`) spans every channel of the root, row
 i being the root's channel i (so `xarray.open_datatree` can align it); `classified` marks the
 channels of the selected layers, the others hold "" labels, NaN score and -1 steps. Attributes:
 `method`, `params` (JSON, with the window and layer globs), `first_step`, `last_step`, `n_steps`.
@@ -126,7 +126,7 @@ def select_channels(ds: xr.Dataset, layers: Sequence[str] | None = None) -> Chan
     store order; should a layer's channels not be contiguous in the store, they are grouped."""
     for name in ("layer", "channel_index"):
         if name not in ds.variables:
-            raise VaedynError(f"trace has no '{name}' variable: not a vaedyn.trace store (see DESIGN.md)")
+            raise VaedynError(f"trace has no '{name}' variable: not a vaedyn.trace store (see docs/design.md)")
     layer_all = _strings(ds["layer"].values)
     if layers:
         keep = np.zeros(len(layer_all), bool)
@@ -184,7 +184,7 @@ def _read(ds: xr.Dataset, name: str, steps: slice | np.ndarray, pos: np.ndarray)
     """A (steps, channels) block as float32; never modified in place (it may be the caller's data)."""
     if name not in ds.variables:
         raise VaedynError(f"trace has no '{name}' variable, needed by the classification method; "
-                          "write it (see DESIGN.md 'Trace store') or choose another --method")
+                          "write it (see docs/design.md 'Trace store') or choose another --method")
     return np.asarray(ds[name].isel(step=steps, channel=_indexer(pos)).values, dtype=np.float32)
 
 
@@ -423,7 +423,7 @@ def classify_trace(
     `method`, `params` (JSON), `first_step`, `last_step`, `n_steps`.
     """
     if "step" not in ds.variables:
-        raise VaedynError("trace has no 'step' coordinate: not a vaedyn.trace store (see DESIGN.md)")
+        raise VaedynError("trace has no 'step' coordinate: not a vaedyn.trace store (see docs/design.md)")
     steps = np.asarray(ds["step"].values).astype(np.int64)
     if len(steps) == 0:
         raise VaedynError("trace has no committed step yet; classify after the first tracked step is written")

@@ -68,7 +68,7 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    """Where images come from and how they are prepared (as the original project: resize, crop, [-1, 1])."""
+    """Where images come from and how they are prepared (resize the shorter side, center crop, [-1, 1])."""
 
     dataset_name: str = Field(
         "builtin:natural",
@@ -108,7 +108,7 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    """The optimisation: AdamW, a diffusers LR schedule, MSE + kl_weight * KL, as the original project."""
+    """The optimisation: AdamW, a diffusers LR schedule, MSE + kl_weight * KL."""
 
     num_train_epochs: int | None = Field(None, ge=1, description="Epochs to train (ignored when max_steps is set).")
     max_steps: int | None = Field(300, ge=1, description="Optimizer steps to train; takes precedence over epochs.")
@@ -146,7 +146,7 @@ class TrainConfig(Section):
 
 
 class NearZeroConfig(Section):
-    """The original project's "dead weight" tracker: share of near-zero weights per conv/linear weight."""
+    """The near-zero ("dead") weight tracker: share of near-zero weights per conv/linear weight."""
 
     enabled: bool = Field(True, description="Record `near_zero_frac` per conv/linear weight.")
     mode: Literal["absolute", "percent_of_mean", "both"] = Field(
@@ -198,7 +198,7 @@ class TrackConfig(Section):
 
 
 class ClassifyConfig(Section):
-    """How channels are labelled from a trace (DESIGN.md: activity, state, trajectory, mechanism)."""
+    """How channels are labelled from a trace (docs/design.md: activity, state, trajectory, mechanism)."""
 
     method: Literal["dormancy", "mean_abs_threshold"] = Field(
         "dormancy",

@@ -1,4 +1,4 @@
-"""Image sources, all through Hugging Face `datasets`, prepared as the original project did.
+"""Image sources, all through Hugging Face `datasets`, and their preparation.
 
 Sources: a hub dataset id, a local image folder, parquet files, a `save_to_disk` folder, and two
 embedded sets that need no network: `builtin:natural` (seeded crops of the photographs that

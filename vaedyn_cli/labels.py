@@ -13,13 +13,12 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from vaedyn_cli.store.schema import NO_STEP
-
 STATES = ("active", "dormant", "dead")
 TRAJECTORIES = ("active", "born_dormant", "died", "revived", "intermittent")
 MECHANISMS = ("gn_scale", "saturated", "input_collapse", "other")
 FLAGS = ("unused", "input_collapsed")
 UNKNOWN = "unknown"  # state and trajectory of a channel with no finite statistic in the window
+NO_STEP = -1  # onset_step / revival_step when there is none (JSON null in records, -1 in arrays and the store)
 PARTS = ("encoder", "decoder")
 RECORD_KEYS = (
     "layer", "channel_index", "part", "state", "trajectory", "mechanism", *FLAGS,

@@ -7,8 +7,7 @@ by the channel's class (active, dormant, dead).
 Linear lens: a least-squares map from a layer's channels (per spatial position) to the input
 image downsampled to that layer's resolution. Fitted on the probe images, it says how much of
 the image each channel set can still express: all channels, only the active ones, only the
-dormant ones, each with its R^2. It replaces the original project's untrained mini-decoder
-"logit lens" with a fitted, quantitative one.
+dormant ones, each with its R^2.
 
 What a layer shows: the output of the GroupNorm, passed through the activation that follows it
 where one does (SiLU after `norm1`, `norm2` and `conv_norm_out`), i.e. what the next
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vaedyn_cli import anatomy
+from vaedyn_cli import anatomy, artifacts
 from vaedyn_cli.classification import layer_states
 from vaedyn_cli.config import ClassifyConfig
 from vaedyn_cli.errors import VaedynError
@@ -237,8 +236,8 @@ def _save(fig: Any, out_png: Path | str) -> Path:
 
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    tmp = artifacts.temp_path(out, artifacts.unique_tag())
+    fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     tmp.replace(out)
     return out

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vaedyn_cli import artifacts
 from vaedyn_cli.errors import VaedynError
 
 METRICS = ("mse", "kl", "psnr", "ssim")
@@ -24,8 +25,6 @@ LOWER_IS_BETTER = {"mse": True, "kl": True, "psnr": False, "ssim": False}
 # Table 1 of the original study: label, scale applied to the value, decimals.
 TABLE_FORMAT = {"mse": ("MSE (x1e-3)", 1e3, 3), "kl": ("KL", 1.0, 2), "psnr": ("PSNR (dB)", 1.0, 3), "ssim": ("SSIM", 1.0, 4)}
 GRID_IMAGES = 8
-SAMPLES_DIR = "samples"
-GRID_FILE = "grid.png"
 
 
 def reconstruct(model: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,9 +123,9 @@ def write_pictures(folder: Path, result: EvalResult, num_pairs: int) -> None:
     if result.originals.numel() == 0:
         return
     k = min(GRID_IMAGES, result.originals.shape[0])
-    image_grid(result.originals[:k], result.reconstructions[:k]).save(folder / GRID_FILE)
+    image_grid(result.originals[:k], result.reconstructions[:k]).save(folder / artifacts.EVAL_GRID_FILE)
     if num_pairs:
-        samples = folder / SAMPLES_DIR
+        samples = folder / artifacts.SAMPLES_DIR
         samples.mkdir()
         for i in range(min(num_pairs, result.originals.shape[0])):
             Image.fromarray(_to_uint8(result.originals[i])).save(samples / f"{i:04d}_original.png")

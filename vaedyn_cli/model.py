@@ -233,14 +233,6 @@ def _stored_config(folder: Path) -> RunConfig | None:
     return None
 
 
-def _run_of(folder: Path) -> Path | None:
-    """The run folder that holds a `final/` or `checkpoints/step-*` folder, if any."""
-    for parent in (folder.parent, folder.parent.parent):
-        if (parent / artifacts.CONFIG_FILE).is_file():
-            return parent
-    return None
-
-
 def resolve_checkpoint(source: str | Path) -> Checkpoint:
     """Accepts a diffusers folder, a `checkpoints/step-*` folder, a run folder (its `final/`), a
     `.safetensors` file, or a hub id; checks that the weights are there before anything loads."""
@@ -258,7 +250,7 @@ def resolve_checkpoint(source: str | Path) -> Checkpoint:
                     f"checkpoint {path} lacks {', '.join(missing)}: it is incomplete or not written by "
                     "`vaedyn train` (which saves one every train.save_interval steps)"
                 )
-            run_dir = _run_of(path)
+            run_dir = artifacts.run_of(path)
             cfg = _stored_config(path) or (_stored_config(run_dir) if run_dir else None)
             return Checkpoint(text, "step", path, step, run_dir, cfg)
         if (path / artifacts.CONFIG_FILE).is_file() and not _looks_like_diffusers_folder(path):
@@ -276,7 +268,7 @@ def resolve_checkpoint(source: str | Path) -> Checkpoint:
                     f"checkpoint folder {path} has config.json but no weights (*.safetensors); "
                     "it was not written completely by save_pretrained"
                 )
-            return _diffusers_checkpoint(text, path, run_dir=_run_of(path))
+            return _diffusers_checkpoint(text, path, run_dir=artifacts.run_of(path))
         raise VaedynError(
             f"{path} is not a checkpoint: expected a diffusers folder (config.json + weights), a "
             "checkpoints/step-* folder, or a run folder written by `vaedyn train`"

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vaedyn_cli.labels import ACTIVE, DEAD, DORMANT, UNKNOWN, UNOBSERVED
-from vaedyn_cli.store.schema import NO_STEP
+from vaedyn_cli.labels import ACTIVE, DEAD, DORMANT, NO_STEP, UNKNOWN, UNOBSERVED
 
 
 def _last_of_group(keys: np.ndarray) -> np.ndarray:

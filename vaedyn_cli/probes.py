@@ -1,6 +1,6 @@
 """The per-channel statistics engine: forward hooks on chosen layers, on-device sums, one host copy.
 
-What is measured, per tracked channel and tracked step (DESIGN.md "Trace store"):
+What is measured, per tracked channel and tracked step (docs/design.md "Trace store"):
 `in_std` of the norm's input x; `mean`, `mean_abs`, `std` of its output y; `act_mean`, `act_std`
 of act(y) where a nonlinearity follows (read from that activation module's own output, so
 nothing is recomputed); gamma, beta, |grad gamma|; `out_weight_norm`, the L2 norm of the weights

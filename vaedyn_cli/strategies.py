@@ -151,14 +151,14 @@ def _normal(shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
 
 @strategy("gn_scale_nudge", params=("factor", "max_scale"))
 def gn_scale_nudge(site: Site, cfg: NudgeConfig) -> None:
-    """The original gentle nudge, exactly: gamma <- min(gamma * factor, max_scale). Being a product,
+    """The gentle nudge: gamma <- min(gamma * factor, max_scale). Being a product,
     gamma = 0 stays 0 and a negative gamma grows in magnitude; a gamma above max_scale is lowered to it."""
     site.update(site.gamma, lambda g: torch.clamp(g * cfg.factor, max=cfg.max_scale))
 
 
 @strategy("gn_scale_reset")
 def gn_scale_reset(site: Site, cfg: NudgeConfig) -> None:
-    """The original reset: gamma <- 1."""
+    """Reset: gamma <- 1."""
     site.update(site.gamma, torch.ones_like)
 
 

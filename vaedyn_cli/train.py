@@ -102,7 +102,7 @@ def _resolve_resume(cfg: RunConfig, resume: str | None) -> Path | None:
     path = Path(resume).expanduser()
     if artifacts.parse_step(path.name) is None or not path.is_dir():
         raise VaedynError(f"--resume {resume}: not a checkpoints/step-NNNNNN folder; pass one or `latest`")
-    if not (path / artifacts.ACCELERATE_MODEL_FILE).is_file() or not (path / "custom_checkpoint_0.pkl").is_file():
+    if not (path / artifacts.ACCELERATE_MODEL_FILE).is_file() or not (path / artifacts.TRAINING_STATE_FILE).is_file():
         raise VaedynError(f"--resume {resume}: the checkpoint is incomplete (no model or training state); pick another")
     return path
 

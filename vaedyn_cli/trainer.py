@@ -282,7 +282,7 @@ class Trainer:
     def _check_processes(self, resume_dir: Path) -> None:
         """A checkpoint resumes under as many processes as wrote it (its position in the epoch counts
         per-process micro-batches); checked before any hook touches the run folder."""
-        saved_by = len(list(resume_dir.glob("random_states_*.pkl")))  # accelerate writes one per process
+        saved_by = len(list(resume_dir.glob(artifacts.RANDOM_STATES_GLOB)))
         if saved_by and saved_by != self.acc.num_processes:
             raise VaedynError(
                 f"{resume_dir} was written by {saved_by} processes, this run has {self.acc.num_processes}; "

@@ -18,8 +18,9 @@ import numpy as np
 import xarray as xr
 
 from vaedyn_cli import artifacts
+from vaedyn_cli.labels import NO_STEP
 from vaedyn_cli.store.metadata import consolidate
-from vaedyn_cli.store.schema import CLASSIFICATION_GROUP, NO_STEP, ZARR_JSON
+from vaedyn_cli.store.schema import CLASSIFICATION_GROUP, ZARR_JSON
 
 
 def full_span(labels: xr.Dataset, n_channels: int) -> xr.Dataset:

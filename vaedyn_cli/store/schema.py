@@ -65,7 +65,6 @@ EVENT_FIELDS: dict[str, type] = {
     "after": np.float64,
 }
 REQUIRED_ATTRS = ("schema", "schema_version", "committed_steps")
-NO_STEP = -1  # onset_step / revival_step when there is none (JSON null in records)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +200,7 @@ def records_to_dataset(
 def store_attrs(
     source: Literal["train", "track"], run_name: str, config_json: str, model_config_json: str
 ) -> dict[str, Any]:
-    """The root attributes of a new store (DESIGN.md)."""
+    """The root attributes of a new store (docs/design.md)."""
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,

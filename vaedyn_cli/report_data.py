@@ -1,0 +1,217 @@
+"""What a report shows, read from a trace store and reduced: per-step inactive counts, the heatmap's
+scores, |gamma| quantiles, the classification, events, validation records, per-layer tables.
+
+Out of core: per-step quantities are read in chunks of at most `classify.chunk_steps` steps at an
+evenly spaced subset of at most MAX_LINE_STEPS steps (MAX_HEATMAP_STEPS for the heatmap), always
+including the first and the last step, and reduced on the fly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from vaedyn_cli import artifacts
+from vaedyn_cli import store as store_mod
+from vaedyn_cli.classification import Channels, select_channels, step_states, stored_labels, trace_params
+from vaedyn_cli.config import ClassifyConfig
+from vaedyn_cli.errors import VaedynError
+from vaedyn_cli.labels import DEAD, DORMANT, MECHANISMS, PARTS, STATES, TRAJECTORIES, UNKNOWN
+
+log = logging.getLogger(__name__)
+
+MAX_LINE_STEPS = 2000
+MAX_HEATMAP_STEPS = 400
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+@dataclass
+class ReportData:
+    """Everything read from the store, reduced to what the figures and tables show."""
+
+    path: Path
+    ds: xr.Dataset
+    run_dir: Path | None
+    params: ClassifyConfig
+    channels: Channels  # every channel, in store order (classify.select_channels)
+    steps: np.ndarray  # all committed steps
+    line_idx: np.ndarray  # positions of the steps used by line plots
+    heat_idx: np.ndarray  # positions of the heatmap's columns
+    inactive: dict[str, np.ndarray] = field(default_factory=dict)  # part -> count per line step
+    dead: dict[str, np.ndarray] = field(default_factory=dict)
+    heat_score: np.ndarray | None = None  # (channels, heat steps)
+    last_codes: np.ndarray | None = None  # raw state code per channel at the last step
+    gamma_q: dict[str, np.ndarray] = field(default_factory=dict)  # part -> (quantiles, line steps)
+    labels: xr.Dataset | None = None
+    labels_from: str = ""
+    events: xr.Dataset | None = None
+    validation: list[dict[str, Any]] = field(default_factory=list)
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def spread(n: int, limit: int) -> np.ndarray:
+    """At most `limit` evenly spaced positions out of n, always with the first and the last."""
+    if n <= limit:
+        return np.arange(n)
+    return np.unique(np.round(np.linspace(0, n - 1, limit)).astype(np.int64))
+
+
+def run_dir(path: Path) -> Path | None:
+    """The run folder of a run's own trace (None for any other store)."""
+    return artifacts.run_of(path, levels=1) if path.name == artifacts.TRACE_DIR else None
+
+
+def text(values: Any) -> np.ndarray:
+    """Strings of any stored kind (numpy StringDType, object, bytes-free unicode) as a plain str array."""
+    return np.asarray([str(v) for v in np.asarray(values).tolist()], dtype=str)
+
+
+def has(ds: xr.Dataset, name: str) -> bool:
+    return name in ds.variables
+
+
+def read_steps(ds: xr.Dataset, name: str, idx: np.ndarray) -> np.ndarray:
+    return np.asarray(ds[name].isel(step=idx).values, dtype=np.float64)
+
+
+def read_channels(ds: xr.Dataset, name: str, idx: np.ndarray, ch: Channels) -> np.ndarray:
+    """A (steps, channels) variable at the step positions `idx`, its columns in the order of `ch`."""
+    values = read_steps(ds, name, idx)
+    return values if np.array_equal(ch.pos, np.arange(values.shape[1])) else values[:, ch.pos]
+
+
+def _reduce_steps(d: ReportData) -> None:
+    """One chunked pass over the line steps: inactive counts, heatmap columns, |gamma| quantiles."""
+    ch, ds = d.channels, d.ds
+    parts = {p: ch.part == p for p in PARTS}
+    heat_set = set(d.heat_idx.tolist())
+    n = len(d.line_idx)
+    d.inactive = {p: np.zeros(n, np.int64) for p in PARTS}
+    d.dead = {p: np.zeros(n, np.int64) for p in PARTS}
+    heat_cols: list[np.ndarray] = []
+    want_gamma = has(ds, "gn_weight")
+    gq = {p: np.full((len(QUANTILES), n), np.nan) for p in PARTS}
+    chunk = max(1, d.params.chunk_steps)
+    for a in range(0, n, chunk):
+        idx = d.line_idx[a : a + chunk]
+        codes, score = step_states(ds, d.params, idx, channels=ch)
+        inactive = codes >= DORMANT
+        dead = codes == DEAD
+        for p, sel in parts.items():
+            d.inactive[p][a : a + len(idx)] = inactive[:, sel].sum(axis=1)
+            d.dead[p][a : a + len(idx)] = dead[:, sel].sum(axis=1)
+        keep = [i for i, s in enumerate(idx.tolist()) if s in heat_set]
+        if keep:
+            heat_cols.append(score[keep].T)
+        if want_gamma:
+            g = np.abs(read_channels(ds, "gn_weight", idx, ch))
+            for p, sel in parts.items():
+                if sel.any():
+                    with np.errstate(all="ignore"):
+                        gq[p][:, a : a + len(idx)] = np.nanquantile(g[:, sel], QUANTILES, axis=1) \
+                            if np.isfinite(g[:, sel]).any() else np.nan
+        if a + len(idx) == n:
+            d.last_codes = codes[-1]
+    d.heat_score = np.concatenate(heat_cols, axis=1) if heat_cols else None
+    d.gamma_q = gq if want_gamma else {}
+
+
+def _load_validation(d: ReportData) -> list[dict[str, Any]]:
+    """Validation records: `val_*` variables of the store, else the run folder's validation lines."""
+    names = [n for n in d.ds.data_vars if str(n).startswith("val_") and d.ds[n].dims == ("step",)]
+    if names:
+        rows = []
+        values = {n: read_steps(d.ds, n, d.line_idx) for n in names}
+        for i, s in enumerate(d.steps[d.line_idx].tolist()):
+            row = {n: values[n][i] for n in names if np.isfinite(values[n][i])}
+            if row:
+                rows.append({"step": int(s), **row})
+        return rows
+    if d.run_dir is None or not (d.run_dir / artifacts.VALIDATION_FILE).is_file():
+        return []
+    rows = []
+    for line in (d.run_dir / artifacts.VALIDATION_FILE).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line being written when training stopped
+        if isinstance(rec, dict) and "step" in rec:
+            rows.append(rec)
+    return rows
+
+
+def gather(path: Path, ds: xr.Dataset) -> ReportData:
+    """Read and reduce what the report shows (the classification too, in memory when not stored)."""
+    steps = np.asarray(ds["step"].values).astype(np.int64)
+    if len(steps) == 0:
+        raise VaedynError(f"trace {path} has no committed step yet; report after the first tracked step is written")
+    params = trace_params(ds)
+    d = ReportData(path=path, ds=ds, run_dir=run_dir(path), params=params,
+                   channels=select_channels(ds), steps=steps,
+                   line_idx=spread(len(steps), MAX_LINE_STEPS), heat_idx=np.array([], np.int64))
+    d.heat_idx = d.line_idx[spread(len(d.line_idx), MAX_HEATMAP_STEPS)]
+    _reduce_steps(d)
+    d.labels, d.labels_from = stored_labels(path, ds)
+    d.events = store_mod.read_events(path)
+    d.validation = _load_validation(d)
+    return d
+
+
+
+def event_steps(d: ReportData) -> tuple[np.ndarray, int]:
+    if d.events is None or d.events.sizes.get("event", 0) == 0 or "step" not in d.events:
+        return np.array([], np.int64), 0
+    ev_steps = np.asarray(d.events["step"].values).astype(np.int64)
+    return np.unique(ev_steps), len(ev_steps)
+
+
+
+def layer_table(d: ReportData) -> list[dict[str, Any]]:
+    """Per layer at the last step: channels, dormant, dead, inactive share, median |gamma|."""
+    ch, codes = d.channels, d.last_codes
+    gamma = None
+    if has(d.ds, "gn_weight"):
+        gamma = np.abs(read_channels(d.ds, "gn_weight", d.line_idx[-1:], ch)[0])
+    rows = []
+    for name in ch.names:
+        sel = ch.layer == name
+        c = codes[sel] if codes is not None else np.array([])
+        dormant, dead = int((c == DORMANT).sum()), int((c == DEAD).sum())
+        g = gamma[sel] if gamma is not None else np.array([np.nan])
+        rows.append({
+            "layer": str(name), "part": str(ch.part[sel][0]), "channels": int(sel.sum()),
+            "dormant": dormant, "dead": dead, "inactive_fraction": (dormant + dead) / max(int(sel.sum()), 1),
+            "median_abs_gamma": float(np.nanmedian(g)) if np.isfinite(g).any() else None,
+        })
+    return rows
+
+
+
+def class_counts(labels: xr.Dataset) -> dict[str, dict[str, dict[str, int]]]:
+    """{trajectory|mechanism|flag: {class: {part: count}}} from per-channel labels."""
+    part = text(labels["part"].values)
+    out: dict[str, dict[str, dict[str, int]]] = {"state": {}, "trajectory": {}, "mechanism": {}, "flag": {}}
+    for key, classes in (("state", (*STATES, UNKNOWN)),
+                         ("trajectory", (*TRAJECTORIES, UNKNOWN)),
+                         ("mechanism", MECHANISMS)):
+        v = np.asarray([str(x) if x is not None else "" for x in labels[key].values.tolist()])
+        for c in classes:
+            counts = {p: int(((v == c) & (part == p)).sum()) for p in PARTS}
+            if sum(counts.values()) or c != UNKNOWN:
+                out[key][c] = counts
+    for flag in ("unused", "input_collapsed"):
+        v = np.asarray(labels[flag].values).astype(bool)
+        out["flag"][flag] = {p: int((v & (part == p)).sum()) for p in PARTS}
+    return out
+
+
+
+def stored_config(d: ReportData) -> dict[str, Any]:
+    """The run config stored in the trace (empty when there is none)."""
+    return store_mod.stored_config(d.ds.attrs) or {}

@@ -329,14 +329,17 @@ def _field_names(model: type[BaseModel], path: tuple[str | int, ...]) -> list[st
     return list(current.model_fields)
 
 
-def format_validation_error(err: ValidationError, where: str) -> str:
-    """One line for all problems of a config: location, problem, fix."""
+def format_validation_error(
+    err: ValidationError, where: str, model: type[BaseModel] | None = None, what: str = "config"
+) -> str:
+    """One line for all problems of a config (or of another file validated by `model`, named `what`):
+    location, problem, fix."""
     parts = []
     for e in err.errors():
         loc = tuple(e["loc"])
         dotted = ".".join(str(p) for p in loc) or "(root)"
         if e["type"] == "extra_forbidden":
-            known = _field_names(RunConfig, loc[:-1])
+            known = _field_names(model or RunConfig, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
             hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
             valid = f"; valid keys: {', '.join(known)}" if not close and known else ""
@@ -346,7 +349,7 @@ def format_validation_error(err: ValidationError, where: str) -> str:
             got = e.get("input")
             shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
             parts.append(f"{dotted}: {msg}{shown}")
-    return f"invalid config {where}: " + "; ".join(parts)
+    return f"invalid {what} {where}: " + "; ".join(parts)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -708,6 +708,19 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def figures_html(figures: dict[str, str | None], captions: dict[str, tuple[str, str]]) -> str:
+    """Each figure (file -> None when drawn, else why not) with its title and caption, or the note."""
+    parts = []
+    for name, why in figures.items():
+        head, caption = captions[name]
+        if why is None:
+            parts.append(f'<figure><h3>{_e(head)}</h3><img src="{_e(name)}" alt="{_e(head)}">'
+                         f"<figcaption>{_e(caption)}</figcaption></figure>")
+        else:
+            parts.append(f'<h3>{_e(head)}</h3><p class="note">Not drawn: {_e(why)}.</p>')
+    return "\n".join(parts)
+
+
 def render_html(d: ReportData, summary: dict[str, Any], figures: dict[str, str | None]) -> str:
     """The self-contained page: summary, figures (sibling PNGs), tables, config."""
     s = summary
@@ -731,14 +744,7 @@ def render_html(d: ReportData, summary: dict[str, Any], figures: dict[str, str |
         ["validation records", s["validation_records"]],
     ]
     parts.append('<h2 id="summary">Summary</h2>' + _table(None, rows, left=2))
-    parts.append('<h2 id="figures">Figures</h2>')
-    for name, why in figures.items():
-        head, caption = FIGURES[name]
-        if why is None:
-            parts.append(f'<figure><h3>{_e(head)}</h3><img src="{_e(name)}" alt="{_e(head)}">'
-                         f"<figcaption>{_e(caption)}</figcaption></figure>")
-        else:
-            parts.append(f'<h3>{_e(head)}</h3><p class="note">Not drawn: {_e(why)}.</p>')
+    parts.append('<h2 id="figures">Figures</h2>' + figures_html(figures, FIGURES))
     layers = s["most_affected_layers"]
     parts.append(f'<h2 id="layers">Most affected layers (step {st["last"]})</h2>')
     if layers:

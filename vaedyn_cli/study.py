@@ -430,8 +430,8 @@ def run_study(path: Path | str, *, executor: str = "local", jobs: int = 1, print
     for r in study.runs:
         r.status = run_status(r, study.ablate)
     pending = [r for r in study.runs if r.status != DONE]
+    write_study_json(study)  # first: a folder with study.json is this study's, whatever else is missing
     write_configs(study)
-    write_study_json(study)
     if print_commands:
         if not pending:
             log.info("every run of %s is done: `vaedyn study %s` writes the statistics and the report", study.name, path)

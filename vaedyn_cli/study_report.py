@@ -194,7 +194,8 @@ def fig_by_layer(study: Study, stats: dict[str, Any], results: dict[str, Any]) -
     share = np.array([[np.mean([results[c][s]["by_layer"][name] / max(size, 1) for s in results[c]]) for c in conds]
                       for name, size in layers])
     fig, ax = plt.subplots(figsize=(3 + 1.1 * len(conds), 2 + 0.17 * len(layers)))
-    image = ax.imshow(share, aspect="auto", cmap="Reds", vmin=0, vmax=max(float(share.max()), 1e-9))
+    top = max(float(share.max()), 1e-9)
+    image = ax.imshow(share, aspect="auto", cmap="Reds", vmin=0, vmax=top)
     ax.set_xticks(range(len(conds)))
     ax.set_xticklabels(conds, rotation=25, ha="right", fontsize=8)
     ax.set_yticks(range(len(layers)))
@@ -202,7 +203,8 @@ def fig_by_layer(study: Study, stats: dict[str, Any], results: dict[str, Any]) -
     for i in range(len(layers)):
         for j in range(len(conds)):
             if share[i, j] > 0:
-                ax.text(j, i, f"{share[i, j]:.0%}", ha="center", va="center", fontsize=5)
+                ax.text(j, i, f"{share[i, j]:.0%}", ha="center", va="center", fontsize=5,
+                        color="white" if share[i, j] > 0.6 * top else "black")
     fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02).set_label("inactive share of the layer (mean over seeds)")
     ax.set_title("Inactive share per layer at the end", fontsize=11)
     fig.tight_layout()
@@ -300,8 +302,14 @@ def render_html(study: Study, stats: dict[str, Any], figures: dict[str, str | No
                       "difference", "p", "verdict"], rows))
     out.append('<h2 id="figures">Figures</h2>' + run_report.figures_html(figures, FIGURES))
     out.append('<h2 id="runs">Runs</h2>')
-    out.append(table(["condition", "seed", "status", "run folder"],
-                     [[r["condition"], r["seed"], r["status"], r["path"]] for r in stats["runs"]], left=4))
+    measured = {(r["condition"], r["seed"]): r for r in stats["per_run"]}
+    rows = []
+    for r in stats["runs"]:
+        m = measured[(r["condition"], r["seed"])]
+        rows.append([r["condition"], r["seed"], *(fmt(m["metrics"][k] * TABLE_FORMAT[k][1], 4) for k in METRICS),
+                     m["counts"]["inactive"], m["ablation"]["n_channels"], r["status"], r["path"]])
+    out.append(table(["condition", "seed", *(TABLE_FORMAT[k][0] for k in METRICS), "inactive", "ablated", "status",
+                      "run folder"], rows, left=2))
     out.append(f'<h2 id="file">Study file</h2><pre>{e(study.file.read_text())}</pre></body></html>\n')
     return "\n".join(out)
 

@@ -351,6 +351,29 @@ def test_slurm_without_submitit_is_one_line(cli, tmp_path: Path, monkeypatch: py
     assert cli("study", spec, "--jobs", "0").exit_code == 2
 
 
+def test_a_run_still_in_an_earlier_slurm_job_is_not_submitted_again(cli, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = write_study(tmp_path, conditions={"baseline": None, "nudge": NUDGE})  # `baseline:` alone: no overrides
+    s = study.load_study(spec)
+    assert s.spec.conditions["baseline"] == []
+    s.runs[1].job_id = "4242"
+    study.write_study_json(s)
+    asked = []
+
+    class SlurmJob:  # submitit's, as sacct would answer for a job still running
+        def __init__(self, folder: str, job_id: str) -> None:
+            asked.append(job_id)
+            self.state = "RUNNING"
+
+    monkeypatch.setitem(sys.modules, "submitit", type(sys)("submitit"))
+    monkeypatch.setattr(sys.modules["submitit"], "SlurmJob", SlurmJob, raising=False)
+    res = cli("study", spec, "--executor", "slurm")
+    assert res.exit_code == 2 and asked == ["4242"]
+    assert res.stderr == ("error: run baseline/seed-1 is still in Slurm job 4242 (RUNNING) submitted by an earlier "
+                          "`vaedyn study`; wait for it to end (or `scancel 4242`), then rerun\n")
+    assert not (s.folder / "configs").exists()
+
+
 def test_jobs_split_the_cores_and_torch_follows(tmp_path: Path) -> None:
     assert study_exec.thread_env(2, cores=2, base={})["OMP_NUM_THREADS"] == "1"
     assert study_exec.thread_env(3, cores=2, base={}) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -113,6 +113,12 @@ class StudyFile(Section):
     )
     slurm: SlurmOptions = Field(default_factory=SlurmOptions, description=SlurmOptions.__doc__)
 
+    @field_validator("conditions", mode="before")
+    @classmethod
+    def _empty_condition(cls, v: Any) -> Any:
+        """`name:` with nothing after it (YAML null) is the base config as it is."""
+        return {k: [] if sets is None else sets for k, sets in v.items()} if isinstance(v, dict) else v
+
     @field_validator("conditions")
     @classmethod
     def _condition_names(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -402,6 +408,15 @@ def _check_folder(study: Study) -> None:
                           "(`name:`) or output_dir")
 
 
+def _recorded_jobs(study: Study) -> dict[str, str]:
+    """Run key -> the job id an earlier `vaedyn study` recorded in study.json (none when unreadable)."""
+    try:
+        runs = json.loads((study.folder / STUDY_FILE).read_text())["runs"]
+        return {f"{r['condition']}/seed-{r['seed']}": str(r["job_id"]) for r in runs if r.get("job_id")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def write_configs(study: Study) -> None:
     """Each run's resolved config, where `vaedyn train -c` (and a scheduler) reads it."""
     for r in study.runs:
@@ -427,9 +442,13 @@ def run_study(path: Path | str, *, executor: str = "local", jobs: int = 1, print
         study_exec.import_submitit()  # a missing extra is one line, before anything is written
     study = load_study(path)
     _check_folder(study)
+    recorded = _recorded_jobs(study)
     for r in study.runs:
         r.status = run_status(r, study.ablate)
+        r.job_id = recorded.get(r.key)
     pending = [r for r in study.runs if r.status != DONE]
+    if executor == "slurm" and not print_commands:
+        study_exec.check_not_in_flight(study, pending)
     write_study_json(study)  # first: a folder with study.json is this study's, whatever else is missing
     write_configs(study)
     if print_commands:

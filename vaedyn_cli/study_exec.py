@@ -125,6 +125,24 @@ def import_submitit() -> Any:
     return submitit
 
 
+SLURM_ACTIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
+
+
+def check_not_in_flight(study: Study, pending: list[RunPlan]) -> None:
+    """Refuse to submit a run whose job from an earlier `vaedyn study` (stopped while waiting) is still
+    queued or running: two jobs would write one run folder."""
+    submitit = import_submitit()
+    for r in pending:
+        if r.job_id is None:
+            continue
+        state = str(submitit.SlurmJob(folder=str(study.folder / SLURM_DIR / "%j"), job_id=r.job_id).state)
+        if state.split()[0] in SLURM_ACTIVE:
+            raise VaedynError(
+                f"run {r.key} is still in Slurm job {r.job_id} ({state}) submitted by an earlier `vaedyn study`; "
+                f"wait for it to end (or `scancel {r.job_id}`), then rerun"
+            )
+
+
 @dataclass
 class JobSpec:
     """What one submitit job needs (pickled to the job): a run, how to train it, its share of cores."""

@@ -370,8 +370,8 @@ def study_cmd(
     study_file: Annotated[Path, typer.Argument(help="Study file (YAML): base config, conditions, seeds, reference.")],
     executor: Annotated[
         str,
-        typer.Option("--executor", help="local (this machine), slurm (one submitit job per run; pip install "
-                     "'vaedyn[slurm]') or submitit-local (submitit's local executor, to try the submission path)."),
+        typer.Option("--executor", help="local (this machine), slurm (one submitit job per run: pip install "
+                     "vaedyn\\[slurm]) or submitit-local (submitit's local executor, to try the submission path)."),
     ] = "local",
     jobs: Annotated[
         int, typer.Option("--jobs", help="--executor local: runs at a time (N > 1: subprocesses, cores // N threads each).")

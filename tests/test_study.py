@@ -23,7 +23,7 @@ import yaml
 
 from tests.conftest import tiny_config_dict
 from tests.test_seedstats import enumerated_p
-from vaedyn_cli import artifacts, classify, study, study_exec, study_report, study_results
+from vaedyn_cli import artifacts, classify, study, study_exec, study_plan, study_report, study_results
 from vaedyn_cli import store as store_mod
 from vaedyn_cli.evaluate import METRICS
 
@@ -221,7 +221,7 @@ def test_tiny_study_end_to_end_resume_and_executors(cli, tmp_path: Path, monkeyp
 # statistics on planted numbers: conditions on different data
 
 
-def planted_results(study_: study.Study, shift: dict[str, float]) -> dict[str, dict[int, dict[str, Any]]]:
+def planted_results(study_: study_plan.Study, shift: dict[str, float]) -> dict[str, dict[int, dict[str, Any]]]:
     """Per condition and seed: metrics 1 + seed/10 + shift, counts 10 + 2*seed + 5*shift, ablation
     deltas (ablated 0.2, control 0.1, plus seed/100)."""
     out = {}
@@ -244,7 +244,7 @@ def test_conditions_on_different_data_compare_counts_but_not_reconstruction(tmp_
     spec = write_study(tmp_path, seeds=[0, 1, 2], conditions={
         "natural": [], "glyphs": ["data.dataset_name=builtin:glyphs"], "natural-nudge": NUDGE},
         reference="natural", comparisons=[["glyphs", "natural"], ["natural-nudge", "natural"]])
-    s = study.load_study(spec)
+    s = study_plan.load_study(spec)
     stats = study_results.statistics(s, planted_results(s, {"natural": 0.0, "glyphs": 1.0, "natural-nudge": -0.5}))
     glyphs, nudge = stats["comparison_results"]
     assert (glyphs["same_data"], glyphs["same_test_set"]) == (False, False)
@@ -272,7 +272,7 @@ def test_conditions_on_different_data_compare_counts_but_not_reconstruction(tmp_
 
 
 def test_shipped_study_file_is_valid() -> None:
-    s = study.load_study(Path(__file__).resolve().parent.parent / "configs" / "study-quickstart.yaml")
+    s = study_plan.load_study(Path(__file__).resolve().parent.parent / "configs" / "study-quickstart.yaml")
     assert s.name == "study-quickstart" and s.seeds == [0, 1, 2] and len(s.runs) == 12
     assert s.folder == Path("stores") / "study-quickstart"
     nudged = s.config_of("glyphs-nudge")
@@ -311,7 +311,7 @@ def test_bad_study_file_is_one_line_exit_2_and_nothing_written(cli, tmp_path: Pa
 
 def test_folders_vaedyn_did_not_make_or_with_another_config_are_refused(cli, tmp_path: Path) -> None:
     spec = write_study(tmp_path)
-    s = study.load_study(spec)
+    s = study_plan.load_study(spec)
     foreign = s.runs[0].run_dir
     foreign.mkdir(parents=True)
     (foreign / "notes.txt").write_text("mine")
@@ -326,8 +326,8 @@ def test_folders_vaedyn_did_not_make_or_with_another_config_are_refused(cli, tmp
     assert res.exit_code == 2
     assert f"run {foreign} was made with another config (train.max_steps: 9 in the run, 6 in the study)" in res.stderr
     (foreign / artifacts.CONFIG_FILE).write_text(s.runs[0].cfg.to_yaml())
-    assert study.run_status(s.runs[0], s.ablate) == study.RESTART  # made by vaedyn, no checkpoint: --overwrite
-    assert study_exec.stage_commands(study.RunPlan(**{**vars(s.runs[0]), "status": study.RESTART}), s.ablate)[0][-1] \
+    assert study_plan.run_status(s.runs[0], s.ablate) == study_plan.RESTART  # made by vaedyn, no checkpoint: --overwrite
+    assert study_exec.stage_commands(study_plan.RunPlan(**{**vars(s.runs[0]), "status": study_plan.RESTART}), s.ablate)[0][-1] \
         == "--overwrite"
 
 
@@ -354,7 +354,7 @@ def test_slurm_without_submitit_is_one_line(cli, tmp_path: Path, monkeypatch: py
 def test_a_run_still_in_an_earlier_slurm_job_is_not_submitted_again(cli, tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     spec = write_study(tmp_path, conditions={"baseline": None, "nudge": NUDGE})  # `baseline:` alone: no overrides
-    s = study.load_study(spec)
+    s = study_plan.load_study(spec)
     assert s.spec.conditions["baseline"] == []
     s.runs[1].job_id = "4242"
     study.write_study_json(s)

@@ -26,7 +26,7 @@ from typing import Any
 
 from vaedyn_cli import artifacts
 from vaedyn_cli.errors import RuntimeFailure, VaedynError
-from vaedyn_cli.study import DONE, FAILED, RESTART, RESUME, SLURM_DIR, TRAINS, RunPlan, Study
+from vaedyn_cli.study_plan import DONE, FAILED, RESTART, RESUME, SLURM_DIR, TRAINS, RunPlan, Study
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from vaedyn_cli import artifacts
 from vaedyn_cli import report as run_report
 from vaedyn_cli.evaluate import METRICS, TABLE_FORMAT
 from vaedyn_cli.seedstats import fmt
-from vaedyn_cli.study import Study
+from vaedyn_cli.study_plan import STUDY_FILE, Study
 from vaedyn_cli.study_results import SUPPRESSION
 
 INDEX_FILE = "index.html"
@@ -316,8 +316,6 @@ def render_html(study: Study, stats: dict[str, Any], figures: dict[str, str | No
 
 def build(study: Study, stats: dict[str, Any], results: dict[str, Any]) -> Path:
     """Write `<study>/report/` (index.html and the figures) from study.json's statistics; returns the folder."""
-    from vaedyn_cli.study import STUDY_FILE
-
     plt = run_report._plt()
     doc = json.loads((study.folder / STUDY_FILE).read_text())
     out = study.folder / artifacts.REPORT_DIR

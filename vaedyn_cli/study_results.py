@@ -21,7 +21,7 @@ from typing import Any
 
 from vaedyn_cli import seedstats
 from vaedyn_cli.evaluate import LOWER_IS_BETTER, METRICS, load_metrics
-from vaedyn_cli.study import Study
+from vaedyn_cli.study_plan import Study
 
 # suppression counts per run: name -> (what it counts)
 SUPPRESSION = {

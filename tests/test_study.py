@@ -164,6 +164,11 @@ def test_tiny_study_end_to_end_resume_and_executors(cli, tmp_path: Path, monkeyp
         for d in a["details"]:
             assert page.index(html.escape(d)) < first
     assert "no p-value can be below 0.5" in page[:first]
+    assert "which happens by chance with probability 0.5 for each quantity" in page[:first]
+    for m in METRICS:  # the relative difference is the mean difference over the reference's mean
+        ref = np.mean([hand_values(folder / "baseline" / f"seed-{s}")["metrics"][m] for s in SEEDS])
+        assert doc["comparison_results"][0]["metrics"][m]["relative"] == pytest.approx(
+            doc["comparison_results"][0]["metrics"][m]["mean"] / ref)
 
     # kill one run inside step 5 (its last checkpoint is step 3), as a lost machine would
     killed = folder / "nudge" / "seed-1"
@@ -261,7 +266,8 @@ def test_conditions_on_different_data_compare_counts_but_not_reconstruction(tmp_
     assert data["details"] == ["glyphs vs natural (data.dataset_name 'builtin:glyphs' vs 'builtin:natural'): more "
                                "inactive channels, difference +5 (95% CI [5, 5], p = 0.25, n = 3)"]
     assert nudging["answer"].startswith("yes, in 1 of 1 comparisons")
-    assert "MSE better: -0.5 (95% CI [-0.5, -0.5], p = 0.25, n = 3)" in nudging["details"][0]
+    assert "MSE better: -0.5 (95% CI [-0.5, -0.5], p = 0.25, n = 3), -45.45% of the reference" in nudging["details"][0]
+    assert nudge["metrics"]["mse"]["relative"] == pytest.approx(-0.5 / 1.1)  # reference mean 1 + (0 + .1 + .2) / 3
     assert ablation["answer"].startswith("yes, in 3 of 3 conditions")  # +0.1 MSE over the control, every seed
     summary = stats["summary"]["glyphs"]["ablation"]["mse"]["ablated_minus_control"]
     assert summary["mean"] == pytest.approx(0.1) and summary["verdict"] == "costs more"

@@ -253,9 +253,10 @@ def _comparison_rows(c: dict[str, Any]) -> list[list[Any]]:
     rows = []
     for m, e in c["metrics"].items():
         label, scale, _ = TABLE_FORMAT[m]
-        rows.append([label, _interval_text(e, scale), fmt(e["p_value"]), e["verdict"]])
+        relative = "-" if e["relative"] is None else f"{e['relative']:+.2%}"
+        rows.append([label, _interval_text(e, scale), relative, fmt(e["p_value"]), e["verdict"]])
     for k, e in c["counts"].items():
-        rows.append([f"{k} (channels)", _interval_text(e), fmt(e["p_value"]), e["verdict"]])
+        rows.append([f"{k} (channels)", _interval_text(e), "", fmt(e["p_value"]), e["verdict"]])
     return rows
 
 
@@ -276,14 +277,15 @@ def render_html(study: Study, stats: dict[str, Any], figures: dict[str, str | No
         out.append("<ul>" + "".join(f"<li>{e(d)}</li>" for d in a["details"]) + "</ul>")
     out.append(f'<p class="note">n = {n} seeds, paired by seed. Intervals: {e(method["interval"])}. '
                f'p-values: {e(method["test"])}; {e(method["min_p_value_note"])}. '
-               f'Verdicts: {e(method["verdict_rule"])}.</p>')
+               f'Verdicts: {e(method["verdict_rule"])}. {e(method["false_call_note"])}.</p>')
     out.append('<h2 id="comparisons">Comparisons (condition minus reference, seed by seed)</h2>')
     for c in stats["comparison_results"]:
         out.append(f"<h3>{e(c['condition'])} vs {e(c['reference'])}</h3>"
                    f"<p>Differs in: {e(', '.join(c['differs']) or 'nothing but the condition name')}.</p>")
         if c["note"]:
             out.append(f'<p class="note">{e(c["note"])}.</p>')
-        out.append(table(["quantity", "mean difference [95% CI]", "p", "verdict"], _comparison_rows(c)))
+        out.append(table(["quantity", "mean difference [95% CI]", "of the reference", "p", "verdict"],
+                         _comparison_rows(c)))
     out.append('<h2 id="conditions">Per condition (mean [95% CI] over seeds)</h2>')
     conds = list(stats["summary"])
     rows = [[TABLE_FORMAT[m][0], *(_interval_text(stats["summary"][c]["metrics"][m], TABLE_FORMAT[m][1]) for c in conds)]

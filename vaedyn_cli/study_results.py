@@ -55,6 +55,12 @@ def method_json(n: int) -> dict[str, Any]:
         "verdict_rule": "better/worse (more/fewer) only where the 95% interval of the paired difference excludes 0, "
                         f"else '{seedstats.NO_DIFFERENCE} (n seeds)'; reconstruction metrics of conditions on "
                         f"different test sets are '{NOT_COMPARABLE}'",
+        "false_call_note": (f"With {n} seeds the interval is the range of the seeds, so a call means every seed agreed "
+                            f"in sign, which happens by chance with probability {seedstats.min_p_value(n):.3g} for "
+                            "each quantity when there is no effect: treat calls as leads and add seeds before "
+                            "publishing one") if n <= 3 else
+                           f"Each quantity is tested on its own (no correction for the {len(METRICS)} metrics and "
+                           f"{len(SUPPRESSION)} counts of a comparison)",
         "pairing": "by seed: seed k of a condition against seed k of its reference",
     }
 
@@ -180,9 +186,11 @@ def compare(study: Study, results: dict[str, dict[int, dict[str, Any]]], cond: s
     same_test_set = not any(k in differs for k in TEST_SET_KEYS)
     metrics = {}
     for m in METRICS:
-        p = seedstats.paired(_column(results[cond], seeds, "metrics", m), _column(results[ref], seeds, "metrics", m))
-        metrics[m] = {**p.to_json(), "verdict": seedstats.verdict(p, LOWER_IS_BETTER[m]) if same_test_set
-                      else NOT_COMPARABLE}
+        ref_values = _column(results[ref], seeds, "metrics", m)
+        p = seedstats.paired(_column(results[cond], seeds, "metrics", m), ref_values)
+        ref_mean = sum(ref_values) / len(ref_values)
+        metrics[m] = {**p.to_json(), "relative": p.diff.mean / ref_mean if ref_mean else None,
+                      "verdict": seedstats.verdict(p, LOWER_IS_BETTER[m]) if same_test_set else NOT_COMPARABLE}
     counts = {}
     for k in SUPPRESSION:
         p = seedstats.paired(_column(results[cond], seeds, "counts", k), _column(results[ref], seeds, "counts", k))
@@ -255,7 +263,9 @@ def _answer_nudge(comparisons: list[dict[str, Any]], n: int) -> dict[str, Any]:
     for c in nudged:
         called = {m: e["verdict"] for m, e in c["metrics"].items() if e["verdict"] in ("better", "worse")}
         found += bool(called)
-        parts = [f"{m.upper()} {e['verdict']}: {seedstats.describe(_paired_of(e))}" for m, e in c["metrics"].items()]
+        parts = [f"{m.upper()} {e['verdict']}: {seedstats.describe(_paired_of(e))}"
+                 + (f", {e['relative']:+.2%} of the reference" if e["relative"] is not None else "")
+                 for m, e in c["metrics"].items()]
         details.append(f"{c['condition']} vs {c['reference']}: " + "; ".join(parts))
     head = f"yes, in {found} of {len(nudged)} comparisons" if found else f"{seedstats.NO_DIFFERENCE} ({n} seeds)"
     return {"question": question, "answer": head + _strength(n, found), "details": details}
@@ -285,8 +295,8 @@ def _strength(n: int, called: int) -> str:
     if not called:
         return ""
     if n <= 3:
-        return (f" (with {n} seeds the interval is the seeds' range: every seed agrees in sign; "
-                f"p cannot be below {seedstats.min_p_value(n):.3g})")
+        return (f" (with {n} seeds the interval is the seeds' range: every seed agrees in sign, which chance alone "
+                f"gives with probability {seedstats.min_p_value(n):.3g}; p cannot be below it)")
     return f" (n = {n} seeds; p cannot be below {seedstats.min_p_value(n):.3g})"
 
 

@@ -337,6 +337,20 @@ def test_folders_vaedyn_did_not_make_or_with_another_config_are_refused(cli, tmp
         == "--overwrite"
 
 
+def test_failed_runs_are_recorded_and_exit_1_without_statistics(cli, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-images"
+    spec = write_study(tmp_path, conditions={"baseline": [f"data.dataset_name={missing}"]})
+    res = cli("study", spec)
+    assert res.exit_code == 1 and res.stdout == ""
+    assert res.stderr.splitlines()[-1].startswith("error: 2 of 2 runs failed (baseline/seed-0: ")
+    assert res.stderr.splitlines()[-1].endswith(f"rerun `vaedyn study {spec}` to continue them (finished runs are kept)")
+    doc = json.loads((tmp_path / "runs" / "tiny" / "study.json").read_text())
+    assert [r["status"] for r in doc["runs"]] == ["failed"] * 2
+    assert all(str(missing) in r["error"] for r in doc["runs"])
+    assert "summary" not in doc and not (tmp_path / "runs" / "tiny" / "report").exists()
+    assert not (tmp_path / "runs" / "tiny" / "baseline").exists()  # train wrote nothing for a run that never began
+
+
 def test_a_folder_that_is_not_a_study_is_refused(cli, tmp_path: Path) -> None:
     spec = write_study(tmp_path)
     folder = tmp_path / "runs" / "tiny"

@@ -7,29 +7,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from vaedyn_cli import artifacts
 from vaedyn_cli.errors import VaedynError
-from vaedyn_cli.metrics import LOWER_IS_BETTER, METRICS, TABLE_FORMAT
+from vaedyn_cli.metrics import LOWER_IS_BETTER, METRICS, TABLE_FORMAT, load_metrics
 
 log = logging.getLogger(__name__)
-
-
-def load_metrics(path: Path) -> dict[str, Any]:
-    """A metrics.json file, or the eval folder holding one."""
-    path = Path(path)
-    file = path / artifacts.METRICS_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise VaedynError(f"{path} has no {artifacts.METRICS_FILE}: pass files or folders written by `vaedyn eval`")
-    try:
-        record = json.loads(file.read_text())
-        values = record["metrics"]
-        missing = [m for m in METRICS if m not in values]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise VaedynError(f"{file} is not a metrics file written by `vaedyn eval`; rerun the evaluation") from None
-    if missing:
-        raise VaedynError(f"{file} lacks metrics {', '.join(missing)}; rerun `vaedyn eval`")
-    record["path"] = str(file)
-    return record
 
 
 def _labels(records: list[dict[str, Any]]) -> list[str]:

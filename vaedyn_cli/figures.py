@@ -77,7 +77,7 @@ class Skip(Exception):
 
 
 
-def _plt():  # noqa: ANN202
+def pyplot():  # noqa: ANN202
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,7 +109,7 @@ def fig_heatmap(d: ReportData):  # noqa: ANN201
         raise Skip("no finite activity statistic in the trace")
     from matplotlib.colors import TwoSlopeNorm
 
-    plt = _plt()
+    plt = pyplot()
     ch = d.channels
     parts = [p for p in PARTS if (ch.part == p).any()] or ["(all)"]
     sizes = [max(int((ch.part == p).sum()), 1) if p in PARTS else ch.n for p in parts]
@@ -161,7 +161,7 @@ def fig_heatmap(d: ReportData):  # noqa: ANN201
 def fig_counts(d: ReportData):  # noqa: ANN201
     from matplotlib.ticker import MaxNLocator
 
-    plt = _plt()
+    plt = pyplot()
     ch = d.channels
     x = d.steps[d.line_idx]
     fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -190,7 +190,7 @@ def fig_counts(d: ReportData):  # noqa: ANN201
 def fig_by_layer(d: ReportData):  # noqa: ANN201
     if d.last_codes is None or not (d.last_codes >= ACTIVE).any():
         raise Skip("no channel is observed at the last step")
-    plt = _plt()
+    plt = pyplot()
     rows = layer_table(d)
     parts = [p for p in PARTS if any(r["part"] == p for r in rows)]
     n_max = max(sum(r["part"] == p for r in rows) for p in parts)
@@ -219,7 +219,7 @@ def fig_by_layer(d: ReportData):  # noqa: ANN201
 def fig_gamma(d: ReportData):  # noqa: ANN201
     if not d.gamma_q or not any(np.isfinite(q).any() for q in d.gamma_q.values()):
         raise Skip("the trace has no finite gn_weight (|gamma|) values")
-    plt = _plt()
+    plt = pyplot()
     x = d.steps[d.line_idx]
     parts = [p for p in PARTS if np.isfinite(d.gamma_q[p]).any()]
     fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4.2), squeeze=False, sharey=True)
@@ -250,7 +250,7 @@ def fig_near_zero(d: ReportData):  # noqa: ANN201
     values = read_steps(d.ds, "near_zero_frac", d.line_idx) * 100  # (steps, param)
     if not np.isfinite(values).any():
         raise Skip("near_zero_frac is NaN at every step")
-    plt = _plt()
+    plt = pyplot()
     params = [str(p) for p in np.asarray(d.ds["param"].values).tolist()] if "param" in d.ds.coords else \
         [f"param {i}" for i in range(values.shape[1])]
     x = d.steps[d.line_idx]
@@ -286,7 +286,7 @@ def fig_classes(d: ReportData):  # noqa: ANN201
         raise Skip("no classification")
     from matplotlib.ticker import MaxNLocator
 
-    plt = _plt()
+    plt = pyplot()
     counts = class_counts(d.labels)
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), gridspec_kw={"width_ratios": [5, 4, 2]})
     for ax, key, title in zip(axes, ("trajectory", "mechanism", "flag"),
@@ -345,7 +345,7 @@ def fig_losses(d: ReportData):  # noqa: ANN201
     for n, (s, v) in val.items():
         panels[_panel_of(n)].append(("validation " + n, s, v))
     used = [k for k, v in panels.items() if v]
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(used), figsize=(4.6 * len(used), 4.2), squeeze=False)
     ylabels = {"loss": "loss (MSE on [-1, 1] images)", "kl": "KL (nats)", "quality": "validation metric",
                "lr": "learning rate"}
@@ -382,7 +382,7 @@ FIGURE_FUNCS: dict[str, Callable[[ReportData], Any]] = {
 
 def render_figures(d: ReportData, out: Path) -> dict[str, str | None]:
     """Write every figure it can into `out`; returns file -> None (written) or the reason it was skipped."""
-    plt = _plt()
+    plt = pyplot()
     result: dict[str, str | None] = {}
     for name, fn in FIGURE_FUNCS.items():
         try:

@@ -8,6 +8,7 @@ posterior's KL to N(0, I) summed over latent elements and averaged over images; 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,3 +132,20 @@ def write_pictures(folder: Path, result: EvalResult, num_pairs: int) -> None:
             Image.fromarray(_to_uint8(result.originals[i])).save(samples / f"{i:04d}_original.png")
             Image.fromarray(_to_uint8(result.reconstructions[i])).save(samples / f"{i:04d}_reconstruction.png")
 
+
+def load_metrics(path: Path) -> dict[str, Any]:
+    """A metrics.json file, or the eval folder holding one."""
+    path = Path(path)
+    file = path / artifacts.METRICS_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise VaedynError(f"{path} has no {artifacts.METRICS_FILE}: pass files or folders written by `vaedyn eval`")
+    try:
+        record = json.loads(file.read_text())
+        values = record["metrics"]
+        missing = [m for m in METRICS if m not in values]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise VaedynError(f"{file} is not a metrics file written by `vaedyn eval`; rerun the evaluation") from None
+    if missing:
+        raise VaedynError(f"{file} lacks metrics {', '.join(missing)}; rerun `vaedyn eval`")
+    record["path"] = str(file)
+    return record

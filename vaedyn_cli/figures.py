@@ -7,7 +7,7 @@ near-zero tracker, ...) raises `Skip` with the note the page shows instead.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -380,13 +380,14 @@ FIGURE_FUNCS: dict[str, Callable[[ReportData], Any]] = {
 }
 
 
-def render_figures(d: ReportData, out: Path) -> dict[str, str | None]:
-    """Write every figure it can into `out`; returns file -> None (written) or the reason it was skipped."""
+def save_figures(funcs: Mapping[str, Callable[..., Any]], out: Path, *args: Any) -> dict[str, str | None]:
+    """Draw `fn(*args)` for each file name -> function and write the PNGs into `out`; returns file ->
+    None (written) or the reason it was skipped (`Skip`)."""
     plt = pyplot()
     result: dict[str, str | None] = {}
-    for name, fn in FIGURE_FUNCS.items():
+    for name, fn in funcs.items():
         try:
-            fig = fn(d)
+            fig = fn(*args)
         except Skip as e:
             result[name] = str(e)
             log.info("skipped %s: %s", name, e)
@@ -396,3 +397,7 @@ def render_figures(d: ReportData, out: Path) -> dict[str, str | None]:
         result[name] = None
     return result
 
+
+def render_figures(d: ReportData, out: Path) -> dict[str, str | None]:
+    """Every figure of the run report that the store's data allows, into `out`."""
+    return save_figures(FIGURE_FUNCS, out, d)

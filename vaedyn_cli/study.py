@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-from vaedyn_cli import study_exec, study_report, study_results
+from vaedyn_cli import artifacts, study_exec, study_report, study_results
 from vaedyn_cli.errors import RuntimeFailure, VaedynError
 from vaedyn_cli.study_plan import DONE, EXECUTORS, FAILED, STUDY_FILE, Study, load_study, run_status
 
@@ -40,9 +39,7 @@ log = logging.getLogger(__name__)
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    artifacts.atomic_write_text(path, text)
 
 
 def runs_json(study: Study) -> list[dict[str, Any]]:

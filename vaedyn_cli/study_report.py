@@ -9,9 +9,6 @@ summaries, the figures, the runs and the study file.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -317,24 +314,9 @@ def render_html(study: Study, stats: dict[str, Any], figures: dict[str, str | No
 
 def build(study: Study, stats: dict[str, Any], results: dict[str, Any]) -> Path:
     """Write `<study>/report/` (index.html and the figures) from study.json's statistics; returns the folder."""
-    plt = run_figures.pyplot()
     doc = json.loads((study.folder / STUDY_FILE).read_text())
     out = study.folder / artifacts.REPORT_DIR
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
-        figures: dict[str, str | None] = {}
-        for name, fn in FIGURE_FUNCS.items():
-            try:
-                fig = fn(study, stats, results)
-            except run_figures.Skip as why:
-                figures[name] = str(why)
-                continue
-            fig.savefig(tmp / name, dpi=run_figures.DPI)
-            plt.close(fig)
-            figures[name] = None
+    with artifacts.atomic_folder(out) as tmp:
+        figures = run_figures.save_figures(FIGURE_FUNCS, tmp, study, stats, results)
         (tmp / INDEX_FILE).write_text(render_html(study, doc, figures))
-        artifacts.replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -165,7 +165,7 @@ def test_gn_scale_nudge_keeps_the_original_semantics() -> None:
 
 
 # The original's gentle nudge as float32 bit patterns: the Python double of gamma times 1.1, min with
-# 1.5, rounded once to float32 (a float32 product gives ...af for the first four).
+# 1.5, rounded once to float32 (a float32 product is one ulp higher for the first four).
 ORIGINAL_NUDGE_BITS = [
     (0x3DCCCCCD, 0x3DE147AE),  # 0.1 -> 0.11
     (0x3E4CCCCD, 0x3E6147AE),  # 0.2 -> 0.22

@@ -90,7 +90,7 @@ def expect_paired(entry: dict[str, Any], cond: list[float], ref: list[float], lo
 def check_statistics(doc: dict[str, Any], folder: Path) -> None:
     """study.json's summary and comparison against the hand computation."""
     hand = {c: [hand_values(folder / c / f"seed-{s}") for s in SEEDS] for c in ("baseline", "nudge")}
-    lower = {"mse": True, "kl": True, "psnr": False, "ssim": False}
+    lower = {"mse": True, "kl": True, "psnr_pooled": False, "psnr_per_image_mean": False, "ssim": False}
     for c, runs in hand.items():
         s = doc["summary"][c]
         for m in METRICS:
@@ -169,6 +169,19 @@ def test_tiny_study_end_to_end_resume_and_executors(cli, tmp_path: Path, monkeyp
         ref = np.mean([hand_values(folder / "baseline" / f"seed-{s}")["metrics"][m] for s in SEEDS])
         assert doc["comparison_results"][0]["metrics"][m]["relative"] == pytest.approx(
             doc["comparison_results"][0]["metrics"][m]["mean"] / ref)
+
+    # an eval written by an older vaedyn (`psnr` only, the per-image mean) is redone, not read
+    planned = study_plan.load_study(spec)
+    first = planned.runs[0]
+    current = first.metrics_path.read_text()
+    legacy = json.loads(current)
+    for values in (legacy["metrics"], *(legacy["ablation"][k] for k in ("baseline", "delta_ablated"))):
+        values["psnr"] = values.pop("psnr_per_image_mean")
+        del values["psnr_pooled"]
+    first.metrics_path.write_text(json.dumps(legacy))
+    assert study_plan.run_status(first, planned.ablate) == study_plan.EVALUATE
+    first.metrics_path.write_text(current)
+    assert study_plan.run_status(first, planned.ablate) == study_plan.DONE
 
     # kill one run inside step 5 (its last checkpoint is step 3), as a lost machine would
     killed = folder / "nudge" / "seed-1"
@@ -260,7 +273,8 @@ def test_conditions_on_different_data_compare_counts_but_not_reconstruction(tmp_
         assert glyphs["metrics"][m]["mean"] == pytest.approx(1.0) and glyphs["metrics"][m]["p_value"] == 0.25
     assert glyphs["counts"]["inactive"]["verdict"] == "more"
     assert glyphs["counts"]["inactive"]["ci"] == pytest.approx([5.0, 5.0])
-    assert nudge["metrics"]["mse"]["verdict"] == "better" and nudge["metrics"]["psnr"]["verdict"] == "worse"
+    assert nudge["metrics"]["mse"]["verdict"] == "better" and nudge["metrics"]["psnr_pooled"]["verdict"] == "worse"
+    assert nudge["metrics"]["psnr_per_image_mean"]["verdict"] == "worse"
     data, nudging, ablation = stats["answers"]
     assert data["answer"].startswith("yes, in 1 of 1 comparisons (with 3 seeds the interval is the seeds' range")
     assert data["details"] == ["glyphs vs natural (data.dataset_name 'builtin:glyphs' vs 'builtin:natural'): more "

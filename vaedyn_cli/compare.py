@@ -1,4 +1,5 @@
-"""`vaedyn eval --compare`: finished evaluations side by side, in the original study's Table 1 layout."""
+"""`vaedyn eval --compare`: finished evaluations side by side, in the original study's Table 1 layout
+(its PSNR row is the pooled PSNR; the per-image mean follows it, labelled)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ def _better(values: list[float], labels: list[str], lower: bool) -> str:
     return winners[0] if len(winners) == 1 else "tie"
 
 
+def _cell(value: float | None, scale: float, digits: int, sign: str = "") -> str:
+    """A table cell; n/a for a metric an older metrics.json lacks."""
+    return "n/a" if value is None else f"{value * scale:{sign}.{digits}f}"
+
+
 def comparison(paths: list[Path]) -> dict[str, Any]:
     """Metric by metric: each run's value, delta (last minus first) and which run is better."""
     if len(paths) < 2:
@@ -39,12 +45,13 @@ def comparison(paths: list[Path]) -> dict[str, Any]:
     labels = _labels(records)
     rows = []
     for key in METRICS:
-        values = [float(r["metrics"][key]) for r in records]
+        values = [None if r["metrics"][key] is None else float(r["metrics"][key]) for r in records]
+        known = None not in values
         rows.append({
             "metric": key,
             "values": dict(zip(labels, values, strict=True)),
-            "delta": values[-1] - values[0],
-            "better": _better(values, labels, LOWER_IS_BETTER[key]),
+            "delta": values[-1] - values[0] if known else None,
+            "better": _better(values, labels, LOWER_IS_BETTER[key]) if known else None,
         })
     runs = [
         {k: r.get(k) for k in ("path", "checkpoint", "step", "split", "num_images")} | {"label": lab}
@@ -65,8 +72,8 @@ def compare(paths: list[Path], fmt: str = "table") -> str:
     lines = [header]
     for row in result["rows"]:
         label, scale, digits = TABLE_FORMAT[row["metric"]]
-        cells = [f"{row['values'][lab] * scale:.{digits}f}" for lab in labels]
-        lines.append([label, *cells, f"{row['delta'] * scale:+.{digits}f}", row["better"]])
+        cells = [_cell(row["values"][lab], scale, digits) for lab in labels]
+        lines.append([label, *cells, _cell(row["delta"], scale, digits, "+"), row["better"] or "n/a"])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
 
     def fmt_line(cells: list[str]) -> str:

@@ -288,10 +288,15 @@ def _final_step(run_dir: Path) -> int | None:
 
 
 def _evaluated(run: RunPlan, ablate: list[str]) -> bool:
-    """The final model's eval is there, with the study's ablation, at the final step."""
+    """The final model's eval is there, with the study's ablation, at the final step, and holds every
+    metric of today's vaedyn (an older vaedyn's eval, without `psnr_pooled`, is redone)."""
+    from vaedyn_cli.metrics import METRICS
+
     try:
         record = json.loads(run.metrics_path.read_text())
-        return record["ablation"]["select"] == ablate and record["step"] == _final_step(run.run_dir)
+        ablation = record["ablation"]
+        return (ablation["select"] == ablate and record["step"] == _final_step(run.run_dir)
+                and all(m in record["metrics"] and m in ablation["delta_ablated"] for m in METRICS))
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

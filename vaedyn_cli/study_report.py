@@ -9,6 +9,7 @@ summaries, the figures, the runs and the study file.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,8 @@ def fig_metrics(study: Study, stats: dict[str, Any], results: dict[str, Any]) ->
     for ax, m in zip(axes[0], METRICS, strict=True):
         _interval_panel(ax, conds, [stats["summary"][c]["metrics"][m] for c in conds], colours)
         better = "lower" if m in ("mse", "kl") else "higher"
-        ax.set_title(f"{TABLE_FORMAT[m][0].split(' (')[0]} ({better} is better)", fontsize=10)
+        name = re.sub(r" \([^)]*\)", "", TABLE_FORMAT[m][0])  # without the unit: the panel shows raw values
+        ax.set_title(f"{name} ({better} is better)", fontsize=10)
     fig.suptitle(f"Final metrics per condition (n = {len(study.seeds)} seeds, 95% bootstrap intervals)", fontsize=11)
     fig.tight_layout()
     return fig

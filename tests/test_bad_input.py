@@ -35,7 +35,7 @@ class Bad:
 
     argv: list[str]
     expect: list[str]
-    stdin: str | None = None
+    stdin: str | bytes | None = None
     code: int = 2
     stdout: str = ""
 
@@ -117,6 +117,13 @@ def other_width_classification(width: float) -> dict:
                  "unused": False, "input_collapsed": False, "score": 0.0} for n in layers]
     return {"store": "elsewhere/trace.zarr", "method": "dormancy", "steps": [0, 2], "layers": layers,
             "channels": channels}
+
+
+def write_targets(tmp: Path, base: Base) -> Path:
+    """The base run's classify JSON as a targets file."""
+    targets = tmp / "targets.json"
+    targets.write_text(json.dumps(base.targets))
+    return targets
 
 
 def metrics_file(path: Path, **metrics: float) -> Path:
@@ -761,6 +768,137 @@ def store_info_committed_beyond_arrays(tmp: Path, base: Base) -> Bad:
     return Bad(["store", "info", "--json", store], [str(store), "committed_steps 3"])
 
 
+# -- issue 16: input classes that escaped the contract (text encodings, stdin, nesting, small
+#    files inside artifacts, numbers out of range, names that become paths)
+
+NOT_UTF8 = b"\xff\xfe"  # a UTF-16 byte-order mark: what an editor on another system may write
+DEEP = 200_000  # nesting levels of hostile JSON (Python's parsers recurse per level)
+
+
+@case
+def config_not_utf8(tmp: Path, base: Base) -> Bad:
+    path = tmp / "latin1.yaml"
+    path.write_bytes(b"train:\n  max_steps: 3  # r\xe9glage\n")
+    return Bad(["config", "validate", path], [f"config file {path}", "not UTF-8", "0xe9"])
+
+
+@case
+def config_nested_too_deeply(tmp: Path, base: Base) -> Bad:
+    path = tmp / "deep.yaml"
+    path.write_text("train: " + "[" * 5000)
+    return Bad(["config", "validate", path], [str(path), "nested too deeply"])
+
+
+@case
+def config_seed_negative(tmp: Path, base: Base) -> Bad:
+    return Bad(["config", "show", "--set", "seed=-1"], ["seed", "greater than or equal to 0", "(got -1)"])
+
+
+@case
+def config_seed_too_large(tmp: Path, base: Base) -> Bad:
+    return Bad(["config", "show", "--set", f"seed={2**32}"], ["seed", "less than or equal to 4294967295"])
+
+
+@case
+def config_infinite_learning_rate(tmp: Path, base: Base) -> Bad:
+    return Bad(["config", "show", "--set", "train.learning_rate=.inf"], ["train.learning_rate", "finite number"])
+
+
+@case
+def config_boolean_for_a_count(tmp: Path, base: Base) -> Bad:
+    return Bad(["config", "show", "--set", "train.max_steps=true"], ["train.max_steps", "not a boolean"])
+
+
+@case
+def config_set_value_nested_too_deeply(tmp: Path, base: Base) -> Bad:
+    return Bad(["config", "show", "--set", "seed=" + "[" * DEEP], ["seed", "(got '[[[", "...)"])
+
+
+@case
+def train_run_name_with_nul(tmp: Path, base: Base) -> Bad:
+    cfg = write_cfg(tmp)
+    cfg.write_text(cfg.read_text().replace("run_name: tiny", 'run_name: "ti\\0ny"'))
+    return Bad(["train", "-c", cfg], [str(cfg), "run_name", "control character"])
+
+
+@case
+def train_run_name_too_long(tmp: Path, base: Base) -> Bad:
+    return Bad(["train", "-c", write_cfg(tmp), "--set", "run_name=" + "r" * 300], ["run_name", "300 bytes", "at most 200"])
+
+
+@case
+def classify_stdin_not_utf8(tmp: Path, base: Base) -> Bad:
+    return Bad(["classify", "-"], ["STORE is '-': stdin is not UTF-8"], stdin=NOT_UTF8)
+
+
+@case
+def nudge_targets_not_utf8(tmp: Path, base: Base) -> Bad:
+    targets = tmp / "targets.json"
+    targets.write_bytes(NOT_UTF8 + json.dumps(base.targets).encode("utf-16-le"))
+    return Bad(["nudge", "--checkpoint", copy_run(tmp, base), "--targets", targets],
+               [f"targets file {targets}", "not UTF-8", "0xff"])
+
+
+@case
+def nudge_targets_nested_too_deeply(tmp: Path, base: Base) -> Bad:
+    targets = tmp / "targets.json"
+    targets.write_text("[" * DEEP)
+    return Bad(["nudge", "--checkpoint", copy_run(tmp, base), "--targets", targets], [str(targets), "nested too deeply"])
+
+
+@case
+def nudge_stdin_nested_too_deeply(tmp: Path, base: Base) -> Bad:
+    return Bad(["nudge", "--checkpoint", copy_run(tmp, base), "--targets", "-"], ["from stdin", "nested too deeply"],
+               stdin='{"layers": ' * DEEP)
+
+
+@case
+def eval_malformed_step_file(tmp: Path, base: Base) -> Bad:
+    run = copy_run(tmp, base)
+    step_file = run / artifacts.FINAL_DIR / artifacts.STEP_FILE
+    step_file.write_text('{"step": "two"}')
+    return Bad(["eval", "--checkpoint", run], [f"step file {step_file}", '"two"', "restore it"])
+
+
+@case
+def eval_step_file_not_json(tmp: Path, base: Base) -> Bad:
+    run = copy_run(tmp, base)
+    step_file = run / artifacts.FINAL_DIR / artifacts.STEP_FILE
+    step_file.write_text("{step: 2")
+    return Bad(["nudge", "--checkpoint", run, "--targets", write_targets(tmp, base)], [str(step_file), "not valid JSON"])
+
+
+@case
+def eval_compare_metric_is_a_string(tmp: Path, base: Base) -> Bad:
+    good = metrics_file(tmp / "a" / "metrics.json")
+    bad = metrics_file(tmp / "b" / "metrics.json", psnr="21.5 dB")
+    return Bad(["eval", "--compare", good, bad], [str(bad), "metric 'psnr'", '"21.5 dB"', "not a number"])
+
+
+@case
+def eval_compare_metrics_not_utf8(tmp: Path, base: Base) -> Bad:
+    good = metrics_file(tmp / "a" / "metrics.json")
+    bad = tmp / "b" / "metrics.json"
+    bad.parent.mkdir()
+    bad.write_bytes(b'{"metrics": {"mse": 0.1, "note": "\xe9"}}')
+    return Bad(["eval", "--compare", good, bad], [f"metrics file {bad}", "not UTF-8"])
+
+
+@case
+def eval_stored_config_not_utf8(tmp: Path, base: Base) -> Bad:
+    run = copy_run(tmp, base)
+    stored = run / artifacts.FINAL_DIR / artifacts.RUN_CONFIG_IN_CHECKPOINT
+    stored.write_bytes(stored.read_bytes() + b"# \xff\n")
+    return Bad(["eval", "--checkpoint", run], [str(stored), "not UTF-8"])
+
+
+@case
+def store_info_root_metadata_nested_too_deeply(tmp: Path, base: Base) -> Bad:
+    store = copy_run(tmp, base) / artifacts.TRACE_DIR
+    (store / "zarr.json").write_text("[" * DEEP)
+    return Bad(["store", "info", store], [str(store / "zarr.json"), "not valid JSON"])
+
+
 # ---------------------------------------------------------------------------------------------
 # the test
 
@@ -853,3 +991,20 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     assert debug.returncode != 0
     assert "Traceback (most recent call last)" in debug.stderr
     assert f"VaedynError: config file not found: {missing}" in debug.stderr
+
+
+def test_closed_stdin_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`<&-`: Python starts without sys.stdin; `classify -` (a real process) and `nudge --targets -`
+    (in-process, as Python sets it up: sys.stdin is None) say so in one line."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([VAEDYN, "classify", "-"], stdin=subprocess.DEVNULL, preexec_fn=lambda: os.close(0),
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert (res.returncode, res.stderr.splitlines(), res.stdout) == (
+        2, ["error: STORE is '-': stdin is closed; pipe a store or run folder path into it"], "")
+    from vaedyn_cli.errors import VaedynError
+    from vaedyn_cli.nudge import nudge_checkpoint
+
+    monkeypatch.setattr(sys, "stdin", None)
+    with pytest.raises(VaedynError, match=r"^--targets -: stdin is closed; pipe in `vaedyn classify"):
+        nudge_checkpoint(str(tmp_path / "x"), "-")
+    assert list(tmp_path.iterdir()) == []

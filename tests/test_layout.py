@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "vaedyn_cli"
 
 FOUNDATIONS = {
-    "errors", "config", "artifacts", "faults", "randomness", "hooks", "anatomy", "settings", "labels",
+    "errors", "inputs", "config", "artifacts", "faults", "randomness", "hooks", "anatomy", "settings", "labels",
 }
 COMPONENTS = {
     "model", "data", "store", "store.schema", "store.metadata", "store.reader", "store.writer", "store.info",

@@ -9,12 +9,16 @@ artifact, never a half-written one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from vaedyn_cli import inputs
 
 CONFIG_FILE = "config.yaml"
 TRACE_DIR = "trace.zarr"
@@ -77,6 +81,26 @@ def run_of(path: Path | str, levels: int = 2) -> Path | None:
             return parent
         parent = parent.parent
     return None
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    """The records of a JSON-lines file that vaedyn appends to (validation.jsonl): a line that does not
+    parse (one being written when the process was killed; a damaged one) is skipped."""
+    records = []
+    for line in inputs.read_text(path, "records file", "restore it or delete it").splitlines():
+        try:
+            records.append(json.loads(line))
+        except (ValueError, RecursionError):
+            continue
+    return records
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the records of a JSON-lines file up to global step `step` (and drop lines that do not
+    parse): what a run resumed from the checkpoint of `step` keeps of its validation records."""
+    if path.is_file():
+        keep = [r for r in read_jsonl(path) if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from vaedyn_cli import __version__
+from vaedyn_cli import __version__, inputs
 from vaedyn_cli import config as config_mod
 from vaedyn_cli.errors import VaedynError
 
@@ -70,7 +70,7 @@ def handle_errors(fn: F) -> F:
         except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1
             if _state["debug"]:
                 raise
-            first = str(e).splitlines()[0] if str(e) else ""
+            first = inputs.first_line(e)
             err(f"error: {type(e).__name__}: {first} (rerun with --debug for the traceback)")
             raise typer.Exit(1) from None
 

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from vaedyn_cli import artifacts
+from vaedyn_cli import artifacts, inputs
 from vaedyn_cli.errors import VaedynError
 from vaedyn_cli.metrics import LOWER_IS_BETTER, METRICS, TABLE_FORMAT
 
@@ -20,14 +20,18 @@ def load_metrics(path: Path) -> dict[str, Any]:
     file = path / artifacts.METRICS_FILE if path.is_dir() else path
     if not file.is_file():
         raise VaedynError(f"{path} has no {artifacts.METRICS_FILE}: pass files or folders written by `vaedyn eval`")
-    try:
-        record = json.loads(file.read_text())
-        values = record["metrics"]
-        missing = [m for m in METRICS if m not in values]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise VaedynError(f"{file} is not a metrics file written by `vaedyn eval`; rerun the evaluation") from None
+    fix = "rerun `vaedyn eval`"
+    record = inputs.parse_json(inputs.read_text(file, "metrics file", fix), str(file),
+                               f"it is not a metrics file written by `vaedyn eval`; {fix}")
+    values = record.get("metrics") if isinstance(record, dict) else None
+    if not isinstance(values, dict):
+        raise VaedynError(f"{file} is not a metrics file written by `vaedyn eval` (no 'metrics' mapping); {fix}")
+    missing = [m for m in METRICS if m not in values]
     if missing:
-        raise VaedynError(f"{file} lacks metrics {', '.join(missing)}; rerun `vaedyn eval`")
+        raise VaedynError(f"{file} lacks metrics {', '.join(missing)}; {fix}")
+    for m in METRICS:
+        if not isinstance(values[m], int | float) or isinstance(values[m], bool):
+            raise VaedynError(f"{file}: metric '{m}' is {inputs.shorten(json.dumps(values[m]), 30)}, not a number; {fix}")
     record["path"] = str(file)
     return record
 

@@ -9,22 +9,44 @@ from __future__ import annotations
 
 import difflib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from vaedyn_cli import artifacts, inputs
 from vaedyn_cli.errors import VaedynError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "vaedyn.schema.json"
 SCHEMA_FILE_NAME = "vaedyn.schema.json"
 
 
-class Section(BaseModel):
-    """Base of every config section: unknown keys are rejected, assignments re-validated."""
+MAX_SEED = 2**32 - 1  # numpy's (and so accelerate's set_seed) largest seed
+MAX_NAME_BYTES = 200  # a run folder name, leaving room within the usual 255-byte limit for `.NAME.tmp-TAG`
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field takes numbers (int, float, or either or None), not booleans."""
+    args = typing.get_args(annotation) or (annotation,)
+    return bool({int, float} & set(args)) and bool not in args
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are rejected, assignments re-validated, and numbers
+    are numbers: no infinities or NaN, and no `true` where a count or rate goes (pydantic would read
+    it as 1)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and _numeric(field.annotation):
+            raise ValueError("expected a number, not a boolean")
+        return value
 
 
 class ModelConfig(Section):
@@ -276,7 +298,7 @@ class RunConfig(Section):
 
     run_name: str = Field("quickstart", min_length=1, description="Name of the run folder under output_dir.")
     output_dir: str = Field("stores", description="Root folder of run folders.")
-    seed: int = Field(42, description="Seed of model init, data order, crops and controls.")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed of model init, data order, crops and controls.")
     model: ModelConfig = Field(default_factory=ModelConfig, description=ModelConfig.__doc__)
     data: DataConfig = Field(default_factory=DataConfig, description=DataConfig.__doc__)
     train: TrainConfig = Field(default_factory=TrainConfig, description=TrainConfig.__doc__)
@@ -288,8 +310,14 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
-        if "/" in self.run_name or self.run_name in {".", ".."}:
+        _check_path_text("run_name", self.run_name)
+        _check_path_text("output_dir", self.output_dir)
+        if "/" in self.run_name or "\\" in self.run_name or self.run_name in {".", ".."}:
             raise ValueError(f"run_name {self.run_name!r} must be a plain folder name")
+        if len(self.run_name.encode()) > MAX_NAME_BYTES:
+            raise ValueError(
+                f"run_name is {len(self.run_name.encode())} bytes long; folder names hold at most {MAX_NAME_BYTES} here"
+            )
         if self.nudge.enabled and not self.track.enabled:
             raise ValueError("nudge.enabled needs track.enabled: in-training nudges classify the live trace")
         if self.nudge.enabled and self.nudge.every % self.track.interval:
@@ -301,13 +329,21 @@ class RunConfig(Section):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.run_name
+        """`<output_dir>/<run_name>`, with a leading `~` in output_dir meaning the home folder (as in a shell)."""
+        return Path(self.output_dir).expanduser() / self.run_name
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _check_path_text(name: str, value: str) -> None:
+    """No NUL byte or other control character in a name that becomes part of a path."""
+    bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ValueError(f"{name} contains the control character {bad!r}; use a plain folder name")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +382,7 @@ def format_validation_error(
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")
-            shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+            shown = "" if isinstance(got, dict | list) or got is None else f" (got {inputs.shorten(repr(got))})"
             parts.append(f"{dotted}: {msg}{shown}")
     head = f"{prefix} {where}" if where else prefix
     return f"{head}: " + "; ".join(parts)
@@ -359,7 +395,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise VaedynError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-4")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key.strip().split("."), value
 
@@ -379,17 +415,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def with_overrides(overrides: list[str] | tuple[str, ...]) -> str:
+    """" with --set A B" for an error's "where" (each override shortened: a hostile value must not
+    flood the line); "" without overrides."""
+    return " with --set " + " ".join(inputs.shorten(o) for o in overrides) if overrides else ""
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise VaedynError(f"config file not found: {path} (list the shipped ones with `ls configs/`)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise VaedynError(f"YAML syntax error in {path}{at}: {problem}; fix the file and retry") from None
+    data = inputs.parse_yaml(inputs.read_text(path, "config file"), str(path), "fix the file and retry")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -409,17 +445,15 @@ def load_config(path: Path | str | None, overrides: list[str] | None = None) -> 
     data = read_yaml(Path(path)) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     where = f"in {path}" if path is not None else "(defaults)"
-    if overrides:
-        where += " with --set " + " ".join(overrides)
+    where += with_overrides(overrides or [])
     return validate_config(data, where)
 
 
 def config_from_text(text: str, where: str) -> RunConfig:
     """Rebuild the config stored in an artifact (YAML or JSON text)."""
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError:
-        raise VaedynError(f"stored config in {where} is not valid YAML; regenerate the artifact") from None
+    data = inputs.parse_yaml(text, f"the config stored in {where}", "regenerate the artifact") or {}
+    if not isinstance(data, dict):
+        raise VaedynError(f"the config stored in {where} is not a mapping of sections; regenerate the artifact")
     return validate_config(data, f"stored in {where}")
 
 
@@ -439,8 +473,11 @@ def schema_text() -> str:
 
 
 def write_schema(path: Path = SCHEMA_PATH) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise VaedynError(f"--out {path} is a folder; pass the path of the schema file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(schema_text())
+    artifacts.atomic_write_text(path, schema_text())
     return path
 
 

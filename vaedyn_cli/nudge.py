@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vaedyn_cli import artifacts, settings
+from vaedyn_cli import artifacts, inputs, settings
 from vaedyn_cli.errors import VaedynError
 from vaedyn_cli.selection import check_classification_fits, parse_classification, parse_select, select_targets
 from vaedyn_cli.strategies import apply, get_strategy
@@ -24,14 +23,14 @@ log = logging.getLogger(__name__)
 
 def _read_targets_text(targets: str | Path) -> tuple[str, str]:
     if str(targets) == "-":
-        text = sys.stdin.read()
+        text = inputs.read_stdin("--targets -", "pipe in `vaedyn classify STORE --format json`")
         if not text.strip():
             raise VaedynError("no targets on stdin; pipe in `vaedyn classify STORE --format json`")
         return text, "from stdin"
     path = Path(targets)
     if not path.is_file():
         raise VaedynError(f"targets file {path} not found; write it with `vaedyn classify STORE --format json > FILE`")
-    return path.read_text(), str(path)
+    return inputs.read_text(path, "targets file", "write it with `vaedyn classify STORE --format json > FILE`"), str(path)
 
 
 

@@ -182,7 +182,7 @@ def render_html(d: ReportData, summary: dict[str, Any], figures: dict[str, str |
         try:
             model_cfg = json.dumps(json.loads(model_cfg), indent=2) if isinstance(model_cfg, str) else \
                 json.dumps(model_cfg, indent=2)
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
         parts.append(f"<h3>Model config</h3><pre>{_e(model_cfg)}</pre>")
     parts.append("</body></html>\n")

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from vaedyn_cli import artifacts, settings
+from vaedyn_cli import artifacts, inputs, settings
 from vaedyn_cli import store as store_mod
 from vaedyn_cli.config import RunConfig
 from vaedyn_cli.errors import VaedynError
@@ -82,10 +82,10 @@ def _check_same_architecture(checkpoints: Sequence[Any]) -> None:
         file = Path(ckpt.path) / artifacts.MODEL_CONFIG_FILE if ckpt.path is not None else None
         if file is None or not file.is_file():
             continue
-        try:
-            arch = {k: json.loads(file.read_text()).get(k) for k in ARCHITECTURE_KEYS}
-        except ValueError:
-            raise VaedynError(f"{file} is not valid JSON: checkpoint {ckpt.source} is damaged") from None
+        record = inputs.read_json(file, "model config", f"checkpoint {ckpt.source} is damaged")
+        if not isinstance(record, dict):
+            raise VaedynError(f"model config {file} is not a JSON object: checkpoint {ckpt.source} is damaged")
+        arch = {k: record.get(k) for k in ARCHITECTURE_KEYS}
         if first is None:
             first = (ckpt, arch)
             continue

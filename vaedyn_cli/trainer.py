@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from vaedyn_cli import artifacts, faults
+from vaedyn_cli import artifacts, faults, inputs
 from vaedyn_cli.config import RunConfig
 from vaedyn_cli.errors import RuntimeFailure, VaedynError
 from vaedyn_cli.hooks import HookFactory, TrainContext, TrainHook
@@ -294,7 +294,7 @@ class Trainer:
             self.acc.load_state(str(resume_dir))
         except Exception as e:  # noqa: BLE001 - accelerate raises many types for a foreign checkpoint
             raise VaedynError(
-                f"cannot resume from {resume_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                f"cannot resume from {resume_dir}: {inputs.first_line(e) or type(e).__name__}; "
                 "the checkpoint does not match this config (model, optimizer or tracked state)"
             ) from None
         if self.state.global_step != resume_step:

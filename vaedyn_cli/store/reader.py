@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from vaedyn_cli import __version__, artifacts
+from vaedyn_cli import __version__, artifacts, inputs
 from vaedyn_cli.errors import VaedynError
 from vaedyn_cli.store.metadata import read_json
 from vaedyn_cli.store.schema import EVENT_FIELDS, EVENTS_GROUP, SCHEMA, SCHEMA_VERSION, ZARR_JSON
@@ -57,7 +56,8 @@ def resolve_store_path(arg: str | Path) -> Path:
     non-empty line of stdin, so that `vaedyn train ... | vaedyn classify -` works)."""
     text = str(arg)
     if text == "-":
-        lines = [ln.strip() for ln in sys.stdin.read().splitlines() if ln.strip()]
+        piped = inputs.read_stdin("STORE is '-'", "pipe a store or run folder path into it")
+        lines = [ln.strip() for ln in piped.splitlines() if ln.strip()]
         if not lines:
             raise VaedynError("STORE is '-' but stdin is empty; pipe a store or run folder path into it")
         text = lines[-1]
@@ -94,7 +94,7 @@ def open_trace(path: str | Path) -> xr.Dataset:
     try:
         ds = open_group(root)
     except Exception as e:  # noqa: BLE001 - zarr and xarray raise many types for a damaged store
-        first = str(e).splitlines()[0] if str(e) else ""
+        first = inputs.first_line(e)
         raise VaedynError(f"cannot read trace store {root}: {type(e).__name__}: {first}") from None
     committed = int(attrs.get("committed_steps", 0))
     _check_complete(root, ds, committed)
@@ -145,7 +145,7 @@ def read_events(path: str | Path) -> xr.Dataset | None:
             data[name] = ("event", values)
         group_attrs = dict(group.attrs)
     except Exception as e:  # noqa: BLE001 - zarr raises many types for a damaged group
-        first = str(e).splitlines()[0] if str(e) else ""
+        first = inputs.first_line(e)
         raise VaedynError(
             f"cannot read the events group of trace store {root}: {type(e).__name__}: {first}; "
             "restore the store from a copy"
@@ -172,11 +172,11 @@ def stored_config(attrs: Mapping[str, Any]) -> dict[str, Any] | None:
         return dict(raw)
     try:
         cfg = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         import yaml
 
         try:
             cfg = yaml.safe_load(raw)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             return None
     return cfg if isinstance(cfg, dict) else None

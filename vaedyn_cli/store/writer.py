@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 import xarray as xr
 
-from vaedyn_cli import artifacts, faults
+from vaedyn_cli import artifacts, faults, inputs
 from vaedyn_cli.errors import RuntimeFailure, VaedynError
 from vaedyn_cli.store.metadata import commit_root, consolidate, root_attrs
 from vaedyn_cli.store.reader import check_store, committed_events, open_group
@@ -232,7 +232,7 @@ class TraceWriter:
         if self._error is not None:
             e = self._error
             raise RuntimeFailure(
-                f"writing trace store {self.path} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                f"writing trace store {self.path} failed: {type(e).__name__}: {inputs.first_line(e)}"
             ) from e
 
     # -- writer thread ----------------------------------------------------------------------

@@ -460,7 +460,8 @@ def eval_out_is_a_foreign_folder(tmp: Path, base: Base) -> Bad:
     run = copy_run(tmp, base)
     (tmp / "mine").mkdir()
     (tmp / "mine" / "notes.txt").write_text("my notes")
-    return Bad(["eval", "--checkpoint", run, "--out", tmp / "mine"], [str(tmp / "mine"), "not an evaluation"])
+    return Bad(["eval", "--checkpoint", run, "--out", tmp / "mine"],
+               [str(tmp / "mine"), "not a vaedyn evaluation", "no .vaedyn marker"])
 
 
 @case
@@ -512,7 +513,8 @@ def track_out_is_not_a_store(tmp: Path, base: Base) -> Bad:
     run = copy_run(tmp, base)
     (tmp / "mine").mkdir()
     (tmp / "mine" / "notes.txt").write_text("mine")
-    return Bad(["track", "--checkpoint", run, "--out", tmp / "mine"], [str(tmp / "mine"), "not a trace store"])
+    return Bad(["track", "--checkpoint", run, "--out", tmp / "mine"],
+               [str(tmp / "mine"), "not a vaedyn trace store", "no .vaedyn marker"])
 
 
 @case
@@ -686,7 +688,7 @@ def nudge_overwrite_of_a_foreign_folder(tmp: Path, base: Base) -> Bad:
     (tmp / "mine").mkdir()
     (tmp / "mine" / "notes.txt").write_text("mine")
     return Bad(["nudge", "--checkpoint", copy_run(tmp, base), "--targets", targets, "--out", tmp / "mine", "--overwrite"],
-               [str(tmp / "mine"), "not a nudged checkpoint"])
+               [str(tmp / "mine"), "not a vaedyn nudged checkpoint", "no .vaedyn marker"])
 
 
 @case
@@ -897,6 +899,117 @@ def store_info_root_metadata_nested_too_deeply(tmp: Path, base: Base) -> Bad:
     store = copy_run(tmp, base) / artifacts.TRACE_DIR
     (store / "zarr.json").write_text("[" * DEEP)
     return Bad(["store", "info", store], [str(store / "zarr.json"), "not valid JSON"])
+
+
+# -- issue 16: vaedyn replaces or deletes only folders it made (a `.vaedyn` marker, nothing foreign inside)
+
+
+def marked(folder: Path, kind: artifacts.Kind, *files: str) -> Path:
+    """A folder as vaedyn makes one of `kind` (its marker) holding `files`."""
+    folder.mkdir(parents=True)
+    artifacts.write_marker(folder, kind)
+    for name in files:
+        (folder / name).write_text("x")
+    return folder
+
+
+@case
+def train_overwrite_of_a_foreign_folder(tmp: Path, base: Base) -> Bad:
+    run = tmp / "runs" / "tiny"
+    run.mkdir(parents=True)
+    (run / "thesis.tex").write_text("\\documentclass{article}")
+    return Bad(["train", "-c", write_cfg(tmp), "--overwrite"], [f"run folder {run}", "not a vaedyn run folder",
+                                                                 "no .vaedyn marker"])
+
+
+@case
+def train_overwrite_of_a_run_holding_a_foreign_file(tmp: Path, base: Base) -> Bad:
+    run = copy_run(tmp, base)
+    (run / "notes.txt").write_text("what I saw at step 2")
+    cfg = write_cfg(tmp, output_dir=str(tmp), run_name="run")
+    return Bad(["train", "-c", cfg, "--overwrite"], [f"run folder {run}", "holds 'notes.txt'", "move it out first"])
+
+
+@case
+def train_overwrite_of_another_kind(tmp: Path, base: Base) -> Bad:
+    marked(tmp / "runs" / "tiny", artifacts.REPORT, "index.html")
+    return Bad(["train", "-c", write_cfg(tmp), "--overwrite"], ["is a vaedyn report, not a place for a run folder"])
+
+
+@case
+def train_resume_into_another_run(tmp: Path, base: Base) -> Bad:
+    step = copy_run(tmp, base) / artifacts.CHECKPOINTS_DIR / artifacts.step_dir_name(2)
+    (tmp / "runs" / "tiny").mkdir(parents=True)
+    return Bad(["train", "-c", write_cfg(tmp, train={"max_steps": 4}), "--resume", step],
+               [f"belongs to {tmp / 'run'}", f"not to run folder {tmp / 'runs' / 'tiny'}", "cut that run's trace"])
+
+
+@case
+def report_out_is_a_website(tmp: Path, base: Base) -> Bad:
+    site = tmp / "site"
+    site.mkdir()
+    for name in ("index.html", "about.html", "photo.jpg"):
+        (site / name).write_text("mine")
+    return Bad(["report", copy_run(tmp, base), "--out", site], [f"--out {site}", "not a vaedyn report"])
+
+
+@case
+def report_out_is_a_report_holding_a_foreign_file(tmp: Path, base: Base) -> Bad:
+    out = marked(tmp / "figs", artifacts.REPORT, "index.html", "summary.json", "my-notes.md")
+    return Bad(["report", copy_run(tmp, base), "--out", out], [f"--out {out}", "holds 'my-notes.md'"])
+
+
+@case
+def report_out_is_an_old_report_with_more_pages(tmp: Path, base: Base) -> Bad:
+    out = tmp / "old"
+    out.mkdir()
+    for name in ("index.html", "summary.json", "loss_curves.png", "about.html"):
+        (out / name).write_text("x")  # recognised as an earlier vaedyn's report, but about.html is not vaedyn's
+    return Bad(["report", copy_run(tmp, base), "--out", out], [f"--out {out}", "holds 'about.html'"])
+
+
+@case
+def eval_out_is_a_run_folder(tmp: Path, base: Base) -> Bad:
+    run = copy_run(tmp, base)
+    return Bad(["eval", "--checkpoint", run, "--out", run], [f"--out {run}", "is a vaedyn run folder"])
+
+
+@case
+def eval_out_under_a_file(tmp: Path, base: Base) -> Bad:
+    (tmp / "notes.txt").write_text("mine")
+    out = tmp / "notes.txt" / "results"
+    return Bad(["eval", "--checkpoint", copy_run(tmp, base), "--out", out], [str(out), "lies under", "which is a file"])
+
+
+@case
+def nudge_out_under_a_file(tmp: Path, base: Base) -> Bad:
+    (tmp / "notes.txt").write_text("mine")
+    out = tmp / "notes.txt" / "nudged"
+    return Bad(["nudge", "--checkpoint", copy_run(tmp, base), "--targets", write_targets(tmp, base), "--out", out],
+               [str(out), "lies under", "which is a file"])
+
+
+@case
+def nudge_overwrite_of_an_evaluation(tmp: Path, base: Base) -> Bad:
+    out = marked(tmp / "ev", artifacts.EVALUATION, "metrics.json")
+    return Bad(["nudge", "--checkpoint", copy_run(tmp, base), "--targets", write_targets(tmp, base), "--out", out,
+                "--overwrite"], ["is a vaedyn evaluation, not a place for a nudged checkpoint"])
+
+
+@case
+def track_out_is_a_foreign_zarr_store(tmp: Path, base: Base) -> Bad:
+    import numpy as np
+    import xarray as xr
+
+    out = tmp / "other.zarr"
+    xr.Dataset({"x": ("t", np.arange(3.0))}).to_zarr(out, zarr_format=3, consolidated=False)
+    return Bad(["track", "--checkpoint", copy_run(tmp, base), "--out", out], [str(out), "not a vaedyn.trace store"])
+
+
+@case
+def config_schema_over_a_foreign_file(tmp: Path, base: Base) -> Bad:
+    (tmp / "thesis.tex").write_text("\\documentclass{article}")
+    return Bad(["config", "schema", "--out", tmp / "thesis.tex"], [str(tmp / "thesis.tex"), "not a vaedyn config schema"])
 
 
 # ---------------------------------------------------------------------------------------------

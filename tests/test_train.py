@@ -69,7 +69,9 @@ def test_cli_train_layout_logs_and_rerun_is_bitwise_identical(tmp_path, cli, hoo
     assert result.exit_code == 0, result.stderr
     assert result.stdout == f"{run}\n"  # the run folder path is the only stdout line
 
-    assert {p.name for p in run.iterdir()} == {"config.yaml", "checkpoints", "final", "logs", "validation.jsonl"}
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "checkpoints", "final", "logs", "validation.jsonl",
+                                               artifacts.MARKER_FILE, artifacts.TRAIN_LOCK_FILE}
+    assert artifacts.marker_kind(run) == "run" and artifacts.marker_kind(run / "final") is None
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
     for step_dir in (run / "checkpoints").iterdir():
         assert {p.name for p in step_dir.iterdir()} == STEP_FILES
@@ -308,4 +310,4 @@ def test_config_yaml_is_the_resolved_config(tmp_path):
     cfg = make_cfg(tmp_path, train={"max_steps": 1, "save_interval": 5}, data={"do_validation": False})
     run = train_mod.train(cfg)
     assert yaml.safe_load((run / "config.yaml").read_text()) == cfg.model_dump(mode="json")
-    assert {p.name for p in run.iterdir()} == {"config.yaml", "final"}
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "final", artifacts.MARKER_FILE, artifacts.TRAIN_LOCK_FILE}

@@ -476,9 +476,21 @@ def write_schema(path: Path = SCHEMA_PATH) -> Path:
     path = Path(path)
     if path.is_dir():
         raise VaedynError(f"--out {path} is a folder; pass the path of the schema file to write")
+    if path.exists() and _title_of(path) != json_schema()["title"]:
+        raise VaedynError(f"--out {path} exists and is not a vaedyn config schema; vaedyn replaces only files it "
+                          "wrote: choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     artifacts.atomic_write_text(path, schema_text())
     return path
+
+
+def _title_of(path: Path) -> Any:
+    """The "title" of a JSON file (None when it is not a JSON object)."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return found.get("title") if isinstance(found, dict) else None
 
 
 def commented_yaml(cfg: RunConfig) -> str:

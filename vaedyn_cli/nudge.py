@@ -47,15 +47,9 @@ def default_out(ckpt: Any, strategy: str) -> Path:
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not overwrite:
+    if out.exists() and not overwrite:
         raise VaedynError(f"output {out} already exists; pass --overwrite to replace it or choose --out")
-    if not out.is_dir() or (any(out.iterdir()) and not (out / artifacts.NUDGE_FILE).is_file()):
-        raise VaedynError(
-            f"output {out} exists and is not a nudged checkpoint (no {artifacts.NUDGE_FILE}); "
-            "--overwrite only replaces folders written by `vaedyn nudge`: choose another --out"
-        )
+    artifacts.check_replaceable(out, artifacts.NUDGED, "output")
 
 
 
@@ -114,7 +108,7 @@ def nudge_checkpoint(
     # The folder carries the config the weights came from; its nudge section says what was done.
     carried = ckpt.config.model_copy(update={"nudge": cfg.nudge}) if ckpt.config and config_path else cfg
 
-    with artifacts.atomic_folder(out) as folder:
+    with artifacts.atomic_folder(out, artifacts.NUDGED) as folder:
         save_model(model, folder, carried, step=ckpt.step)
         (folder / artifacts.NUDGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     log.info(

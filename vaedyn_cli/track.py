@@ -53,18 +53,17 @@ def _default_out(checkpoints: Sequence[Any]) -> Path:
     return runs.pop() / artifacts.TRACK_TRACE_DIR
 
 
-def _check_out(out: Path) -> None:
-    if not out.exists():
-        return
-    if (out / store_mod.ZARR_JSON).is_file():
+def _check_out(out: Path, what: str) -> None:
+    """`vaedyn track` replaces only a store it wrote (a vaedyn trace store with source `track`)."""
+    is_store = out.is_dir() and (out / store_mod.ZARR_JSON).is_file()
+    if is_store:
         attrs = store_mod.check_store(out)
         if attrs.get("source") != "track":
             raise VaedynError(
                 f"{out} is a trace written by `vaedyn {attrs.get('source')}`; `vaedyn track` replaces only its own "
                 "stores: choose another --out"
             )
-    elif out.is_dir() and any(out.iterdir()) or out.is_file():
-        raise VaedynError(f"--out {out} exists and is not a trace store; choose another path")
+    artifacts.check_replaceable(out, artifacts.TRACE, what, legacy=lambda _: is_store)
 
 
 # Fields of a diffusers config.json that decide which channels a trace holds.
@@ -128,8 +127,9 @@ def track_checkpoints(
         missing="the checkpoints carry no vaedyn config (a hub id or a bare diffusers folder): pass -c CFG "
         "(it names the probe data: data.* and track.probe_*)",
     )
+    what = "--out" if out is not None else "trace store"
     out = Path(out) if out is not None else _default_out(ckpts)
-    _check_out(out)
+    _check_out(out, what)
     batch = load_probe_batch(cfg)
     dev = torch.device(device) if device is not None else _device()
     with artifacts.atomic_folder(out) as tmp:

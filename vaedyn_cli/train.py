@@ -74,16 +74,35 @@ def _flat_config(cfg: RunConfig) -> dict[str, Any]:
     return flat
 
 
-def _check_output_dir(run_dir: Path) -> None:
-    """The run folder can be made: no existing file stands where it or a folder above it goes."""
-    for path in (run_dir, *run_dir.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise VaedynError(
-                    f"{path} is a file, so run folder {run_dir} cannot be made there; set output_dir (or run_name) "
-                    "to a folder path"
-                )
-            return
+def _check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """The run folder can be made (no file in the way), continued (it is a run folder), or started
+    over (vaedyn made it and nothing else is in it)."""
+    fix = "set output_dir (or run_name) to a folder path"
+    artifacts.check_creatable(run_dir, "run folder", fix)
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise VaedynError(f"run folder {run_dir} is a file or a symbolic link, not a folder vaedyn made; {fix}")
+    if not run_dir.exists():
+        return
+    if resume is None and not overwrite:
+        raise VaedynError(
+            f"run folder {run_dir} already exists: pass --resume latest to continue it, --overwrite to start over, "
+            "or choose another run_name"
+        )
+    if overwrite:
+        artifacts.check_replaceable(run_dir, artifacts.RUN, "run folder")
+    elif artifacts.marker_kind(run_dir) not in (None, artifacts.RUN.name):
+        raise VaedynError(f"{run_dir} is not a run folder (its {artifacts.MARKER_FILE} marker says otherwise); "
+                          "choose another run_name")
+
+
+def _start_over(run_dir: Path) -> None:
+    """--overwrite: empty the run folder (checked again now that this process holds its lock) but
+    for the lock itself, so that no second trainer can slip in while it is rebuilt."""
+    artifacts.check_replaceable(run_dir, artifacts.RUN, "run folder")
+    keep = {artifacts.TRAIN_LOCK_FILE, artifacts.TRAIN_PID_FILE}
+    for entry in run_dir.iterdir():
+        if entry.name not in keep:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 def _resolve_resume(cfg: RunConfig, resume: str | None) -> Path | None:
@@ -104,6 +123,12 @@ def _resolve_resume(cfg: RunConfig, resume: str | None) -> Path | None:
         raise VaedynError(f"--resume {resume}: not a checkpoints/step-NNNNNN folder; pass one or `latest`")
     if not (path / artifacts.ACCELERATE_MODEL_FILE).is_file() or not (path / artifacts.TRAINING_STATE_FILE).is_file():
         raise VaedynError(f"--resume {resume}: the checkpoint is incomplete (no model or training state); pick another")
+    owner = artifacts.run_of(path)
+    if cfg.run_dir.exists() and (owner is None or owner.resolve() != cfg.run_dir.resolve()):
+        raise VaedynError(
+            f"--resume {resume}: the checkpoint belongs to {owner or 'no run folder'}, not to run folder {cfg.run_dir}, "
+            "which exists: resuming would cut that run's trace; set run_name to a new folder to branch off"
+        )
     return path
 
 
@@ -152,12 +177,7 @@ def train(
     if resume is not None and overwrite:
         raise VaedynError("--resume and --overwrite exclude each other: resume keeps the run folder, overwrite deletes it")
     run_dir = cfg.run_dir
-    if resume is None and run_dir.exists() and not overwrite:
-        raise VaedynError(
-            f"run folder {run_dir} already exists: pass --resume latest to continue it, --overwrite to start over, "
-            "or choose another run_name"
-        )
-    _check_output_dir(run_dir)
+    _check_run_dir(run_dir, resume, overwrite)
     _check_report_to(cfg.log.report_to)
     resume_dir = _resolve_resume(cfg, resume)
     resume_step = artifacts.parse_step(resume_dir.name) if resume_dir is not None else None
@@ -186,16 +206,30 @@ def train(
     model_mod.warn_fp16(cfg.train.mixed_precision)  # after the input checks: an input error stays one line
     main = accelerator.is_main_process
     created = resume is None or not run_dir.exists()
-    started = discard = False
+    lock = artifacts.RunLock(run_dir) if main else None  # only the main process writes the run folder
+    started = discard = owned = False
     try:
-        if main:
-            if overwrite and run_dir.exists():
-                shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
+        if lock is not None:
+            if resume is None and not overwrite:
+                run_dir.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    run_dir.mkdir()
+                except FileExistsError:
+                    raise VaedynError(f"run folder {run_dir} was just made by another process; choose another run_name") from None
+            else:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+            owned = True
+            if overwrite:
+                _start_over(run_dir)
+            if created:
+                artifacts.write_marker(run_dir, artifacts.RUN)
             artifacts.remove_stale_temps(run_dir / artifacts.CHECKPOINTS_DIR)
         accelerator.wait_for_everyone()
         trainer.start(resume_dir)
         if main:
+            if not created and artifacts.marker_kind(run_dir) is None:
+                artifacts.write_marker(run_dir, artifacts.RUN)  # a run of an earlier vaedyn, resumed by this one
             artifacts.atomic_write_text(run_dir / artifacts.CONFIG_FILE, cfg.to_yaml())
             if resume_dir is not None:
                 log.info("resuming %s from step %d", run_dir, trainer.state.global_step)
@@ -211,7 +245,7 @@ def train(
                 model_mod.save_model(trainer.vae, tmp, cfg, step=step)
         accelerator.wait_for_everyone()
     except BaseException:
-        discard = not started and created and main  # nothing half-written: the run never began
+        discard = not started and created and owned  # nothing half-written: the run never began
         raise
     finally:
         try:
@@ -220,6 +254,8 @@ def train(
             accelerator.end_training()
             if discard:
                 shutil.rmtree(run_dir, ignore_errors=True)
+            if lock is not None:
+                lock.release()
     return run_dir
 
 

@@ -63,6 +63,7 @@ def _new_store(path: Path, layout: ChannelLayout, attrs: Mapping[str, Any], chun
         skeleton = records_to_dataset([], layout, {**attrs, "committed_steps": 0})
         skeleton.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=encoding(skeleton, chunk_steps))
         commit_root(tmp, root_attrs(tmp), 0)
+        artifacts.write_marker(tmp, artifacts.TRACE)
         artifacts.replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -118,6 +119,8 @@ class TraceWriter:
             raise VaedynError(f"{self.path} exists and is not a trace store; choose another path or remove it")
         if exists and (self.path / ZARR_JSON).is_file():
             check_store(self.path)
+            if mode == "w":  # a vaedyn.trace store (checked above), and nothing else in it
+                artifacts.check_replaceable(self.path, artifacts.TRACE, "trace store", legacy=lambda _: True)
             if mode == "a":
                 stored = stored_layout(self.path)
                 if stored != self.layout:

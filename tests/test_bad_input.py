@@ -58,7 +58,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Base:
     cfg = RunConfig.model_validate(tiny_config_dict(
         root,
         data={"max_samples": 8},
-        train={"max_steps": 2, "save_interval": 2, "validation_interval": 2},
+        train={"max_steps": 4, "save_interval": 2, "validation_interval": 2},
         track={"interval": 1},
     ))
     run = train(cfg)
@@ -362,9 +362,9 @@ def train_resume_from_another_architecture(tmp: Path, base: Base) -> Bad:
 @case
 def train_resume_at_max_steps(tmp: Path, base: Base) -> Bad:
     copy_run(tmp, base)
-    cfg = write_cfg(tmp, output_dir=str(tmp), run_name="run", train={"max_steps": 2})
-    step = tmp / "run" / artifacts.CHECKPOINTS_DIR / artifacts.step_dir_name(2)
-    return Bad(["train", "-c", cfg, "--resume", "latest"], [str(step), "already at train.max_steps (2)"])
+    cfg = write_cfg(tmp, output_dir=str(tmp), run_name="run", train={"max_steps": 4})
+    step = tmp / "run" / artifacts.CHECKPOINTS_DIR / artifacts.step_dir_name(4)
+    return Bad(["train", "-c", cfg, "--resume", "latest"], [str(step), "already at train.max_steps (4)"])
 
 
 @case
@@ -631,7 +631,7 @@ def classify_run_without_trace(tmp: Path, base: Base) -> Bad:
 @case
 def classify_empty_step_window(tmp: Path, base: Base) -> Bad:
     return Bad(["classify", copy_run(tmp, base), "--from-step", "100"],
-               ["no tracked step in the window --from-step 100 (trace steps: 1..2)"])
+               ["no tracked step in the window --from-step 100 (trace steps: 1..4)"])
 
 
 # -- nudge
@@ -766,8 +766,8 @@ def store_info_damaged_root_metadata(tmp: Path, base: Base) -> Bad:
 @case
 def store_info_committed_beyond_arrays(tmp: Path, base: Base) -> Bad:
     store = copy_run(tmp, base) / artifacts.TRACE_DIR
-    edit_root_attrs(store, committed_steps=3)
-    return Bad(["store", "info", "--json", store], [str(store), "committed_steps 3"])
+    edit_root_attrs(store, committed_steps=5)
+    return Bad(["store", "info", "--json", store], [str(store), "committed_steps 5"])
 
 
 # -- issue 16: input classes that escaped the contract (text encodings, stdin, nesting, small
@@ -1012,15 +1012,106 @@ def config_schema_over_a_foreign_file(tmp: Path, base: Base) -> Bad:
     return Bad(["config", "schema", "--out", tmp / "thesis.tex"], [str(tmp / "thesis.tex"), "not a vaedyn config schema"])
 
 
+# -- issue 16: a resume loads nothing that can run code, refuses settings that change the run's
+#    trajectory, and destroys nothing (later trace steps, checkpoints, validation records) unless
+#    its checkpoint loaded completely. The base run has checkpoints 2 and 4; these resume from 2.
+
+
+class Planted:
+    """Unpickled without weights_only, this creates the file `path` (what a planted pickle could do)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):  # noqa: ANN204 - pickle protocol
+        return (Path.touch, (self.path,))
+
+
+def resumable(tmp: Path, base: Base) -> tuple[Path, Path]:
+    """A copy of the base run, its config with train.max_steps 6 (a longer run may continue it), and
+    the step-2 checkpoint of the copy."""
+    run = copy_run(tmp, base)
+    cfg = write_cfg(tmp, output_dir=str(tmp), run_name="run", data={"max_samples": 8},
+                    train={"max_steps": 6, "save_interval": 2, "validation_interval": 2}, track={"interval": 1})
+    return cfg, run / artifacts.CHECKPOINTS_DIR / artifacts.step_dir_name(2)
+
+
+def plant(step: Path, name: str, tmp: Path) -> None:
+    import torch
+
+    torch.save({"state": Planted(tmp / "planted-code-ran")}, step / name)
+
+
+@case
+def train_resume_from_damaged_optimizer_state(tmp: Path, base: Base) -> Bad:
+    cfg, step = resumable(tmp, base)
+    (step / "optimizer.bin").write_bytes(b"not a torch file")
+    return Bad(["train", "-c", cfg, "--resume", step], [f"cannot resume from {step}"])
+
+
+@case
+def train_resume_with_planted_training_state(tmp: Path, base: Base) -> Bad:
+    cfg, step = resumable(tmp, base)
+    (step / artifacts.TRAINING_STATE_FILE).unlink()  # as an earlier vaedyn wrote it: a pickle
+    plant(step, artifacts.LEGACY_TRAINING_STATE_FILE, tmp)
+    return Bad(["train", "-c", cfg, "--resume", step],
+               [f"cannot resume from {step}", "custom_checkpoint_0.pkl", "not load as plain data", "would run code"])
+
+
+@case
+def train_resume_with_planted_rng_state(tmp: Path, base: Base) -> Bad:
+    cfg, step = resumable(tmp, base)
+    plant(step, "random_states_0.pkl", tmp)
+    return Bad(["train", "-c", cfg, "--resume", step], ["random_states_0.pkl", "not load as plain data"])
+
+
+@case
+def train_resume_with_planted_scheduler_state(tmp: Path, base: Base) -> Bad:
+    cfg, step = resumable(tmp, base)
+    plant(step, "scheduler.bin", tmp)
+    return Bad(["train", "-c", cfg, "--resume", step], ["scheduler.bin", "not load as plain data"])
+
+
+@case
+def train_resume_with_planted_optimizer_state(tmp: Path, base: Base) -> Bad:
+    cfg, step = resumable(tmp, base)
+    plant(step, "optimizer.bin", tmp)
+    return Bad(["train", "-c", cfg, "--resume", step], ["the optimizer state does not load as plain data"])
+
+
+@case
+def train_resume_with_a_pickle_beside_the_state(tmp: Path, base: Base) -> Bad:
+    cfg, step = resumable(tmp, base)
+    plant(step, artifacts.LEGACY_TRAINING_STATE_FILE, tmp)
+    return Bad(["train", "-c", cfg, "--resume", step], ["holds custom_checkpoint_0.pkl", "vaedyn does not write"])
+
+
+@case
+def train_resume_with_damaged_training_state(tmp: Path, base: Base) -> Bad:
+    cfg, step = resumable(tmp, base)
+    (step / artifacts.TRAINING_STATE_FILE).write_text('{"global_step": "2", "epoch": 0, "batch_in_epoch": 4}')
+    return Bad(["train", "-c", cfg, "--resume", step], [str(step / artifacts.TRAINING_STATE_FILE), "not a training state"])
+
+
+@case
+def train_resume_changing_the_trajectory(tmp: Path, base: Base) -> Bad:
+    cfg, step = resumable(tmp, base)
+    return Bad(["train", "-c", cfg, "--resume", step, "--set", "data.batch_size=2", "--set", "train.learning_rate=1e-4",
+                "--set", "train.max_steps=8"],
+               ["2 setting(s) differ", "data.batch_size 4 (trained) vs 2 (given)",
+                "train.learning_rate 0.001 (trained) vs 0.0001 (given)", "start a new run"])
+
+
 # ---------------------------------------------------------------------------------------------
 # the test
 
 
 def tree(root: Path) -> dict[str, tuple[bool, int, int]]:
-    """Every file and folder below root: (is folder, size, mtime in ns)."""
+    """Every file and folder below root: (is folder, size, mtime in ns); not a run folder's lock and
+    pid files (a trainer that is refused later, e.g. by a damaged checkpoint, has held its lock)."""
     found = {}
     for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
+        for name in [*dirnames, *(f for f in filenames if f not in (artifacts.TRAIN_LOCK_FILE, artifacts.TRAIN_PID_FILE))]:
             p = Path(dirpath) / name
             st = p.lstat()
             found[str(p.relative_to(root))] = (p.is_dir(), 0 if p.is_dir() else st.st_size, st.st_mtime_ns)

@@ -19,7 +19,7 @@ COMPONENTS = {
     "figures",
 }
 STAGES = {"train", "track", "classify", "nudge", "evaluate", "compare", "report"}
-ENTRY = {"", "__main__", "cli"}  # the package itself, `python -m vaedyn_cli` and the CLI call the stages
+ENTRY = {"", "__main__", "entry", "cli"}  # the package itself, `python -m vaedyn_cli`, the console script and the CLI
 TIERS = [FOUNDATIONS, COMPONENTS, STAGES, ENTRY]
 
 

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs gloo"
 )
 STEP_FILES = {
-    "config.json", "custom_checkpoint_0.pkl", "model.safetensors", "optimizer.bin", "random_states_0.pkl",
+    "config.json", "vaedyn_state.json", "model.safetensors", "optimizer.bin", "random_states_0.pkl",
     "scheduler.bin", "vaedyn_config.yaml",
 }
 NUDGED = "decoder.up_blocks.3.resnets.0.norm1"

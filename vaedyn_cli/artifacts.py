@@ -39,7 +39,9 @@ RUN_CONFIG_IN_CHECKPOINT = "vaedyn_config.yaml"
 MODEL_CONFIG_FILE = "config.json"  # diffusers model config
 STEP_FILE = "vaedyn_step.json"  # {"step": N} in final/ and nudged folders: the global step of the weights
 ACCELERATE_MODEL_FILE = "model.safetensors"  # accelerate.save_state's name for model 0
-TRAINING_STATE_FILE = "custom_checkpoint_0.pkl"  # accelerate's name for the first registered object (TrainState)
+TRAINING_STATE_FILE = "vaedyn_state.json"  # TrainState: global step, epoch, position in it (JSON: cannot run code)
+LEGACY_TRAINING_STATE_FILE = "custom_checkpoint_0.pkl"  # where vaedyn before 0.2 kept it (a pickle; read safely)
+CUSTOM_STATE_GLOB = "custom_checkpoint_*.pkl"  # accelerate's files of registered objects (vaedyn registers none)
 RANDOM_STATES_GLOB = "random_states_*.pkl"  # accelerate writes one per process
 SAMPLES_DIR = "samples"  # eval: NNNN_{original,reconstruction}.png
 EVAL_GRID_FILE = "grid.png"  # eval: originals over reconstructions
@@ -182,7 +184,8 @@ def check_creatable(path: Path | str, what: str, fix: str = "pass a path in a fo
 class RunLock:
     """The one process that trains a run folder: an OS lock on TRAIN_LOCK_FILE (through `filelock`:
     fcntl on POSIX, msvcrt on Windows), which the system releases when the process ends however it
-    ends, and TRAIN_PID_FILE beside it naming the holder for the one that is refused."""
+    ends, and TRAIN_PID_FILE beside it naming the holder (kept after it ends: who trained last), for
+    the process that is refused. Both files stay in the run folder."""
 
     def __init__(self, run_dir: Path | str):
         self.run_dir = Path(run_dir)
@@ -208,12 +211,12 @@ class RunLock:
         self._lock = lock
         import socket
 
-        atomic_write_text(self.run_dir / TRAIN_PID_FILE, f"{os.getpid()} {socket.gethostname()}\n")
+        with open(self.run_dir / TRAIN_PID_FILE, "w", encoding="utf-8") as f:  # in place: only the holder writes it
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
 
     def release(self) -> None:
         if self._lock is not None:
             lock, self._lock = self._lock, None
-            (self.run_dir / TRAIN_PID_FILE).unlink(missing_ok=True)
             lock.release()
 
 

@@ -347,6 +347,59 @@ def _check_path_text(name: str, value: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# resuming with other settings
+
+# What a resumed run may set differently from the checkpoint it continues (README "Resuming"):
+# settings that do not change what the optimizer does to the weights (how long, how often it saves,
+# validates, logs and commits; where the run lives), and the offline sections. They are applied and
+# recorded (the run's resumes.jsonl; config.yaml says what the run does from then on). Every other
+# field is fixed by the checkpoint: model, data pipeline, batch size, optimizer and LR schedule, KL
+# weight, accumulation, precision, clipping, seed, what is tracked. A section name covers the section.
+RESUME_MAY_CHANGE: frozenset[str] = frozenset({
+    "run_name", "output_dir",
+    "train.max_steps", "train.num_train_epochs", "train.save_interval", "train.checkpoints_total_limit",
+    "train.validation_interval", "train.validation_unit", "train.on_nonfinite", "train.gradient_checkpointing",
+    "data.num_workers", "data.do_validation", "data.validation_batch_size",
+    "track.queue_size", "track.chunk_steps", "track.commit_interval_s",
+    "eval", "log",
+})
+# ... and these too while the run does not nudge during training (when it does, they pick the channels it nudges).
+RESUME_MAY_CHANGE_WITHOUT_NUDGE: frozenset[str] = frozenset({
+    "classify", "nudge.strategy", "nudge.every", "nudge.window", "nudge.select", "nudge.max_fraction",
+    "nudge.factor", "nudge.max_scale", "nudge.shrink", "nudge.perturb_std", "nudge.reset_optimizer_state",
+})
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as `section.key` -> value (lists and scalars are leaves)."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(flatten(value, f"{prefix}{key}."))
+    return {k.removesuffix("."): v for k, v in flat.items()}
+
+
+def resume_changes(stored: RunConfig, given: RunConfig) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """The fields in which `given` differs from the config a checkpoint was trained with, as
+    (refused, allowed): `{field: (stored, given)}` by the rule tables above."""
+    old, new = flatten(stored.model_dump(mode="json")), flatten(given.model_dump(mode="json"))
+    nudging = stored.nudge.enabled or given.nudge.enabled
+
+    def covered(key: str, table: frozenset[str]) -> bool:
+        parts = key.split(".")
+        return any(".".join(parts[:i]) in table for i in range(1, len(parts) + 1))
+
+    refused, allowed = {}, {}
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key) == new.get(key):
+            continue
+        free = covered(key, RESUME_MAY_CHANGE) or (not nudging and covered(key, RESUME_MAY_CHANGE_WITHOUT_NUDGE))
+        (allowed if free else refused)[key] = (old.get(key), new.get(key))
+    return refused, allowed
+
+
+# ---------------------------------------------------------------------------------------------
 # loading
 
 

@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
-from vaedyn_cli import artifacts
-from vaedyn_cli.config import RunConfig
+from vaedyn_cli import artifacts, inputs
+from vaedyn_cli.config import RunConfig, flatten, resume_changes
 from vaedyn_cli.errors import RuntimeFailure, VaedynError
 from vaedyn_cli.hooks import HookFactory
 from vaedyn_cli.live_nudge import make_training_nudge
 from vaedyn_cli.tb import tensorboard_hook
 from vaedyn_cli.tracker import make_tracker
-from vaedyn_cli.trainer import Trainer, truncate_validation
+from vaedyn_cli.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +60,46 @@ def _trackers(cfg: RunConfig, logs_dir: Path) -> list[Any]:
 
 def _flat_config(cfg: RunConfig) -> dict[str, Any]:
     """The config as flat `section.key` scalars (what TensorBoard hparams accept)."""
-    flat: dict[str, Any] = {}
+    return {k: v if isinstance(v, bool | int | float | str) else json.dumps(v)
+            for k, v in flatten(cfg.model_dump(mode="json")).items()}
 
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
-        else:
-            key = prefix[:-1]
-            flat[key] = node if isinstance(node, bool | int | float | str) else json.dumps(node)
 
-    walk(cfg.model_dump(mode="json"), "")
-    return flat
+def _settings_changes(cfg: RunConfig, resume_dir: Path) -> dict[str, tuple[Any, Any]]:
+    """The settings that differ from those the checkpoint was trained with: refused (VaedynError)
+    where they change the trajectory, else returned to be applied and recorded (config.RESUME_MAY_CHANGE)."""
+    from vaedyn_cli.model import resolve_checkpoint
+
+    stored = resolve_checkpoint(resume_dir).config
+    if stored is None:
+        raise VaedynError(f"--resume {resume_dir}: the checkpoint carries no {artifacts.RUN_CONFIG_IN_CHECKPOINT}, so "
+                          "vaedyn cannot tell whether this config continues it; pick another checkpoint")
+    refused, allowed = resume_changes(stored, cfg)
+    if refused:
+        shown = "; ".join(f"{k} {_show(a)} (trained) vs {_show(b)} (given)" for k, (a, b) in refused.items())
+        raise VaedynError(
+            f"--resume {resume_dir}: {len(refused)} setting(s) differ from the run's and would change its trajectory: "
+            f"{shown}; resume with the run's own settings ({artifacts.CONFIG_FILE} of the run) or start a new run "
+            "(another run_name)"
+        )
+    return allowed
+
+
+def _show(value: Any) -> str:
+    return inputs.shorten(json.dumps(value), 40)
+
+
+def _record_changes(cfg: RunConfig, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
+    """Say and record (resumes.jsonl) the settings a resumed run changed; warn where a longer run
+    re-stretches an LR schedule that decays over the run's length."""
+    log.warning("resuming at step %d with changed settings: %s (recorded in %s)", step,
+                ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items()), artifacts.RESUMES_FILE)
+    if {"train.max_steps", "train.num_train_epochs"} & changes.keys() and cfg.train.lr_scheduler_type not in {
+            "constant", "constant_with_warmup"}:
+        log.warning("the %s learning rate schedule now spans the new length: from step %d on it follows the longer "
+                    "run's schedule, not the one this run started with", cfg.train.lr_scheduler_type, step)
+    record = {"step": step, "changed": {k: [a, b] for k, (a, b) in changes.items()}}
+    with open(cfg.run_dir / artifacts.RESUMES_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def _check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
@@ -121,7 +149,8 @@ def _resolve_resume(cfg: RunConfig, resume: str | None) -> Path | None:
     path = Path(resume).expanduser()
     if artifacts.parse_step(path.name) is None or not path.is_dir():
         raise VaedynError(f"--resume {resume}: not a checkpoints/step-NNNNNN folder; pass one or `latest`")
-    if not (path / artifacts.ACCELERATE_MODEL_FILE).is_file() or not (path / artifacts.TRAINING_STATE_FILE).is_file():
+    has_state = any((path / name).is_file() for name in (artifacts.TRAINING_STATE_FILE, artifacts.LEGACY_TRAINING_STATE_FILE))
+    if not (path / artifacts.ACCELERATE_MODEL_FILE).is_file() or not has_state:
         raise VaedynError(f"--resume {resume}: the checkpoint is incomplete (no model or training state); pick another")
     owner = artifacts.run_of(path)
     if cfg.run_dir.exists() and (owner is None or owner.resolve() != cfg.run_dir.resolve()):
@@ -197,8 +226,10 @@ def train(
         if ds is not None and hasattr(ds, "__len__"):
             ds[0]
     vae = model_mod.build_model(cfg.model, cfg.seed)
+    changes: dict[str, tuple[Any, Any]] = {}
     if resume_dir is not None:
         _check_resume_fits(resume_dir, vae)
+        changes = _settings_changes(cfg, resume_dir)
     set_seed(cfg.seed)
     logs_dir = run_dir / artifacts.LOGS_DIR
     accelerator = _accelerator(cfg, run_dir, logs_dir)
@@ -226,15 +257,15 @@ def train(
                 artifacts.write_marker(run_dir, artifacts.RUN)
             artifacts.remove_stale_temps(run_dir / artifacts.CHECKPOINTS_DIR)
         accelerator.wait_for_everyone()
-        trainer.start(resume_dir)
+        trainer.start(resume_dir)  # loads the checkpoint, then drops what came after it
         if main:
             if not created and artifacts.marker_kind(run_dir) is None:
                 artifacts.write_marker(run_dir, artifacts.RUN)  # a run of an earlier vaedyn, resumed by this one
             artifacts.atomic_write_text(run_dir / artifacts.CONFIG_FILE, cfg.to_yaml())
             if resume_dir is not None:
                 log.info("resuming %s from step %d", run_dir, trainer.state.global_step)
-                _drop_later_checkpoints(run_dir, trainer.state.global_step)
-                truncate_validation(run_dir, trainer.state.global_step)
+                if changes:
+                    _record_changes(cfg, trainer.state.global_step, changes)
         accelerator.wait_for_everyone()
         accelerator.init_trackers(cfg.run_name, config=_flat_config(cfg))
         started = True
@@ -257,6 +288,19 @@ def train(
             if lock is not None:
                 lock.release()
     return run_dir
+
+
+def interrupt_hint(cfg: RunConfig, command: str) -> str:
+    """What an interrupted `vaedyn train` says after its cleanup (the trace committed, the lock
+    released, a run that never began removed): how to go on from what is on disk now."""
+    run_dir = cfg.run_dir
+    latest = artifacts.latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if latest is not None:
+        return f"resume with: {command} --resume latest (continues from step {artifacts.parse_step(latest.name)})"
+    if run_dir.is_dir():
+        return (f"{run_dir} has no checkpoint yet (one every train.save_interval = {cfg.train.save_interval} steps): "
+                f"start over with: {command} --overwrite")
+    return f"nothing was written: start again with: {command}"
 
 
 def launched_processes() -> int:
@@ -312,11 +356,4 @@ def is_main_process() -> bool:
 
     return PartialState().is_main_process
 
-
-def _drop_later_checkpoints(run_dir: Path, step: int) -> None:
-    """A resumed run abandons what came after its checkpoint (as the trace store truncates to it)."""
-    for s, path in artifacts.list_checkpoints(run_dir):
-        if s > step:
-            log.warning("removing %s: it belongs to the continuation abandoned by resuming from step %d", path, step)
-            shutil.rmtree(path, ignore_errors=True)
 

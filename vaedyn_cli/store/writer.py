@@ -7,10 +7,11 @@ engine="zarr")` sees the committed prefix only, and `reader.open_trace` also tri
 `committed_steps` when read without consolidated metadata. A crash leaves arrays longer than
 `committed_steps`: they read as the committed prefix. Commits happen when a chunk fills,
 `commit_interval_s` after the first uncommitted step, and on `flush()`, `truncate()`,
-`add_events()` and `close()`; a clean close trims the arrays to their committed length. Events
-follow the same rule with the root attribute `committed_events`: rows go after the committed
-ones, the count is committed last, readers read each column up to it (the first rows make the
-group aside and rename it in). Resuming truncates steps and events to the checkpoint's step,
+`add_events()` and `close()`; a clean close of a writer that wrote trims the arrays to their
+committed length (one that only opened the store changes nothing). Events follow the same rule
+with the root attribute `committed_events`: rows go after the committed ones, the count is
+committed last, readers read each column up to it (the first rows make the group aside and
+rename it in). Resuming truncates steps and events to the checkpoint's step,
 dropping whatever a killed writer left uncommitted.
 
 Strings are stored as zarr v3 `string` (variable-length UTF-8), which zarr specifies, so no
@@ -103,6 +104,7 @@ class TraceWriter:
         self.chunk_steps = int(chunk_steps)
         self.commit_interval_s = float(commit_interval_s)
         self._recent: deque[TraceRecord] = deque(maxlen=max(0, keep_recent))
+        self._touched = False  # whether this writer changed the store (else closing it writes nothing)
         self._open_or_create(mode, attrs)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._error: BaseException | None = None
@@ -272,8 +274,9 @@ class TraceWriter:
                 elif op == "flush":
                     self._commit_pending()
                 elif op is _CLOSE:
-                    self._commit_pending()
-                    self._trim_to_committed()
+                    if self._touched:
+                        self._commit_pending()
+                        self._trim_to_committed()
                     return
                 deadline = None
             except BaseException as e:  # noqa: BLE001 - reported to the caller
@@ -306,6 +309,7 @@ class TraceWriter:
         return np.asarray(self._arrays["step"][: self._n]) if self._n else np.zeros(0, np.int64)
 
     def _add_row(self, record: TraceRecord) -> None:
+        self._touched = True
         i = self._n + self._pending - self._start
         for name in STEP_VARS:
             self._cache[name][i] = record_row(record, name, self.layout)
@@ -345,6 +349,7 @@ class TraceWriter:
         writer left uncommitted included)."""
         import zarr
 
+        self._touched = True
         keep = int(np.searchsorted(self._arrays_steps(), step, side="right"))
         if keep != self._n:
             log.info("trace %s: dropping %d steps after step %d", self.path, self._n - keep, step)
@@ -372,6 +377,7 @@ class TraceWriter:
     def _append_events(self, ds: xr.Dataset) -> None:
         """Rows after the committed ones (overwriting what a crashed writer left), then a commit of
         `committed_events`; the first rows make the group aside and rename it into place."""
+        self._touched = True
         ev_dir = self.path / EVENTS_GROUP
         n0, k = int(self._attrs.get("committed_events", 0)), ds.sizes["event"]
         if n0 == 0:

@@ -59,7 +59,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Base:
         root,
         data={"max_samples": 8},
         train={"max_steps": 4, "save_interval": 2, "validation_interval": 2},
-        track={"interval": 1},
+        track={"interval": 1, "chunk_steps": 2},  # two chunks along step: 1..2 and 3..4
     ))
     run = train(cfg)
     targets = json.loads(classify.run(str(run), write=False, fmt="json"))
@@ -1032,7 +1032,8 @@ def resumable(tmp: Path, base: Base) -> tuple[Path, Path]:
     the step-2 checkpoint of the copy."""
     run = copy_run(tmp, base)
     cfg = write_cfg(tmp, output_dir=str(tmp), run_name="run", data={"max_samples": 8},
-                    train={"max_steps": 6, "save_interval": 2, "validation_interval": 2}, track={"interval": 1})
+                    train={"max_steps": 6, "save_interval": 2, "validation_interval": 2},
+                    track={"interval": 1, "chunk_steps": 2})
     return cfg, run / artifacts.CHECKPOINTS_DIR / artifacts.step_dir_name(2)
 
 
@@ -1100,6 +1101,92 @@ def train_resume_changing_the_trajectory(tmp: Path, base: Base) -> Bad:
                 "--set", "train.max_steps=8"],
                ["2 setting(s) differ", "data.batch_size 4 (trained) vs 2 (given)",
                 "train.learning_rate 0.001 (trained) vs 0.0001 (given)", "start a new run"])
+
+
+# -- issue 16: a damaged store is never read as data (every committed chunk there and sound)
+
+DAMAGED = "restore the store from a copy, or re-create the trace with `vaedyn track`"
+
+
+def chunk_of(tmp: Path, base: Base, array: str, *index: int) -> tuple[Path, Path]:
+    store = copy_run(tmp, base) / artifacts.TRACE_DIR
+    return store, store / array / "c" / Path(*map(str, index))
+
+
+@case
+def classify_store_with_a_missing_chunk(tmp: Path, base: Base) -> Bad:
+    store, chunk = chunk_of(tmp, base, "act_std", 1, 0)
+    chunk.unlink()
+    return Bad(["classify", store], [f"trace store {store} is damaged", "chunk act_std/c/1/0 of 'act_std' (steps 3..4)",
+                                     "is missing", DAMAGED])
+
+
+@case
+def classify_store_with_a_chunk_of_random_bytes(tmp: Path, base: Base) -> Bad:
+    import numpy as np
+
+    store, chunk = chunk_of(tmp, base, "act_std", 0, 0)
+    chunk.write_bytes(np.random.default_rng(0).bytes(chunk.stat().st_size))
+    return Bad(["classify", store], ["chunk act_std/c/0/0 of 'act_std' (steps 1..2)", "does not hold a blosc chunk"])
+
+
+@case
+def report_store_with_a_cut_chunk(tmp: Path, base: Base) -> Bad:
+    store, chunk = chunk_of(tmp, base, "gn_weight", 1, 0)
+    chunk.write_bytes(chunk.read_bytes()[:10])
+    return Bad(["report", store], ["chunk gn_weight/c/1/0 of 'gn_weight' (steps 3..4)", "shorter than its header"])
+
+
+@case
+def store_info_missing_channel_coordinate_chunk(tmp: Path, base: Base) -> Bad:
+    store, chunk = chunk_of(tmp, base, "layer", 0)
+    chunk.unlink()
+    return Bad(["store", "info", store], ["chunk layer/c/0 of 'layer' (channels 0..1239) is missing"])
+
+
+@case
+def store_info_negative_committed_steps(tmp: Path, base: Base) -> Bad:
+    store = copy_run(tmp, base) / artifacts.TRACE_DIR
+    edit_root_attrs(store, committed_steps=-1)
+    return Bad(["store", "info", store], [f"trace store {store} is damaged", "committed_steps is -1, not a count"])
+
+
+@case
+def classify_committed_steps_not_a_number(tmp: Path, base: Base) -> Bad:
+    store = copy_run(tmp, base) / artifacts.TRACE_DIR
+    edit_root_attrs(store, committed_steps="4")
+    return Bad(["classify", store], ['committed_steps is "4", not a count'])
+
+
+@case
+def classify_steps_out_of_order(tmp: Path, base: Base) -> Bad:
+    import zarr
+
+    store = copy_run(tmp, base) / artifacts.TRACE_DIR
+    steps = zarr.open_array(str(store / "step"), mode="r+")
+    steps[2] = 1
+    return Bad(["classify", store], ["step 1 (row 2) follows step 2", "steps must increase"])
+
+
+@case
+def store_check_chunk_that_does_not_decode(tmp: Path, base: Base) -> Bad:
+    store, chunk = chunk_of(tmp, base, "act_std", 1, 0)
+    data = chunk.read_bytes()
+    chunk.write_bytes(data[:16] + bytes(len(data) - 16))  # a sound header over a payload of zeros
+    return Bad(["store", "check", store], ["chunk act_std/c/1/0 of 'act_std' (steps 3..4) does not decode"])
+
+
+@case
+def store_check_not_a_store(tmp: Path, base: Base) -> Bad:
+    (tmp / "folder").mkdir()
+    return Bad(["store", "check", tmp / "folder"], [str(tmp / "folder"), "not a trace store"])
+
+
+@case
+def train_resume_onto_a_damaged_trace(tmp: Path, base: Base) -> Bad:
+    cfg, step = resumable(tmp, base)
+    (tmp / "run" / artifacts.TRACE_DIR / "std" / "c" / "0" / "0").unlink()
+    return Bad(["train", "-c", cfg, "--resume", step], ["chunk std/c/0/0 of 'std'", "is missing"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ FOUNDATIONS = {
     "errors", "inputs", "config", "artifacts", "faults", "randomness", "hooks", "anatomy", "settings", "labels",
 }
 COMPONENTS = {
-    "model", "data", "store", "store.schema", "store.metadata", "store.reader", "store.writer", "store.info",
+    "model", "data", "store", "store.schema", "store.metadata", "store.chunks", "store.reader", "store.writer", "store.info",
     "store.classification", "kernels", "probes", "tracker", "persistence", "classification", "selection",
     "strategies", "live_nudge", "metrics", "loss", "trainer", "ablation", "lens", "grids", "tb", "report_data",
     "figures",

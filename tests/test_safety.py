@@ -247,3 +247,30 @@ def test_an_error_raised_while_interrupted_reads_as_the_interruption(tmp_path, c
     assert result.exit_code == 130 and result.stdout == ""
     assert result.stderr.splitlines() == [f"interrupted; nothing was written: start again with: vaedyn train -c {cfg}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml", "runs"] and not any((tmp_path / "runs").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# vaedyn store check
+
+
+def test_store_check_passes_a_sound_store_and_says_what_it_checked(finished, cli):
+    store = finished / artifacts.TRACE_DIR
+    result = cli("store", "check", finished)
+    n = sum(p.is_file() for p in store.glob("*/c/**/*"))  # every chunk file (one chunk along step here)
+    assert result.exit_code == 0 and result.stderr == ""
+    assert result.stdout == f"OK: trace store {store}: 4 steps, 0 events, {n} chunks decode\n"
+
+
+def test_an_older_store_without_every_chunk_reads_as_before(finished, tmp_path, cli):
+    """Stores written before vaedyn wrote chunks of fill values only cannot tell a missing chunk from
+    one: their weight statistics between weight_interval steps were such chunks. They still read."""
+    run, _ = copy_of(finished, tmp_path)
+    store_dir = run / artifacts.TRACE_DIR
+    meta = json.loads((store_dir / "zarr.json").read_text())
+    del meta["attributes"]["all_chunks_written"]
+    (store_dir / "zarr.json").write_text(json.dumps(meta))
+    shutil.rmtree(store_dir / "out_weight_norm" / "c")  # as such a store had it: NaN everywhere
+    assert store.open_trace(store_dir)["out_weight_norm"].isnull().all()
+    result = cli("store", "check", store_dir)
+    assert result.exit_code == 0 and result.stdout.startswith(f"OK: trace store {store_dir}: 4 steps")
+    assert "a missing chunk cannot be told from one" in result.stdout

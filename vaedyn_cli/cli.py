@@ -432,6 +432,17 @@ def store_info_cmd(
     Console(soft_wrap=True).print(store_mod.info_table(info))
 
 
+@store_app.command("check")
+@handle_errors
+def store_check_cmd(
+    store: Annotated[str, typer.Argument(help="Trace store, run folder, or - to read the path from stdin.")],
+) -> None:
+    """Check a trace store for damage (every chunk present and decoding); one OK line, or exit 2 naming the problem."""
+    from vaedyn_cli import store as store_mod
+
+    out(store_mod.verify_store(store_mod.resolve_store_path(store)))
+
+
 def main() -> None:
     """Console-script entry point (`vaedyn_cli.entry` catches signals before importing this module)."""
     errors.catch_signals()

@@ -38,6 +38,7 @@ import xarray as xr
 
 from vaedyn_cli import artifacts, faults, inputs
 from vaedyn_cli.errors import RuntimeFailure, VaedynError
+from vaedyn_cli.store.chunks import ALL_CHUNKS, WRITE_CONFIG, check_chunks
 from vaedyn_cli.store.metadata import commit_root, consolidate, root_attrs
 from vaedyn_cli.store.reader import check_store, committed_events, open_group
 from vaedyn_cli.store.schema import (
@@ -61,8 +62,9 @@ def _new_store(path: Path, layout: ChannelLayout, attrs: Mapping[str, Any], chun
     """Write an empty store under a temporary name and rename it into place."""
     tmp = artifacts.temp_path(path, artifacts.unique_tag())
     try:
-        skeleton = records_to_dataset([], layout, {**attrs, "committed_steps": 0})
-        skeleton.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=encoding(skeleton, chunk_steps))
+        skeleton = records_to_dataset([], layout, {**attrs, "committed_steps": 0, ALL_CHUNKS: True})
+        skeleton.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=encoding(skeleton, chunk_steps),
+                         write_empty_chunks=True)
         commit_root(tmp, root_attrs(tmp), 0)
         artifacts.write_marker(tmp, artifacts.TRACE)
         artifacts.replace_dir(tmp, path)
@@ -124,6 +126,7 @@ class TraceWriter:
             if mode == "w":  # a vaedyn.trace store (checked above), and nothing else in it
                 artifacts.check_replaceable(self.path, artifacts.TRACE, "trace store", legacy=lambda _: True)
             if mode == "a":
+                check_chunks(self.path, root_attrs(self.path))  # never append to (or rewrite) damaged data
                 stored = stored_layout(self.path)
                 if stored != self.layout:
                     raise VaedynError(
@@ -145,12 +148,12 @@ class TraceWriter:
         if "committed_events" not in self._attrs:
             ev_dir = self.path / EVENTS_GROUP
             self._attrs["committed_events"] = (
-                committed_events({}, zarr.open_group(str(ev_dir), mode="r", use_consolidated=False))
+                committed_events({}, zarr.open_group(str(ev_dir), mode="r", use_consolidated=False), self.path)
                 if (ev_dir / ZARR_JSON).is_file() else 0
             )
 
         group = zarr.open_group(str(self.path), mode="r+", use_consolidated=False)
-        self._arrays = {name: group[name] for name in STEP_VARS}
+        self._arrays = {name: group[name].with_config(WRITE_CONFIG) for name in STEP_VARS}
         chunk = self._arrays["step"].chunks[0]
         if chunk != self.chunk_steps:
             log.info("store %s has chunks of %d steps; using that instead of %d", self.path, chunk, self.chunk_steps)
@@ -383,7 +386,8 @@ class TraceWriter:
         if n0 == 0:
             tmp = artifacts.temp_path(ev_dir, artifacts.unique_tag())
             try:
-                ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=encoding(ds, self.chunk_steps))
+                ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=encoding(ds, self.chunk_steps),
+                           write_empty_chunks=True)
                 shutil.rmtree(ev_dir, ignore_errors=True)
                 os.rename(tmp, ev_dir)
             finally:
@@ -393,7 +397,7 @@ class TraceWriter:
 
             group = zarr.open_group(str(ev_dir), mode="r+", use_consolidated=False)
             for name in EVENT_FIELDS:
-                arr = group[name]
+                arr = group[name].with_config(WRITE_CONFIG)
                 arr.resize((n0 + k,))
                 values = ds[name].values
                 arr[n0:] = values.astype(object) if values.dtype.kind in "OUT" else values
@@ -425,5 +429,5 @@ def write_group(path: str | Path, name: str, ds: xr.Dataset) -> None:
     """Write (replace) a child group of a store and refresh the consolidated metadata."""
     root = Path(path)
     check_store(root)
-    ds.to_zarr(root, group=name, mode="w", zarr_format=3, consolidated=False)
+    ds.to_zarr(root, group=name, mode="w", zarr_format=3, consolidated=False, write_empty_chunks=True)
     consolidate(root)

@@ -1189,6 +1189,29 @@ def train_resume_onto_a_damaged_trace(tmp: Path, base: Base) -> Bad:
     return Bad(["train", "-c", cfg, "--resume", step], ["chunk std/c/0/0 of 'std'", "is missing"])
 
 
+# -- issue 16: data checked before the run folder is made
+
+
+@case
+def train_folder_named_like_an_image(tmp: Path, base: Base) -> Bad:
+    (tmp / "images" / "cat.jpg").mkdir(parents=True)  # a folder, not an image
+    cfg = write_cfg(tmp, data={"dataset_name": str(tmp / "images"), "do_validation": False})
+    return Bad(["train", "-c", cfg], ["no images", str(tmp / "images")])
+
+
+@case
+def train_image_folder_with_an_unreadable_file(tmp: Path, base: Base) -> Bad:
+    from PIL import Image
+
+    (tmp / "images").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (16, 16)).save(tmp / "images" / name)
+    bad_png(tmp / "images" / "c.png")
+    cfg = write_cfg(tmp, data={"dataset_name": str(tmp / "images"), "do_validation": False})
+    return Bad(["train", "-c", cfg], [f"cannot read image {tmp / 'images' / 'c.png'}", "1 of 3 files",
+                                      "data.on_bad_image=skip"])
+
+
 # ---------------------------------------------------------------------------------------------
 # the test
 

@@ -274,3 +274,94 @@ def test_an_older_store_without_every_chunk_reads_as_before(finished, tmp_path, 
     result = cli("store", "check", store_dir)
     assert result.exit_code == 0 and result.stdout.startswith(f"OK: trace store {store_dir}: 4 steps")
     assert "a missing chunk cannot be told from one" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# images: 16-bit PNGs, unreadable files, decompression bombs; names with `$` in the report
+
+
+def _folder_config(tmp_path: Path, **data: object):
+    from vaedyn_cli.config import DataConfig
+
+    return DataConfig.model_validate({"dataset_name": str(tmp_path / "images"), "resolution": 16, **data})
+
+
+def test_16bit_grey_pngs_are_scaled_not_saturated(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from vaedyn_cli.data import image_dataset
+
+    (tmp_path / "images").mkdir()
+    for i, value in enumerate((0, 32768, 65535)):
+        Image.fromarray(np.full((16, 16), value, np.uint16)).save(tmp_path / "images" / f"{i}.png")
+    assert Image.open(tmp_path / "images" / "1.png").mode == "I;16"
+    ds = image_dataset(_folder_config(tmp_path), "train", max_samples=None, seed=0)
+    values = [float(ds[i].mean()) for i in range(3)]  # 65535 -> 255; 32768 -> 128 (127.5 rounded to even)
+    assert values == pytest.approx([-1.0, 128 / 127.5 - 1, 1.0], abs=1e-6)
+
+
+def test_unreadable_images_are_an_error_naming_them_or_skipped_and_counted(tmp_path: Path, caplog) -> None:
+    from PIL import Image
+
+    from vaedyn_cli.data import image_dataset
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    colours = {"a.png": (255, 0, 0), "b.png": (0, 255, 0), "c.png": (0, 0, 255)}
+    for name, colour in colours.items():
+        Image.new("RGB", (16, 16), colour).save(folder / name)
+    whole = (folder / "c.png").read_bytes()
+    (folder / "c.png").write_bytes(whole[: len(whole) // 2])  # its header reads, its pixels do not
+    (folder / "d.png").write_bytes(b"not an image")  # not even a header
+    (folder / "e.jpg").mkdir()  # a folder, not an image
+
+    with pytest.raises(VaedynError, match=r"cannot read image .*d\.png .*1 of 4 files .*data\.on_bad_image=skip$"):
+        image_dataset(_folder_config(tmp_path), "train", max_samples=None, seed=0)
+
+    caplog.set_level("WARNING", logger="vaedyn_cli.data")
+    ds = image_dataset(_folder_config(tmp_path, on_bad_image="skip"), "train", max_samples=None, seed=0)
+    assert len(ds) == 3 and "skipping 1 unreadable image(s) of 4" in caplog.text and "d.png" in caplog.text
+    red = ds[0]
+    assert torch.equal(ds[2], red)  # c.png fails when read: the next readable image (wrapping round) stands in
+    assert ds.skipped == {2} and "skipping unreadable image 2 of dataset" in caplog.text
+    (folder / "d.png").unlink()
+    strict = image_dataset(_folder_config(tmp_path), "train", max_samples=None, seed=0)
+    with pytest.raises(VaedynError, match=r"^cannot read image 2 of dataset .*set data.on_bad_image=skip$"):
+        strict[2]
+
+
+def test_a_very_large_image_is_one_log_line_and_a_bomb_an_error(tmp_path: Path, monkeypatch, caplog) -> None:
+    import warnings
+
+    from PIL import Image
+
+    from vaedyn_cli.data import image_dataset
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # PIL warns above this many pixels, refuses above twice that
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "images" / "big.png")  # 256 pixels
+    caplog.set_level("WARNING", logger="vaedyn_cli.data")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = image_dataset(_folder_config(tmp_path), "train", max_samples=None, seed=0)
+        ds[0]
+    assert [str(w.message) for w in caught] == []
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all("very large image" in line for line in lines)  # the check before, the read
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "bomb.png")  # 1024 pixels
+    with pytest.raises(VaedynError, match=r"cannot read image .*bomb\.png \(Image size \(1024 pixels\) exceeds"):
+        image_dataset(_folder_config(tmp_path), "train", max_samples=None, seed=0)
+
+
+def test_layer_names_with_dollars_are_drawn_as_text(tmp_path: Path, monkeypatch) -> None:
+    """matplotlib reads `$...$` as math; a store's names are data (here a parse error it would raise)."""
+    from tests import test_report
+    from vaedyn_cli.report import build_report
+
+    monkeypatch.setattr(test_report, "LAYERS", [(n + "$\\frac{$", p, a) for n, p, a in test_report.LAYERS])
+    monkeypatch.setattr(test_report, "PARAMS", [p + "$\\frac{$" for p in test_report.PARAMS])
+    out = build_report(test_report.write_store(tmp_path / "t.zarr", tmp_path), tmp_path / "report")
+    summary = json.loads((out / artifacts.SUMMARY_FILE).read_text())
+    assert all(v == "written" for v in summary["figures"].values())
+    assert any("$\\frac{$" in r["layer"] for r in summary["most_affected_layers"])

@@ -118,6 +118,12 @@ class DataConfig(Section):
         100, ge=1, description="Use at most this many validation images."
     )
     validation_batch_size: int = Field(8, ge=1, description="Validation batch size.")
+    on_bad_image: Literal["error", "skip"] = Field(
+        "error",
+        description="An image that cannot be read: stop with an error naming it (`error`), or leave it out, "
+        "counted and logged (`skip`: a local folder's unreadable files are dropped before training starts; one "
+        "that fails later is replaced by the next readable image of the split).",
+    )
 
     @model_validator(mode="after")
     def _resolution_multiple_of_8(self) -> DataConfig:
@@ -359,7 +365,7 @@ RESUME_MAY_CHANGE: frozenset[str] = frozenset({
     "run_name", "output_dir",
     "train.max_steps", "train.num_train_epochs", "train.save_interval", "train.checkpoints_total_limit",
     "train.validation_interval", "train.validation_unit", "train.on_nonfinite", "train.gradient_checkpointing",
-    "data.num_workers", "data.do_validation", "data.validation_batch_size",
+    "data.num_workers", "data.do_validation", "data.validation_batch_size", "data.on_bad_image",
     "track.queue_size", "track.chunk_steps", "track.commit_interval_s",
     "eval", "log",
 })

@@ -209,7 +209,10 @@ def build_report(store: str | Path, out: Path | None = None) -> Path:
     out = Path(out) if out is not None else default_out(path)
     artifacts.check_replaceable(out, artifacts.REPORT, what)
     d = gather(path, ds)
-    with artifacts.atomic_folder(out, artifacts.REPORT) as tmp:
+    import matplotlib
+
+    # names in a store are data: a `$` in a layer name must not start matplotlib's math mode
+    with artifacts.atomic_folder(out, artifacts.REPORT) as tmp, matplotlib.rc_context({"text.parse_math": False}):
         figures = render_figures(d, tmp)
         summary = build_summary(d, figures)
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")

@@ -540,6 +540,10 @@ class Trainer:
             self.check_finite()
             if skipped and self.main:
                 log.warning("skipped %d optimizer steps with a non-finite loss", skipped)
+            bad = getattr(self.train_ds, "skipped", ())
+            if bad:
+                log.warning("replaced %d unreadable training images by the next readable ones (data.on_bad_image=skip; "
+                            "this process, data loader workers not counted)", len(bad))
         finally:
             progress.close()
         return state.global_step

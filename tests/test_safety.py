@@ -365,3 +365,13 @@ def test_layer_names_with_dollars_are_drawn_as_text(tmp_path: Path, monkeypatch)
     summary = json.loads((out / artifacts.SUMMARY_FILE).read_text())
     assert all(v == "written" for v in summary["figures"].values())
     assert any("$\\frac{$" in r["layer"] for r in summary["most_affected_layers"])
+
+
+def test_the_readme_lists_the_settings_a_resume_may_change() -> None:
+    from vaedyn_cli.config import RESUME_MAY_CHANGE, RESUME_MAY_CHANGE_WITHOUT_NUDGE
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("| may change on resume |", 1)[1].split("\n\n", 1)[0]
+    named = set(re.findall(r"`([a-z_.]+)`", table))
+    assert RESUME_MAY_CHANGE <= named
+    assert {f.split(".")[0] for f in RESUME_MAY_CHANGE_WITHOUT_NUDGE} <= named

@@ -72,7 +72,8 @@ def test_two_cpu_processes_record_the_global_batch(tmp_path):
 
     # one complete run folder, written once
     assert {p.name for p in two.iterdir()} == {p.name for p in one.iterdir()} == {
-        "config.yaml", "checkpoints", "final", "logs", "trace.zarr", "validation.jsonl"}
+        "config.yaml", "checkpoints", "final", "logs", "trace.zarr", "validation.jsonl",
+        ".vaedyn", ".vaedyn-train.lock", ".vaedyn-train.pid"}  # only the main process writes (and locks) the run
     assert [s for s, _ in artifacts.list_checkpoints(two)] == [2, 4]
     for _, step_dir in artifacts.list_checkpoints(two):  # plus the second process's RNG state
         assert {p.name for p in step_dir.iterdir()} == STEP_FILES | {"random_states_1.pkl"}

@@ -132,6 +132,12 @@ def test_an_earlier_vaedyns_checkpoint_resumes_and_changed_settings_are_recorded
         == {"global_step": 6, "epoch": 3, "batch_in_epoch": 0}
 
 
+def test_a_tilde_in_output_dir_is_the_home_folder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = RunConfig.model_validate(tiny_config_dict(tmp_path, output_dir="~/runs"))
+    assert cfg.run_dir == tmp_path / "runs" / "tiny" and cfg.output_dir == "~/runs"  # the config keeps what was given
+
+
 # ---------------------------------------------------------------------------------------------
 # which folders vaedyn may replace (artifacts.check_replaceable)
 

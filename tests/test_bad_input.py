@@ -35,7 +35,7 @@ class Bad:
 
     argv: list[str]
     expect: list[str]
-    stdin: str | None = None
+    stdin: str | bytes | None = None
     code: int = 2
     stdout: str = ""
 
@@ -58,8 +58,8 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Base:
     cfg = RunConfig.model_validate(tiny_config_dict(
         root,
         data={"max_samples": 8},
-        train={"max_steps": 2, "save_interval": 2, "validation_interval": 2},
-        track={"interval": 1},
+        train={"max_steps": 4, "save_interval": 2, "validation_interval": 2},
+        track={"interval": 1, "chunk_steps": 2},  # two chunks along step: 1..2 and 3..4
     ))
     run = train(cfg)
     targets = json.loads(classify.run(str(run), write=False, fmt="json"))
@@ -117,6 +117,13 @@ def other_width_classification(width: float) -> dict:
                  "unused": False, "input_collapsed": False, "score": 0.0} for n in layers]
     return {"store": "elsewhere/trace.zarr", "method": "dormancy", "steps": [0, 2], "layers": layers,
             "channels": channels}
+
+
+def write_targets(tmp: Path, base: Base) -> Path:
+    """The base run's classify JSON as a targets file."""
+    targets = tmp / "targets.json"
+    targets.write_text(json.dumps(base.targets))
+    return targets
 
 
 def metrics_file(path: Path, **metrics: float) -> Path:
@@ -355,9 +362,9 @@ def train_resume_from_another_architecture(tmp: Path, base: Base) -> Bad:
 @case
 def train_resume_at_max_steps(tmp: Path, base: Base) -> Bad:
     copy_run(tmp, base)
-    cfg = write_cfg(tmp, output_dir=str(tmp), run_name="run", train={"max_steps": 2})
-    step = tmp / "run" / artifacts.CHECKPOINTS_DIR / artifacts.step_dir_name(2)
-    return Bad(["train", "-c", cfg, "--resume", "latest"], [str(step), "already at train.max_steps (2)"])
+    cfg = write_cfg(tmp, output_dir=str(tmp), run_name="run", train={"max_steps": 4})
+    step = tmp / "run" / artifacts.CHECKPOINTS_DIR / artifacts.step_dir_name(4)
+    return Bad(["train", "-c", cfg, "--resume", "latest"], [str(step), "already at train.max_steps (4)"])
 
 
 @case
@@ -453,7 +460,8 @@ def eval_out_is_a_foreign_folder(tmp: Path, base: Base) -> Bad:
     run = copy_run(tmp, base)
     (tmp / "mine").mkdir()
     (tmp / "mine" / "notes.txt").write_text("my notes")
-    return Bad(["eval", "--checkpoint", run, "--out", tmp / "mine"], [str(tmp / "mine"), "not an evaluation"])
+    return Bad(["eval", "--checkpoint", run, "--out", tmp / "mine"],
+               [str(tmp / "mine"), "not a vaedyn evaluation", "no .vaedyn marker"])
 
 
 @case
@@ -505,7 +513,8 @@ def track_out_is_not_a_store(tmp: Path, base: Base) -> Bad:
     run = copy_run(tmp, base)
     (tmp / "mine").mkdir()
     (tmp / "mine" / "notes.txt").write_text("mine")
-    return Bad(["track", "--checkpoint", run, "--out", tmp / "mine"], [str(tmp / "mine"), "not a trace store"])
+    return Bad(["track", "--checkpoint", run, "--out", tmp / "mine"],
+               [str(tmp / "mine"), "not a vaedyn trace store", "no .vaedyn marker"])
 
 
 @case
@@ -622,7 +631,7 @@ def classify_run_without_trace(tmp: Path, base: Base) -> Bad:
 @case
 def classify_empty_step_window(tmp: Path, base: Base) -> Bad:
     return Bad(["classify", copy_run(tmp, base), "--from-step", "100"],
-               ["no tracked step in the window --from-step 100 (trace steps: 1..2)"])
+               ["no tracked step in the window --from-step 100 (trace steps: 1..4)"])
 
 
 # -- nudge
@@ -679,7 +688,7 @@ def nudge_overwrite_of_a_foreign_folder(tmp: Path, base: Base) -> Bad:
     (tmp / "mine").mkdir()
     (tmp / "mine" / "notes.txt").write_text("mine")
     return Bad(["nudge", "--checkpoint", copy_run(tmp, base), "--targets", targets, "--out", tmp / "mine", "--overwrite"],
-               [str(tmp / "mine"), "not a nudged checkpoint"])
+               [str(tmp / "mine"), "not a vaedyn nudged checkpoint", "no .vaedyn marker"])
 
 
 @case
@@ -757,8 +766,450 @@ def store_info_damaged_root_metadata(tmp: Path, base: Base) -> Bad:
 @case
 def store_info_committed_beyond_arrays(tmp: Path, base: Base) -> Bad:
     store = copy_run(tmp, base) / artifacts.TRACE_DIR
-    edit_root_attrs(store, committed_steps=3)
-    return Bad(["store", "info", "--json", store], [str(store), "committed_steps 3"])
+    edit_root_attrs(store, committed_steps=5)
+    return Bad(["store", "info", "--json", store], [str(store), "committed_steps 5"])
+
+
+# -- issue 16: input classes that escaped the contract (text encodings, stdin, nesting, small
+#    files inside artifacts, numbers out of range, names that become paths)
+
+NOT_UTF8 = b"\xff\xfe"  # a UTF-16 byte-order mark: what an editor on another system may write
+DEEP = 200_000  # nesting levels of hostile JSON (Python's parsers recurse per level)
+
+
+@case
+def config_not_utf8(tmp: Path, base: Base) -> Bad:
+    path = tmp / "latin1.yaml"
+    path.write_bytes(b"train:\n  max_steps: 3  # r\xe9glage\n")
+    return Bad(["config", "validate", path], [f"config file {path}", "not UTF-8", "0xe9"])
+
+
+@case
+def config_nested_too_deeply(tmp: Path, base: Base) -> Bad:
+    path = tmp / "deep.yaml"
+    path.write_text("train: " + "[" * 5000)
+    return Bad(["config", "validate", path], [str(path), "nested too deeply"])
+
+
+@case
+def config_seed_negative(tmp: Path, base: Base) -> Bad:
+    return Bad(["config", "show", "--set", "seed=-1"], ["seed", "greater than or equal to 0", "(got -1)"])
+
+
+@case
+def config_seed_too_large(tmp: Path, base: Base) -> Bad:
+    return Bad(["config", "show", "--set", f"seed={2**32}"], ["seed", "less than or equal to 4294967295"])
+
+
+@case
+def config_infinite_learning_rate(tmp: Path, base: Base) -> Bad:
+    return Bad(["config", "show", "--set", "train.learning_rate=.inf"], ["train.learning_rate", "finite number"])
+
+
+@case
+def config_boolean_for_a_count(tmp: Path, base: Base) -> Bad:
+    return Bad(["config", "show", "--set", "train.max_steps=true"], ["train.max_steps", "not a boolean"])
+
+
+@case
+def config_set_value_nested_too_deeply(tmp: Path, base: Base) -> Bad:
+    return Bad(["config", "show", "--set", "seed=" + "[" * DEEP], ["seed", "(got '[[[", "...)"])
+
+
+@case
+def train_run_name_with_nul(tmp: Path, base: Base) -> Bad:
+    cfg = write_cfg(tmp)
+    cfg.write_text(cfg.read_text().replace("run_name: tiny", 'run_name: "ti\\0ny"'))
+    return Bad(["train", "-c", cfg], [str(cfg), "run_name", "control character"])
+
+
+@case
+def train_run_name_too_long(tmp: Path, base: Base) -> Bad:
+    return Bad(["train", "-c", write_cfg(tmp), "--set", "run_name=" + "r" * 300], ["run_name", "300 bytes", "at most 200"])
+
+
+@case
+def classify_stdin_not_utf8(tmp: Path, base: Base) -> Bad:
+    return Bad(["classify", "-"], ["STORE is '-': stdin is not UTF-8"], stdin=NOT_UTF8)
+
+
+@case
+def nudge_targets_not_utf8(tmp: Path, base: Base) -> Bad:
+    targets = tmp / "targets.json"
+    targets.write_bytes(NOT_UTF8 + json.dumps(base.targets).encode("utf-16-le"))
+    return Bad(["nudge", "--checkpoint", copy_run(tmp, base), "--targets", targets],
+               [f"targets file {targets}", "not UTF-8", "0xff"])
+
+
+@case
+def nudge_targets_nested_too_deeply(tmp: Path, base: Base) -> Bad:
+    targets = tmp / "targets.json"
+    targets.write_text("[" * DEEP)
+    return Bad(["nudge", "--checkpoint", copy_run(tmp, base), "--targets", targets], [str(targets), "nested too deeply"])
+
+
+@case
+def nudge_stdin_nested_too_deeply(tmp: Path, base: Base) -> Bad:
+    return Bad(["nudge", "--checkpoint", copy_run(tmp, base), "--targets", "-"], ["from stdin", "nested too deeply"],
+               stdin='{"layers": ' * DEEP)
+
+
+@case
+def eval_malformed_step_file(tmp: Path, base: Base) -> Bad:
+    run = copy_run(tmp, base)
+    step_file = run / artifacts.FINAL_DIR / artifacts.STEP_FILE
+    step_file.write_text('{"step": "two"}')
+    return Bad(["eval", "--checkpoint", run], [f"step file {step_file}", '"two"', "restore it"])
+
+
+@case
+def eval_step_file_not_json(tmp: Path, base: Base) -> Bad:
+    run = copy_run(tmp, base)
+    step_file = run / artifacts.FINAL_DIR / artifacts.STEP_FILE
+    step_file.write_text("{step: 2")
+    return Bad(["nudge", "--checkpoint", run, "--targets", write_targets(tmp, base)], [str(step_file), "not valid JSON"])
+
+
+@case
+def eval_compare_metric_is_a_string(tmp: Path, base: Base) -> Bad:
+    good = metrics_file(tmp / "a" / "metrics.json")
+    bad = metrics_file(tmp / "b" / "metrics.json", psnr_pooled="21.5 dB")
+    return Bad(["eval", "--compare", good, bad], [str(bad), "metric 'psnr_pooled'", '"21.5 dB"', "not a number"])
+
+
+@case
+def eval_compare_metrics_not_utf8(tmp: Path, base: Base) -> Bad:
+    good = metrics_file(tmp / "a" / "metrics.json")
+    bad = tmp / "b" / "metrics.json"
+    bad.parent.mkdir()
+    bad.write_bytes(b'{"metrics": {"mse": 0.1, "note": "\xe9"}}')
+    return Bad(["eval", "--compare", good, bad], [f"metrics file {bad}", "not UTF-8"])
+
+
+@case
+def eval_stored_config_not_utf8(tmp: Path, base: Base) -> Bad:
+    run = copy_run(tmp, base)
+    stored = run / artifacts.FINAL_DIR / artifacts.RUN_CONFIG_IN_CHECKPOINT
+    stored.write_bytes(stored.read_bytes() + b"# \xff\n")
+    return Bad(["eval", "--checkpoint", run], [str(stored), "not UTF-8"])
+
+
+@case
+def store_info_root_metadata_nested_too_deeply(tmp: Path, base: Base) -> Bad:
+    store = copy_run(tmp, base) / artifacts.TRACE_DIR
+    (store / "zarr.json").write_text("[" * DEEP)
+    return Bad(["store", "info", store], [str(store / "zarr.json"), "not valid JSON"])
+
+
+# -- issue 16: vaedyn replaces or deletes only folders it made (a `.vaedyn` marker, nothing foreign inside)
+
+
+def marked(folder: Path, kind: artifacts.Kind, *files: str) -> Path:
+    """A folder as vaedyn makes one of `kind` (its marker) holding `files`."""
+    folder.mkdir(parents=True)
+    artifacts.write_marker(folder, kind)
+    for name in files:
+        (folder / name).write_text("x")
+    return folder
+
+
+@case
+def train_overwrite_of_a_foreign_folder(tmp: Path, base: Base) -> Bad:
+    run = tmp / "runs" / "tiny"
+    run.mkdir(parents=True)
+    (run / "thesis.tex").write_text("\\documentclass{article}")
+    return Bad(["train", "-c", write_cfg(tmp), "--overwrite"], [f"run folder {run}", "not a vaedyn run folder",
+                                                                 "no .vaedyn marker"])
+
+
+@case
+def train_overwrite_of_a_run_holding_a_foreign_file(tmp: Path, base: Base) -> Bad:
+    run = copy_run(tmp, base)
+    (run / "notes.txt").write_text("what I saw at step 2")
+    cfg = write_cfg(tmp, output_dir=str(tmp), run_name="run")
+    return Bad(["train", "-c", cfg, "--overwrite"], [f"run folder {run}", "holds 'notes.txt'", "move it out first"])
+
+
+@case
+def train_overwrite_of_another_kind(tmp: Path, base: Base) -> Bad:
+    marked(tmp / "runs" / "tiny", artifacts.REPORT, "index.html")
+    return Bad(["train", "-c", write_cfg(tmp), "--overwrite"], ["is a vaedyn report, not a place for a run folder"])
+
+
+@case
+def train_resume_into_another_run(tmp: Path, base: Base) -> Bad:
+    step = copy_run(tmp, base) / artifacts.CHECKPOINTS_DIR / artifacts.step_dir_name(2)
+    (tmp / "runs" / "tiny").mkdir(parents=True)
+    return Bad(["train", "-c", write_cfg(tmp, train={"max_steps": 4}), "--resume", step],
+               [f"belongs to {tmp / 'run'}", f"not to run folder {tmp / 'runs' / 'tiny'}", "cut that run's trace"])
+
+
+@case
+def report_out_is_a_website(tmp: Path, base: Base) -> Bad:
+    site = tmp / "site"
+    site.mkdir()
+    for name in ("index.html", "about.html", "photo.jpg"):
+        (site / name).write_text("mine")
+    return Bad(["report", copy_run(tmp, base), "--out", site], [f"--out {site}", "not a vaedyn report"])
+
+
+@case
+def report_out_is_a_report_holding_a_foreign_file(tmp: Path, base: Base) -> Bad:
+    out = marked(tmp / "figs", artifacts.REPORT, "index.html", "summary.json", "my-notes.md")
+    return Bad(["report", copy_run(tmp, base), "--out", out], [f"--out {out}", "holds 'my-notes.md'"])
+
+
+@case
+def report_out_is_an_old_report_with_more_pages(tmp: Path, base: Base) -> Bad:
+    out = tmp / "old"
+    out.mkdir()
+    for name in ("index.html", "summary.json", "loss_curves.png", "about.html"):
+        (out / name).write_text("x")  # recognised as an earlier vaedyn's report, but about.html is not vaedyn's
+    return Bad(["report", copy_run(tmp, base), "--out", out], [f"--out {out}", "holds 'about.html'"])
+
+
+@case
+def eval_out_is_a_run_folder(tmp: Path, base: Base) -> Bad:
+    run = copy_run(tmp, base)
+    return Bad(["eval", "--checkpoint", run, "--out", run], [f"--out {run}", "is a vaedyn run folder"])
+
+
+@case
+def eval_out_under_a_file(tmp: Path, base: Base) -> Bad:
+    (tmp / "notes.txt").write_text("mine")
+    out = tmp / "notes.txt" / "results"
+    return Bad(["eval", "--checkpoint", copy_run(tmp, base), "--out", out], [str(out), "lies under", "which is a file"])
+
+
+@case
+def nudge_out_under_a_file(tmp: Path, base: Base) -> Bad:
+    (tmp / "notes.txt").write_text("mine")
+    out = tmp / "notes.txt" / "nudged"
+    return Bad(["nudge", "--checkpoint", copy_run(tmp, base), "--targets", write_targets(tmp, base), "--out", out],
+               [str(out), "lies under", "which is a file"])
+
+
+@case
+def nudge_overwrite_of_an_evaluation(tmp: Path, base: Base) -> Bad:
+    out = marked(tmp / "ev", artifacts.EVALUATION, "metrics.json")
+    return Bad(["nudge", "--checkpoint", copy_run(tmp, base), "--targets", write_targets(tmp, base), "--out", out,
+                "--overwrite"], ["is a vaedyn evaluation, not a place for a nudged checkpoint"])
+
+
+@case
+def track_out_is_a_foreign_zarr_store(tmp: Path, base: Base) -> Bad:
+    import numpy as np
+    import xarray as xr
+
+    out = tmp / "other.zarr"
+    xr.Dataset({"x": ("t", np.arange(3.0))}).to_zarr(out, zarr_format=3, consolidated=False)
+    return Bad(["track", "--checkpoint", copy_run(tmp, base), "--out", out], [str(out), "not a vaedyn.trace store"])
+
+
+@case
+def config_schema_over_a_foreign_file(tmp: Path, base: Base) -> Bad:
+    (tmp / "thesis.tex").write_text("\\documentclass{article}")
+    return Bad(["config", "schema", "--out", tmp / "thesis.tex"], [str(tmp / "thesis.tex"), "not a vaedyn config schema"])
+
+
+# -- issue 16: a resume loads nothing that can run code, refuses settings that change the run's
+#    trajectory, and destroys nothing (later trace steps, checkpoints, validation records) unless
+#    its checkpoint loaded completely. The base run has checkpoints 2 and 4; these resume from 2.
+
+
+class Planted:
+    """Unpickled without weights_only, this creates the file `path` (what a planted pickle could do)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):  # noqa: ANN204 - pickle protocol
+        return (Path.touch, (self.path,))
+
+
+def resumable(tmp: Path, base: Base) -> tuple[Path, Path]:
+    """A copy of the base run, its config with train.max_steps 6 (a longer run may continue it), and
+    the step-2 checkpoint of the copy."""
+    run = copy_run(tmp, base)
+    cfg = write_cfg(tmp, output_dir=str(tmp), run_name="run", data={"max_samples": 8},
+                    train={"max_steps": 6, "save_interval": 2, "validation_interval": 2},
+                    track={"interval": 1, "chunk_steps": 2})
+    return cfg, run / artifacts.CHECKPOINTS_DIR / artifacts.step_dir_name(2)
+
+
+def plant(step: Path, name: str, tmp: Path) -> None:
+    import torch
+
+    torch.save({"state": Planted(tmp / "planted-code-ran")}, step / name)
+
+
+@case
+def train_resume_from_damaged_optimizer_state(tmp: Path, base: Base) -> Bad:
+    cfg, step = resumable(tmp, base)
+    (step / "optimizer.bin").write_bytes(b"not a torch file")
+    return Bad(["train", "-c", cfg, "--resume", step], [f"cannot resume from {step}"])
+
+
+@case
+def train_resume_with_planted_training_state(tmp: Path, base: Base) -> Bad:
+    cfg, step = resumable(tmp, base)
+    (step / artifacts.TRAINING_STATE_FILE).unlink()  # as an earlier vaedyn wrote it: a pickle
+    plant(step, artifacts.LEGACY_TRAINING_STATE_FILE, tmp)
+    return Bad(["train", "-c", cfg, "--resume", step],
+               [f"cannot resume from {step}", "custom_checkpoint_0.pkl", "not load as plain data", "would run code"])
+
+
+@case
+def train_resume_with_planted_rng_state(tmp: Path, base: Base) -> Bad:
+    cfg, step = resumable(tmp, base)
+    plant(step, "random_states_0.pkl", tmp)
+    return Bad(["train", "-c", cfg, "--resume", step], ["random_states_0.pkl", "not load as plain data"])
+
+
+@case
+def train_resume_with_planted_scheduler_state(tmp: Path, base: Base) -> Bad:
+    cfg, step = resumable(tmp, base)
+    plant(step, "scheduler.bin", tmp)
+    return Bad(["train", "-c", cfg, "--resume", step], ["scheduler.bin", "not load as plain data"])
+
+
+@case
+def train_resume_with_planted_optimizer_state(tmp: Path, base: Base) -> Bad:
+    cfg, step = resumable(tmp, base)
+    plant(step, "optimizer.bin", tmp)
+    return Bad(["train", "-c", cfg, "--resume", step], ["the optimizer state does not load as plain data"])
+
+
+@case
+def train_resume_with_a_pickle_beside_the_state(tmp: Path, base: Base) -> Bad:
+    cfg, step = resumable(tmp, base)
+    plant(step, artifacts.LEGACY_TRAINING_STATE_FILE, tmp)
+    return Bad(["train", "-c", cfg, "--resume", step], ["holds custom_checkpoint_0.pkl", "vaedyn does not write"])
+
+
+@case
+def train_resume_with_damaged_training_state(tmp: Path, base: Base) -> Bad:
+    cfg, step = resumable(tmp, base)
+    (step / artifacts.TRAINING_STATE_FILE).write_text('{"global_step": "2", "epoch": 0, "batch_in_epoch": 4}')
+    return Bad(["train", "-c", cfg, "--resume", step], [str(step / artifacts.TRAINING_STATE_FILE), "not a training state"])
+
+
+@case
+def train_resume_changing_the_trajectory(tmp: Path, base: Base) -> Bad:
+    cfg, step = resumable(tmp, base)
+    return Bad(["train", "-c", cfg, "--resume", step, "--set", "data.batch_size=2", "--set", "train.learning_rate=1e-4",
+                "--set", "train.max_steps=8"],
+               ["2 setting(s) differ", "data.batch_size 4 (trained) vs 2 (given)",
+                "train.learning_rate 0.001 (trained) vs 0.0001 (given)", "start a new run"])
+
+
+# -- issue 16: a damaged store is never read as data (every committed chunk there and sound)
+
+DAMAGED = "restore the store from a copy, or re-create the trace with `vaedyn track`"
+
+
+def chunk_of(tmp: Path, base: Base, array: str, *index: int) -> tuple[Path, Path]:
+    store = copy_run(tmp, base) / artifacts.TRACE_DIR
+    return store, store / array / "c" / Path(*map(str, index))
+
+
+@case
+def classify_store_with_a_missing_chunk(tmp: Path, base: Base) -> Bad:
+    store, chunk = chunk_of(tmp, base, "act_std", 1, 0)
+    chunk.unlink()
+    return Bad(["classify", store], [f"trace store {store} is damaged", "chunk act_std/c/1/0 of 'act_std' (steps 3..4)",
+                                     "is missing", DAMAGED])
+
+
+@case
+def classify_store_with_a_chunk_of_random_bytes(tmp: Path, base: Base) -> Bad:
+    import numpy as np
+
+    store, chunk = chunk_of(tmp, base, "act_std", 0, 0)
+    chunk.write_bytes(np.random.default_rng(0).bytes(chunk.stat().st_size))
+    return Bad(["classify", store], ["chunk act_std/c/0/0 of 'act_std' (steps 1..2)", "does not hold a blosc chunk"])
+
+
+@case
+def report_store_with_a_cut_chunk(tmp: Path, base: Base) -> Bad:
+    store, chunk = chunk_of(tmp, base, "gn_weight", 1, 0)
+    chunk.write_bytes(chunk.read_bytes()[:10])
+    return Bad(["report", store], ["chunk gn_weight/c/1/0 of 'gn_weight' (steps 3..4)", "shorter than its header"])
+
+
+@case
+def store_info_missing_channel_coordinate_chunk(tmp: Path, base: Base) -> Bad:
+    store, chunk = chunk_of(tmp, base, "layer", 0)
+    chunk.unlink()
+    return Bad(["store", "info", store], ["chunk layer/c/0 of 'layer' (channels 0..1239) is missing"])
+
+
+@case
+def store_info_negative_committed_steps(tmp: Path, base: Base) -> Bad:
+    store = copy_run(tmp, base) / artifacts.TRACE_DIR
+    edit_root_attrs(store, committed_steps=-1)
+    return Bad(["store", "info", store], [f"trace store {store} is damaged", "committed_steps is -1, not a count"])
+
+
+@case
+def classify_committed_steps_not_a_number(tmp: Path, base: Base) -> Bad:
+    store = copy_run(tmp, base) / artifacts.TRACE_DIR
+    edit_root_attrs(store, committed_steps="4")
+    return Bad(["classify", store], ['committed_steps is "4", not a count'])
+
+
+@case
+def classify_steps_out_of_order(tmp: Path, base: Base) -> Bad:
+    import zarr
+
+    store = copy_run(tmp, base) / artifacts.TRACE_DIR
+    steps = zarr.open_array(str(store / "step"), mode="r+")
+    steps[2] = 1
+    return Bad(["classify", store], ["step 1 (row 2) follows step 2", "steps must increase"])
+
+
+@case
+def store_check_chunk_that_does_not_decode(tmp: Path, base: Base) -> Bad:
+    store, chunk = chunk_of(tmp, base, "act_std", 1, 0)
+    data = chunk.read_bytes()
+    chunk.write_bytes(data[:16] + bytes(len(data) - 16))  # a sound header over a payload of zeros
+    return Bad(["store", "check", store], ["chunk act_std/c/1/0 of 'act_std' (steps 3..4) does not decode"])
+
+
+@case
+def store_check_not_a_store(tmp: Path, base: Base) -> Bad:
+    (tmp / "folder").mkdir()
+    return Bad(["store", "check", tmp / "folder"], [str(tmp / "folder"), "not a trace store"])
+
+
+@case
+def train_resume_onto_a_damaged_trace(tmp: Path, base: Base) -> Bad:
+    cfg, step = resumable(tmp, base)
+    (tmp / "run" / artifacts.TRACE_DIR / "std" / "c" / "0" / "0").unlink()
+    return Bad(["train", "-c", cfg, "--resume", step], ["chunk std/c/0/0 of 'std'", "is missing"])
+
+
+# -- issue 16: data checked before the run folder is made
+
+
+@case
+def train_folder_named_like_an_image(tmp: Path, base: Base) -> Bad:
+    (tmp / "images" / "cat.jpg").mkdir(parents=True)  # a folder, not an image
+    cfg = write_cfg(tmp, data={"dataset_name": str(tmp / "images"), "do_validation": False})
+    return Bad(["train", "-c", cfg], ["no images", str(tmp / "images")])
+
+
+@case
+def train_image_folder_with_an_unreadable_file(tmp: Path, base: Base) -> Bad:
+    from PIL import Image
+
+    (tmp / "images").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (16, 16)).save(tmp / "images" / name)
+    bad_png(tmp / "images" / "c.png")
+    cfg = write_cfg(tmp, data={"dataset_name": str(tmp / "images"), "do_validation": False})
+    return Bad(["train", "-c", cfg], [f"cannot read image {tmp / 'images' / 'c.png'}", "1 of 3 files",
+                                      "data.on_bad_image=skip"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -766,10 +1217,11 @@ def store_info_committed_beyond_arrays(tmp: Path, base: Base) -> Bad:
 
 
 def tree(root: Path) -> dict[str, tuple[bool, int, int]]:
-    """Every file and folder below root: (is folder, size, mtime in ns)."""
+    """Every file and folder below root: (is folder, size, mtime in ns); not a run folder's lock and
+    pid files (a trainer that is refused later, e.g. by a damaged checkpoint, has held its lock)."""
     found = {}
     for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
+        for name in [*dirnames, *(f for f in filenames if f not in (artifacts.TRAIN_LOCK_FILE, artifacts.TRAIN_PID_FILE))]:
             p = Path(dirpath) / name
             st = p.lstat()
             found[str(p.relative_to(root))] = (p.is_dir(), 0 if p.is_dir() else st.st_size, st.st_mtime_ns)
@@ -853,3 +1305,20 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     assert debug.returncode != 0
     assert "Traceback (most recent call last)" in debug.stderr
     assert f"VaedynError: config file not found: {missing}" in debug.stderr
+
+
+def test_closed_stdin_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`<&-`: Python starts without sys.stdin; `classify -` (a real process) and `nudge --targets -`
+    (in-process, as Python sets it up: sys.stdin is None) say so in one line."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([VAEDYN, "classify", "-"], stdin=subprocess.DEVNULL, preexec_fn=lambda: os.close(0),
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert (res.returncode, res.stderr.splitlines(), res.stdout) == (
+        2, ["error: STORE is '-': stdin is closed; pipe a store or run folder path into it"], "")
+    from vaedyn_cli.errors import VaedynError
+    from vaedyn_cli.nudge import nudge_checkpoint
+
+    monkeypatch.setattr(sys, "stdin", None)
+    with pytest.raises(VaedynError, match=r"^--targets -: stdin is closed; pipe in `vaedyn classify"):
+        nudge_checkpoint(str(tmp_path / "x"), "-")
+    assert list(tmp_path.iterdir()) == []

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from vaedyn_cli import classification, classify, persistence
+from vaedyn_cli import artifacts, classification, classify, persistence
 from vaedyn_cli import labels as lab
 from vaedyn_cli import store as store_mod
 from vaedyn_cli.config import ClassifyConfig
@@ -479,8 +479,9 @@ def test_rewrite_refreshes_consolidated_metadata(tmp_path: Path) -> None:
         assert [str(v) for v in group["state"].values.tolist()] == labels["state"].values.tolist()
     assert json.loads((path / "zarr.json").read_text())["attributes"] == root_attrs
     assert labels_of(labels, PLANT, 1)["onset_step"] == 200
-    leftovers = [p.name for p in path.iterdir() if p.name.startswith(".") and p.name != store_mod.LOCK_FILE]
-    assert not leftovers  # no hidden temp group survives the swap (the commit lock file belongs to the store)
+    leftovers = [p.name for p in path.iterdir() if artifacts.is_temp(p.name)]
+    assert not leftovers  # no hidden temp group survives the swap
+    assert sorted(p.name for p in path.iterdir() if p.name.startswith(".")) == [artifacts.MARKER_FILE, store_mod.LOCK_FILE]
 
 
 def test_planted_channels_of_a_tracked_model_are_found(tmp_path: Path, tiny_cfg) -> None:

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from tests.conftest import tiny_config_dict
-from vaedyn_cli import compare, metrics
+from vaedyn_cli import artifacts, compare, metrics
 from vaedyn_cli import evaluate as ev
 from vaedyn_cli.config import RunConfig
 from vaedyn_cli.errors import VaedynError
@@ -198,8 +198,10 @@ def test_evaluate_run_writes_results_folder(run):
     path = ev.evaluate(str(run))
     out = run / "eval" / "test"
     assert path == out / "metrics.json"
+    assert artifacts.marker_kind(out) == "eval"
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
-        "grid.png", "metrics.json", "samples", "samples/0000_original.png", "samples/0000_reconstruction.png",
+        artifacts.MARKER_FILE, "grid.png", "metrics.json", "samples", "samples/0000_original.png",
+        "samples/0000_reconstruction.png",
         "samples/0001_original.png", "samples/0001_reconstruction.png",
     ]
     record = json.loads(path.read_text())

@@ -61,7 +61,7 @@ def test_grids_and_lens_per_layer_labelled_by_the_run_classification(cli, run: P
     folder = run / "eval" / "test"
     assert res.stdout == f"{folder / artifacts.METRICS_FILE}\n"
     files = [f"{kind}-{layer}.png" for layer in (ATTENTION, LAYER) for kind in ("grid", "lens")]
-    assert _listing(folder) == sorted([artifacts.METRICS_FILE, "grid.png", *files])
+    assert _listing(folder) == sorted([artifacts.MARKER_FILE, artifacts.METRICS_FILE, "grid.png", *files])
     assert all((folder / f).read_bytes()[:4] == b"\x89PNG" for f in files)
     grids = json.loads((folder / artifacts.METRICS_FILE).read_text())["grids"]
     assert list(grids) == [ATTENTION, LAYER]  # the glob expanded, in module order
@@ -101,5 +101,5 @@ def test_unknown_layer_exits_2_before_writing_and_unlabelled_grids(cli, run: Pat
     g = json.loads((tmp_path / "ev" / artifacts.METRICS_FILE).read_text())["grids"][LAYER]
     assert g["outlines"] == {} and g["labels_from"] == "activity on the lens images (no classification)"
     assert g["flat_channels"] == [DEAD] and g["lens_images"] == 3 and g["channels"]["dormant"] >= 1
-    assert _listing(tmp_path / "ev") == sorted([artifacts.METRICS_FILE, "grid.png", f"grid-{LAYER}.png",
-                                                f"lens-{LAYER}.png"])
+    assert _listing(tmp_path / "ev") == sorted([artifacts.MARKER_FILE, artifacts.METRICS_FILE, "grid.png",
+                                                f"grid-{LAYER}.png", f"lens-{LAYER}.png"])

@@ -10,17 +10,17 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "vaedyn_cli"
 
 FOUNDATIONS = {
-    "errors", "config", "artifacts", "faults", "randomness", "hooks", "anatomy", "settings", "labels",
+    "errors", "inputs", "config", "artifacts", "faults", "randomness", "hooks", "anatomy", "settings", "labels",
 }
 COMPONENTS = {
-    "model", "data", "store", "store.schema", "store.metadata", "store.reader", "store.writer", "store.info",
+    "model", "data", "store", "store.schema", "store.metadata", "store.chunks", "store.reader", "store.writer", "store.info",
     "store.classification", "kernels", "probes", "tracker", "persistence", "classification", "selection",
     "strategies", "live_nudge", "metrics", "loss", "trainer", "ablation", "lens", "grids", "tb", "report_data",
     "figures", "pages", "seedstats", "study_plan", "study_results", "study_report",
 }
 STAGES = {"train", "track", "classify", "nudge", "evaluate", "compare", "report"}
 ORCHESTRATION = {"study", "study_exec"}  # `vaedyn study` runs the other stages
-ENTRY = {"", "__main__", "cli"}  # the package itself, `python -m vaedyn_cli` and the CLI call the stages
+ENTRY = {"", "__main__", "entry", "cli"}  # the package itself, `python -m vaedyn_cli`, the console script and the CLI
 TIERS = [FOUNDATIONS, COMPONENTS, STAGES, ORCHESTRATION, ENTRY]
 
 

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs gloo"
 )
 STEP_FILES = {
-    "config.json", "custom_checkpoint_0.pkl", "model.safetensors", "optimizer.bin", "random_states_0.pkl",
+    "config.json", "vaedyn_state.json", "model.safetensors", "optimizer.bin", "random_states_0.pkl",
     "scheduler.bin", "vaedyn_config.yaml",
 }
 NUDGED = "decoder.up_blocks.3.resnets.0.norm1"
@@ -72,7 +72,8 @@ def test_two_cpu_processes_record_the_global_batch(tmp_path):
 
     # one complete run folder, written once
     assert {p.name for p in two.iterdir()} == {p.name for p in one.iterdir()} == {
-        "config.yaml", "checkpoints", "final", "logs", "trace.zarr", "validation.jsonl"}
+        "config.yaml", "checkpoints", "final", "logs", "trace.zarr", "validation.jsonl",
+        ".vaedyn", ".vaedyn-train.lock", ".vaedyn-train.pid"}  # only the main process writes (and locks) the run
     assert [s for s, _ in artifacts.list_checkpoints(two)] == [2, 4]
     for _, step_dir in artifacts.list_checkpoints(two):  # plus the second process's RNG state
         assert {p.name for p in step_dir.iterdir()} == STEP_FILES | {"random_states_1.pkl"}

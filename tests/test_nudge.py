@@ -469,8 +469,9 @@ def test_cli_nudge_end_to_end(cli, run: Path, targets_file: Path, saved_run: tup
     assert sorted(p.name for p in run.iterdir()) == [artifacts.CONFIG_FILE, artifacts.FINAL_DIR, out.name]
     assert sorted(p.name for p in out.iterdir()) == sorted([
         artifacts.MODEL_CONFIG_FILE, "diffusion_pytorch_model.safetensors", artifacts.RUN_CONFIG_IN_CHECKPOINT,
-        artifacts.STEP_FILE, artifacts.NUDGE_FILE,
+        artifacts.STEP_FILE, artifacts.NUDGE_FILE, artifacts.MARKER_FILE,
     ])
+    assert artifacts.marker_kind(out) == "nudged"
     record = json.loads((out / artifacts.NUDGE_FILE).read_text())
     dormant = [k for k, v in PLANTED.items() if v["state"] in ("dormant", "dead")]  # default select
     assert record["checkpoint"] == str(run) and record["strategy"] == "gn_scale_reset"
@@ -535,7 +536,7 @@ def test_cli_nudge_existing_output(cli, run: Path, targets_file: Path) -> None:
     assert sorted(p.name for p in run.iterdir()) == [artifacts.CONFIG_FILE, artifacts.FINAL_DIR,
                                                      "nudged-gn_scale_to_layer"]
     refused = cli("nudge", "--checkpoint", run, "--targets", targets_file, "--out", run / "final", "--overwrite")
-    assert refused.exit_code == 2 and "not a nudged checkpoint" in refused.stderr
+    assert refused.exit_code == 2 and "not a vaedyn nudged checkpoint" in refused.stderr
 
 
 def _bad_targets(kind: str, good: dict) -> str:

@@ -29,7 +29,7 @@ WIDTH = 8
 N_STEPS = 20
 STEPS = np.arange(N_STEPS, dtype=np.int64) * 2  # tracked every 2 steps: 0 .. 38
 PARAMS = ["encoder.conv_in.weight", "decoder.conv_out.weight", "decoder.up_blocks.0.resnets.0.conv1.weight"]
-ALL_FILES = sorted([*FIGURES, INDEX_FILE, SUMMARY_FILE])
+ALL_FILES = sorted([*FIGURES, INDEX_FILE, SUMMARY_FILE, artifacts.MARKER_FILE])
 
 
 def planted(source: str = "train", steps: int = N_STEPS) -> dict[str, np.ndarray]:
@@ -200,7 +200,9 @@ def test_stored_classification_replacing_an_old_report_and_subsampled_steps(
 def test_store_without_classification_events_or_validation_skips_with_notes(tmp_path: Path) -> None:
     store = write_store(tmp_path / "plain.zarr", tmp_path, near_zero=False, uncommitted=3)
     out = build_report(store, tmp_path / "rep")
-    assert _listing(out) == sorted([*(f for f in FIGURES if f != "near_zero_weights.png"), INDEX_FILE, SUMMARY_FILE])
+    assert _listing(out) == sorted([*(f for f in FIGURES if f != "near_zero_weights.png"), INDEX_FILE, SUMMARY_FILE,
+                                    artifacts.MARKER_FILE])
+    assert artifacts.marker_kind(out) == "report"
     s = json.loads((out / SUMMARY_FILE).read_text())
     assert s["steps"]["count"] == 20  # the 3 uncommitted steps are not shown
     assert s["events"] == {"events": 0}

@@ -154,7 +154,8 @@ def test_tiny_study_end_to_end_resume_and_executors(cli, tmp_path: Path, monkeyp
     assert doc["answers"][0]["answer"] == "not tested"  # both conditions train on builtin:natural
 
     report = folder / "report"
-    assert sorted(p.name for p in report.iterdir()) == sorted([*study_report.FIGURES, study_report.INDEX_FILE])
+    assert sorted(p.name for p in report.iterdir()) == sorted([*study_report.FIGURES, study_report.INDEX_FILE,
+                                                               artifacts.MARKER_FILE])
     page = (report / "index.html").read_text()
     assert "<script" not in page and "http" not in page
     assert sorted(re.findall(r'<img src="([^"]+)"', page)) == sorted(study_report.FIGURES)

@@ -393,7 +393,7 @@ def test_track_bad_inputs(tmp_path, tiny_config_file, cli):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep")
     result = cli("track", "-c", tiny_config_file, "--checkpoint", bare, "--out", tmp_path / "busy")
-    assert result.exit_code == 2 and "not a trace store" in result.stderr
+    assert result.exit_code == 2 and "not a vaedyn trace store" in result.stderr
     assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written
     a = save_model(tiny_model(), tmp_path / "a", step=5)
     b = save_model(tiny_model(), tmp_path / "b", step=5)

@@ -19,7 +19,7 @@ from vaedyn_cli.errors import RuntimeFailure, VaedynError
 from vaedyn_cli.model import resolve_checkpoint
 
 STEP_FILES = {
-    "config.json", "custom_checkpoint_0.pkl", "model.safetensors", "optimizer.bin", "random_states_0.pkl",
+    "config.json", "vaedyn_state.json", "model.safetensors", "optimizer.bin", "random_states_0.pkl",
     "scheduler.bin", "vaedyn_config.yaml",
 }
 FINAL_FILES = {"config.json", "diffusion_pytorch_model.safetensors", "vaedyn_config.yaml", "vaedyn_step.json"}
@@ -69,7 +69,9 @@ def test_cli_train_layout_logs_and_rerun_is_bitwise_identical(tmp_path, cli, hoo
     assert result.exit_code == 0, result.stderr
     assert result.stdout == f"{run}\n"  # the run folder path is the only stdout line
 
-    assert {p.name for p in run.iterdir()} == {"config.yaml", "checkpoints", "final", "logs", "validation.jsonl"}
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "checkpoints", "final", "logs", "validation.jsonl",
+                                               artifacts.MARKER_FILE, artifacts.TRAIN_LOCK_FILE, artifacts.TRAIN_PID_FILE}
+    assert artifacts.marker_kind(run) == "run" and artifacts.marker_kind(run / "final") is None
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000003", "step-000006"]
     for step_dir in (run / "checkpoints").iterdir():
         assert {p.name for p in step_dir.iterdir()} == STEP_FILES
@@ -139,7 +141,7 @@ def test_resume_mid_epoch_gives_bitwise_identical_weights(tmp_path, hooks):
     hooks.clear()
 
     # step 4 sits mid-epoch: epoch 1, two of its five micro-batches consumed
-    state = torch.load(run / "checkpoints" / "step-000004" / "custom_checkpoint_0.pkl", weights_only=False)
+    state = json.loads((run / "checkpoints" / "step-000004" / artifacts.TRAINING_STATE_FILE).read_text())
     assert state == {"global_step": 4, "epoch": 1, "batch_in_epoch": 2}
     seen: list[int | None] = []
     hooks.append(lambda ctx: seen.append(ctx.resume_step))
@@ -308,4 +310,5 @@ def test_config_yaml_is_the_resolved_config(tmp_path):
     cfg = make_cfg(tmp_path, train={"max_steps": 1, "save_interval": 5}, data={"do_validation": False})
     run = train_mod.train(cfg)
     assert yaml.safe_load((run / "config.yaml").read_text()) == cfg.model_dump(mode="json")
-    assert {p.name for p in run.iterdir()} == {"config.yaml", "final"}
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "final", artifacts.MARKER_FILE, artifacts.TRAIN_LOCK_FILE,
+                                               artifacts.TRAIN_PID_FILE}

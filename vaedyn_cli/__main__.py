@@ -1,3 +1,3 @@
-from vaedyn_cli.cli import main
+from vaedyn_cli.entry import main
 
 main()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shlex
 import sys
 import warnings
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from vaedyn_cli import __version__
+from vaedyn_cli import __version__, errors, inputs
 from vaedyn_cli import config as config_mod
 from vaedyn_cli.errors import VaedynError
 
@@ -51,28 +52,31 @@ def out(message: str) -> None:
 
 
 def handle_errors(fn: F) -> F:
-    """Turn VaedynError into one stderr line and its exit code; anything else into exit 1."""
+    """Turn VaedynError into one stderr line and its exit code; anything else into exit 1; Ctrl-C
+    and SIGTERM (and whatever a library raises while being interrupted) into "interrupted; ..."."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        previous = errors.catch_signals()
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
-        except VaedynError as e:
+        except BaseException as e:  # noqa: BLE001 - the last line of defence: one line
             if _state["debug"]:
                 raise
-            err(f"error: {e}")
-            raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            err("interrupted")
-            raise typer.Exit(130) from None
-        except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1
-            if _state["debug"]:
+            if isinstance(e, KeyboardInterrupt) or errors.interrupted():
+                line, code = errors.interrupt_line(e if isinstance(e, KeyboardInterrupt) else None)
+            elif isinstance(e, VaedynError):
+                line, code = f"error: {e}", e.exit_code
+            elif isinstance(e, Exception):
+                line, code = f"error: {type(e).__name__}: {inputs.first_line(e)} (rerun with --debug for the traceback)", 1
+            else:
                 raise
-            first = str(e).splitlines()[0] if str(e) else ""
-            err(f"error: {type(e).__name__}: {first} (rerun with --debug for the traceback)")
-            raise typer.Exit(1) from None
+            err(line)
+            raise typer.Exit(code) from None
+        finally:
+            errors.restore_signals(previous)
 
     return wrapper  # type: ignore[return-value]
 
@@ -94,7 +98,7 @@ def _main(
     _state["debug"] = debug
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
-    for noisy in ("httpx", "urllib3", "filelock", "PIL", "matplotlib", "fsspec", "asyncio"):
+    for noisy in ("httpx", "urllib3", "filelock", "PIL", "matplotlib", "fsspec", "asyncio", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -216,10 +220,19 @@ def train_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing run folder and start over.")] = False,
 ) -> None:
     """Train (or fine-tune) the VAE into <output_dir>/<run_name>/; prints the run folder."""
-    from vaedyn_cli import train
+    command = shlex.join(["vaedyn", "train", *(["-c", str(config)] if config else []),
+                          *(a for s in set_ or [] for a in ("--set", s))])
+    cfg = None
+    try:
+        from vaedyn_cli import train
 
-    cfg = config_mod.load_config(config, set_ or [])
-    run_dir = train.train(cfg, resume=resume, overwrite=overwrite)
+        cfg = config_mod.load_config(config, set_ or [])
+        run_dir = train.train(cfg, resume=resume, overwrite=overwrite)
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) or errors.interrupted():
+            how = train.interrupt_hint(cfg, command) if cfg is not None else f"nothing was written: start again with: {command}"
+            raise (errors.Terminated if isinstance(e, errors.Terminated) else KeyboardInterrupt)(how) from None
+        raise
     if train.is_main_process():  # under `accelerate launch` every process returns here; print once
         out(str(run_dir))
 
@@ -448,9 +461,26 @@ def store_info_cmd(
     Console(soft_wrap=True).print(store_mod.info_table(info))
 
 
+@store_app.command("check")
+@handle_errors
+def store_check_cmd(
+    store: Annotated[str, typer.Argument(help="Trace store, run folder, or - to read the path from stdin.")],
+) -> None:
+    """Check a trace store for damage (every chunk present and decoding); one OK line, or exit 2 naming the problem."""
+    from vaedyn_cli import store as store_mod
+
+    out(store_mod.verify_store(store_mod.resolve_store_path(store)))
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point (`vaedyn_cli.entry` catches signals before importing this module)."""
+    errors.catch_signals()
+    try:
+        app()
+    except KeyboardInterrupt as e:  # while typer parses, before a command's own handler
+        line, code = errors.interrupt_line(e)
+        err(line)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

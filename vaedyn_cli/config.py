@@ -9,22 +9,44 @@ from __future__ import annotations
 
 import difflib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from vaedyn_cli import artifacts, inputs
 from vaedyn_cli.errors import VaedynError
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "vaedyn.schema.json"
 SCHEMA_FILE_NAME = "vaedyn.schema.json"
 
 
-class Section(BaseModel):
-    """Base of every config section: unknown keys are rejected, assignments re-validated."""
+MAX_SEED = 2**32 - 1  # numpy's (and so accelerate's set_seed) largest seed
+MAX_NAME_BYTES = 200  # a run folder name, leaving room within the usual 255-byte limit for `.NAME.tmp-TAG`
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field takes numbers (int, float, or either or None), not booleans."""
+    args = typing.get_args(annotation) or (annotation,)
+    return bool({int, float} & set(args)) and bool not in args
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are rejected, assignments re-validated, and numbers
+    are numbers: no infinities or NaN, and no `true` where a count or rate goes (pydantic would read
+    it as 1)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and _numeric(field.annotation):
+            raise ValueError("expected a number, not a boolean")
+        return value
 
 
 class ModelConfig(Section):
@@ -96,6 +118,12 @@ class DataConfig(Section):
         100, ge=1, description="Use at most this many validation images."
     )
     validation_batch_size: int = Field(8, ge=1, description="Validation batch size.")
+    on_bad_image: Literal["error", "skip"] = Field(
+        "error",
+        description="An image that cannot be read: stop with an error naming it (`error`), or leave it out, "
+        "counted and logged (`skip`: a local folder's unreadable files are dropped before training starts; one "
+        "that fails later is replaced by the next readable image of the split).",
+    )
 
     @model_validator(mode="after")
     def _resolution_multiple_of_8(self) -> DataConfig:
@@ -276,7 +304,7 @@ class RunConfig(Section):
 
     run_name: str = Field("quickstart", min_length=1, description="Name of the run folder under output_dir.")
     output_dir: str = Field("stores", description="Root folder of run folders.")
-    seed: int = Field(42, description="Seed of model init, data order, crops and controls.")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed of model init, data order, crops and controls.")
     model: ModelConfig = Field(default_factory=ModelConfig, description=ModelConfig.__doc__)
     data: DataConfig = Field(default_factory=DataConfig, description=DataConfig.__doc__)
     train: TrainConfig = Field(default_factory=TrainConfig, description=TrainConfig.__doc__)
@@ -288,8 +316,14 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
-        if "/" in self.run_name or self.run_name in {".", ".."}:
+        _check_path_text("run_name", self.run_name)
+        _check_path_text("output_dir", self.output_dir)
+        if "/" in self.run_name or "\\" in self.run_name or self.run_name in {".", ".."}:
             raise ValueError(f"run_name {self.run_name!r} must be a plain folder name")
+        if len(self.run_name.encode()) > MAX_NAME_BYTES:
+            raise ValueError(
+                f"run_name is {len(self.run_name.encode())} bytes long; folder names hold at most {MAX_NAME_BYTES} here"
+            )
         if self.nudge.enabled and not self.track.enabled:
             raise ValueError("nudge.enabled needs track.enabled: in-training nudges classify the live trace")
         if self.nudge.enabled and self.nudge.every % self.track.interval:
@@ -301,13 +335,74 @@ class RunConfig(Section):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.run_name
+        """`<output_dir>/<run_name>`, with a leading `~` in output_dir meaning the home folder (as in a shell)."""
+        return Path(self.output_dir).expanduser() / self.run_name
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _check_path_text(name: str, value: str) -> None:
+    """No NUL byte or other control character in a name that becomes part of a path."""
+    bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise ValueError(f"{name} contains the control character {bad!r}; use a plain folder name")
+
+
+# ---------------------------------------------------------------------------------------------
+# resuming with other settings
+
+# What a resumed run may set differently from the checkpoint it continues (README "Resuming"):
+# settings that do not change what the optimizer does to the weights (how long, how often it saves,
+# validates, logs and commits; where the run lives), and the offline sections. They are applied and
+# recorded (the run's resumes.jsonl; config.yaml says what the run does from then on). Every other
+# field is fixed by the checkpoint: model, data pipeline, batch size, optimizer and LR schedule, KL
+# weight, accumulation, precision, clipping, seed, what is tracked. A section name covers the section.
+RESUME_MAY_CHANGE: frozenset[str] = frozenset({
+    "run_name", "output_dir",
+    "train.max_steps", "train.num_train_epochs", "train.save_interval", "train.checkpoints_total_limit",
+    "train.validation_interval", "train.validation_unit", "train.on_nonfinite", "train.gradient_checkpointing",
+    "data.num_workers", "data.do_validation", "data.validation_batch_size", "data.on_bad_image",
+    "track.queue_size", "track.chunk_steps", "track.commit_interval_s",
+    "eval", "log",
+})
+# ... and these too while the run does not nudge during training (when it does, they pick the channels it nudges).
+RESUME_MAY_CHANGE_WITHOUT_NUDGE: frozenset[str] = frozenset({
+    "classify", "nudge.strategy", "nudge.every", "nudge.window", "nudge.select", "nudge.max_fraction",
+    "nudge.factor", "nudge.max_scale", "nudge.shrink", "nudge.perturb_std", "nudge.reset_optimizer_state",
+})
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as `section.key` -> value (lists and scalars are leaves)."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(flatten(value, f"{prefix}{key}."))
+    return {k.removesuffix("."): v for k, v in flat.items()}
+
+
+def resume_changes(stored: RunConfig, given: RunConfig) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+    """The fields in which `given` differs from the config a checkpoint was trained with, as
+    (refused, allowed): `{field: (stored, given)}` by the rule tables above."""
+    old, new = flatten(stored.model_dump(mode="json")), flatten(given.model_dump(mode="json"))
+    nudging = stored.nudge.enabled or given.nudge.enabled
+
+    def covered(key: str, table: frozenset[str]) -> bool:
+        parts = key.split(".")
+        return any(".".join(parts[:i]) in table for i in range(1, len(parts) + 1))
+
+    refused, allowed = {}, {}
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key) == new.get(key):
+            continue
+        free = covered(key, RESUME_MAY_CHANGE) or (not nudging and covered(key, RESUME_MAY_CHANGE_WITHOUT_NUDGE))
+        (allowed if free else refused)[key] = (old.get(key), new.get(key))
+    return refused, allowed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +442,7 @@ def format_validation_error(
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")
-            shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
+            shown = "" if isinstance(got, dict | list) or got is None else f" (got {inputs.shorten(repr(got))})"
             parts.append(f"{dotted}: {msg}{shown}")
     head = f"invalid {what} {where}" if where else f"invalid {what}"
     return f"{head}: " + "; ".join(parts)
@@ -360,7 +455,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise VaedynError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.learning_rate=1e-4")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key.strip().split("."), value
 
@@ -380,17 +475,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def with_overrides(overrides: list[str] | tuple[str, ...]) -> str:
+    """" with --set A B" for an error's "where" (each override shortened: a hostile value must not
+    flood the line); "" without overrides."""
+    return " with --set " + " ".join(inputs.shorten(o) for o in overrides) if overrides else ""
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise VaedynError(f"config file not found: {path} (list the shipped ones with `ls configs/`)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise VaedynError(f"YAML syntax error in {path}{at}: {problem}; fix the file and retry") from None
+    data = inputs.parse_yaml(inputs.read_text(path, "config file"), str(path), "fix the file and retry")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -410,17 +505,15 @@ def load_config(path: Path | str | None, overrides: list[str] | None = None) -> 
     data = read_yaml(Path(path)) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     where = f"in {path}" if path is not None else "(defaults)"
-    if overrides:
-        where += " with --set " + " ".join(overrides)
+    where += with_overrides(overrides or [])
     return validate_config(data, where)
 
 
 def config_from_text(text: str, where: str) -> RunConfig:
     """Rebuild the config stored in an artifact (YAML or JSON text)."""
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError:
-        raise VaedynError(f"stored config in {where} is not valid YAML; regenerate the artifact") from None
+    data = inputs.parse_yaml(text, f"the config stored in {where}", "regenerate the artifact") or {}
+    if not isinstance(data, dict):
+        raise VaedynError(f"the config stored in {where} is not a mapping of sections; regenerate the artifact")
     return validate_config(data, f"stored in {where}")
 
 
@@ -440,9 +533,24 @@ def schema_text() -> str:
 
 
 def write_schema(path: Path = SCHEMA_PATH) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise VaedynError(f"--out {path} is a folder; pass the path of the schema file to write")
+    if path.exists() and _title_of(path) != json_schema()["title"]:
+        raise VaedynError(f"--out {path} exists and is not a vaedyn config schema; vaedyn replaces only files it "
+                          "wrote: choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(schema_text())
+    artifacts.atomic_write_text(path, schema_text())
     return path
+
+
+def _title_of(path: Path) -> Any:
+    """The "title" of a JSON file (None when it is not a JSON object)."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return found.get("title") if isinstance(found, dict) else None
 
 
 def commented_yaml(cfg: RunConfig) -> str:

@@ -12,10 +12,13 @@ after the crop), optional random horizontal flip, scale to [-1, 1].
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import string
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from vaedyn_cli import inputs
 from vaedyn_cli.config import DataConfig
 from vaedyn_cli.errors import VaedynError
 
@@ -193,7 +197,7 @@ def _load_from_disk(path: Path, split: str):  # noqa: ANN202
     return ds
 
 
-def _load_imagefolder(path: Path, split: str):  # noqa: ANN202
+def _load_imagefolder(path: Path, split: str, on_bad_image: str = "error"):  # noqa: ANN202
     import datasets
 
     subdirs = [d.name for d in path.iterdir() if d.is_dir()]
@@ -201,17 +205,18 @@ def _load_imagefolder(path: Path, split: str):  # noqa: ANN202
     if split_dirs:
         if split not in split_dirs:
             raise VaedynError(f"split '{split}' not found in {path}; available splits: {', '.join(split_dirs)}")
-        files = [p for p in (path / split).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+        files = [p for p in (path / split).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     else:
         if split != "train":
             raise VaedynError(
                 f"split '{split}' not found in {path}: a folder without train/validation/test subfolders "
                 "is split 'train' only"
             )
-        files = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+        files = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     files.sort()
     if not files:
         raise VaedynError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}")
+    files = _readable(files, path, on_bad_image)
     features = datasets.Features({"image": datasets.Image()})
     return datasets.Dataset.from_dict({"image": [str(f) for f in files]}, features=features)
 
@@ -247,7 +252,7 @@ def open_split(cfg: DataConfig, split: str, max_samples: int | None, seed: int):
         elif path.is_dir() and _is_saved_to_disk(path):
             ds = _load_from_disk(path, split)
         elif path.is_dir():
-            ds = _load_imagefolder(path, split)
+            ds = _load_imagefolder(path, split, cfg.on_bad_image)
         else:
             raise VaedynError(f"data source {path} is a file but not .parquet; pass a folder or a parquet file")
     elif name.startswith((".", "/", "~")):
@@ -270,7 +275,64 @@ def _cap(ds, max_samples: int | None, name: str):  # noqa: ANN001, ANN202
 
 
 # ---------------------------------------------------------------------------------------------
+# unreadable images
+
+
+@contextlib.contextmanager
+def _pil_warnings(name: str) -> Iterator[None]:
+    """PIL's decompression-bomb warning (an image above Image.MAX_IMAGE_PIXELS; twice that is an
+    error) as one log line naming the image, not a multi-line warning on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        yield
+    for w in caught:
+        if issubclass(w.category, Image.DecompressionBombWarning):
+            log.warning("%s is a very large image (above PIL's limit of %d pixels); decoding it anyway", name,
+                        Image.MAX_IMAGE_PIXELS)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _readable(files: list[Path], folder: Path, on_bad_image: str) -> list[Path]:
+    """The files whose image header PIL reads (a cheap open, no decoding), checked before anything is
+    written: unreadable ones are an error naming the first, or with on_bad_image=skip left out."""
+    bad: list[tuple[Path, str]] = []
+    for f in files:
+        try:
+            with _pil_warnings(str(f)), Image.open(f):
+                pass
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for a file that is not an image
+            bad.append((f, inputs.first_line(e) or type(e).__name__))
+    if not bad:
+        return files
+    first, why = bad[0]
+    if on_bad_image == "error":
+        raise VaedynError(
+            f"cannot read image {first} ({why}); {len(bad)} of {len(files)} files under {folder} are not readable "
+            "images: fix or remove them, or set data.on_bad_image=skip"
+        )
+    log.warning("skipping %d unreadable image(s) of %d under %s (data.on_bad_image=skip), e.g. %s: %s",
+                len(bad), len(files), folder, first, why)
+    dropped = {f for f, _ in bad}
+    kept = [f for f in files if f not in dropped]
+    if not kept:
+        raise VaedynError(f"no readable images under {folder} ({len(bad)} files could not be read, e.g. {first})")
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------
 # preprocessing
+
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit grey (and the 32-bit mode PIL may open it as)
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """An image in PIL's 16-bit grey modes scaled to 8 bits (65535 -> 255); PIL's own convert("RGB")
+    would clip every value above 255, turning a 16-bit image white."""
+    if image.mode not in HIGH_DEPTH_MODES:
+        return image
+    scaled = np.clip(np.round(np.asarray(image, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")
 
 
 def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
@@ -295,8 +357,10 @@ def to_tensor(image: Image.Image, resolution: int, flip: bool = False) -> torch.
     The resize and crop happen in the image's own mode, as in the original study's pipeline, so Pillow
     resizes palette and bilevel images ("P", "1") by nearest neighbour and images with alpha in
     premultiplied alpha (fully transparent pixels come out black once alpha is dropped); RGB and
-    grayscale images do not depend on the order. A size that does not change is not resampled.
+    grayscale images do not depend on the order. A size that does not change is not resampled. 16-bit
+    grey images are first scaled to 8 bits.
     """
+    image = to_8bit(image)
     size = resized_size(*image.size, resolution)
     if size != image.size:
         image = image.resize(size, Image.BILINEAR)
@@ -311,9 +375,14 @@ def to_tensor(image: Image.Image, resolution: int, flip: bool = False) -> torch.
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """A map-style split as (3, H, W) tensors in [-1, 1]; flips are seeded per (epoch, index)."""
+    """A map-style split as (3, H, W) tensors in [-1, 1]; flips are seeded per (epoch, index).
 
-    def __init__(self, ds: Any, column: str, resolution: int, name: str, flip: bool = False, seed: int = 0):
+    With on_bad_image=skip an image that cannot be read is replaced by the next readable one of the
+    split (so batches keep their size and the data order stays a function of the seed); each is
+    logged once and counted in `skipped` (per data loader worker)."""
+
+    def __init__(self, ds: Any, column: str, resolution: int, name: str, flip: bool = False, seed: int = 0,
+                 on_bad_image: str = "error"):
         if column not in ds.column_names:
             raise VaedynError(
                 f"column '{column}' not found in dataset {name}; available columns: {', '.join(ds.column_names)} "
@@ -321,15 +390,32 @@ class ImageDataset(torch.utils.data.Dataset):
             )
         self.ds, self.column, self.resolution, self.name = ds, column, resolution, name
         self.flip, self.seed, self.epoch = flip, seed, 0
+        self.on_bad_image, self.skipped = on_bad_image, set()
 
     def __len__(self) -> int:
         return len(self.ds)
 
+    def _image(self, index: int) -> Any:
+        with _pil_warnings(f"image {index} of dataset {self.name}"):
+            return self.ds[int(index)][self.column]
+
     def __getitem__(self, index: int) -> torch.Tensor:
-        try:
-            image = self.ds[int(index)][self.column]
-        except Exception as e:  # noqa: BLE001 - PIL and datasets raise many types for a bad file
-            raise VaedynError(f"cannot read image {index} of dataset {self.name}: {str(e).splitlines()[0]}") from None
+        for tried in range(len(self) if self.on_bad_image == "skip" else 1):
+            at = (int(index) + tried) % len(self)
+            try:
+                image = self._image(at)
+                break
+            except Exception as e:  # noqa: BLE001 - PIL and datasets raise many types for a bad file
+                why = inputs.first_line(e) or type(e).__name__
+                if self.on_bad_image != "skip":
+                    raise VaedynError(f"cannot read image {at} of dataset {self.name}: {why}; fix or remove it, or set "
+                                      "data.on_bad_image=skip") from None
+                if at not in self.skipped:
+                    self.skipped.add(at)
+                    log.warning("skipping unreadable image %d of dataset %s (%s); %d skipped so far", at, self.name,
+                                why, len(self.skipped))
+        else:
+            raise VaedynError(f"no image of dataset {self.name} can be read ({len(self.skipped)} tried)")
         if not isinstance(image, Image.Image):
             raise VaedynError(
                 f"column '{self.column}' of dataset {self.name} holds {type(image).__name__}, not images; "
@@ -367,7 +453,8 @@ def image_dataset(
     name = cfg.dataset_name
     if isinstance(ds, datasets.IterableDataset):
         return IterableImageDataset(ds, cfg.image_column, cfg.resolution, name)
-    return ImageDataset(ds, cfg.image_column, cfg.resolution, name, flip=train and cfg.random_flip, seed=seed)
+    return ImageDataset(ds, cfg.image_column, cfg.resolution, name, flip=train and cfg.random_flip, seed=seed,
+                        on_bad_image=cfg.on_bad_image)
 
 
 def train_dataset(cfg: DataConfig, seed: int) -> torch.utils.data.Dataset:

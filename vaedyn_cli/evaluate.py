@@ -35,17 +35,6 @@ def default_out_dir(ckpt: Any, split: str) -> Path:
     return base / Path(ckpt.path).name / split
 
 
-def _check_out(target: Path) -> None:
-    """The results folder may replace an earlier evaluation (a folder with metrics.json), nothing else."""
-    if target.exists() and not target.is_dir():
-        raise VaedynError(f"--out {target} is a file; pass a folder for the evaluation results")
-    if target.is_dir() and any(target.iterdir()) and not (target / artifacts.METRICS_FILE).is_file():
-        raise VaedynError(
-            f"--out {target} exists and is not an evaluation (no {artifacts.METRICS_FILE}); choose another folder "
-            "or empty it"
-        )
-
-
 def evaluate(
     checkpoint: str,
     cfg: RunConfig | None = None,
@@ -84,7 +73,7 @@ def evaluate(
     if batch_size < 1 or (max_samples is not None and max_samples < 1) or num_pairs < 0:
         raise VaedynError("--batch-size and --max-samples must be at least 1 and --num-samples-to-save at least 0")
     target = Path(out) if out is not None else default_out_dir(ckpt, split)
-    _check_out(target)
+    artifacts.check_replaceable(target, artifacts.EVALUATION, "--out" if out is not None else "results folder")
     if store is not None and not ablate and not grids:
         raise VaedynError(
             "--store only serves --ablate and --grids (where the channel labels come from); add --ablate SELECT "
@@ -126,7 +115,7 @@ def evaluate(
     }
     if plan is not None:
         record["ablation"] = ablation_section(plan, vae, result.metrics, means, loader, device)
-    with artifacts.atomic_folder(target) as tmp:
+    with artifacts.atomic_folder(target, artifacts.EVALUATION) as tmp:
         if grid_plan is not None:
             record["grids"] = grids_section(grid_plan, vae, dataset, cfg.eval.grid_samples, tmp)
         (tmp / artifacts.METRICS_FILE).write_text(json.dumps(record, indent=2) + "\n")

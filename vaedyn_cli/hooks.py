@@ -22,6 +22,12 @@ class TrainHook:
     Hooks run on every process (a hook that writes files should do so on the main process only).
     """
 
+    def resumed(self, step: int) -> None:
+        """A resumed run only, once the checkpoint of `step` has loaded completely and been checked:
+        drop what was recorded after `step` (the tracker cuts its trace and events back to it). A hook
+        destroys nothing before this call, so a resume whose checkpoint fails to load leaves the run
+        folder as it was."""
+
     def begin_step(self, step: int) -> None:
         """Before the first micro-batch forward of optimizer step `step` (1-based)."""
 
@@ -47,7 +53,7 @@ class TrainHook:
 class TrainContext:
     """What a hook factory gets. Factories run after accelerator.prepare and before a resumed
     checkpoint is loaded (so objects they register for checkpointing are restored; the resumed
-    weights are in `model` right after the factories return)."""
+    weights are in `model` right after the factories return); `TrainHook.resumed` follows the load."""
 
     cfg: RunConfig
     accelerator: Any

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vaedyn_cli import artifacts
+from vaedyn_cli import artifacts, inputs
 from vaedyn_cli.errors import VaedynError
 
 METRICS = ("mse", "kl", "psnr_pooled", "psnr_per_image_mean", "ssim")
@@ -183,14 +183,22 @@ def load_metrics(path: Path) -> dict[str, Any]:
     file = path / artifacts.METRICS_FILE if path.is_dir() else path
     if not file.is_file():
         raise VaedynError(f"{path} has no {artifacts.METRICS_FILE}: pass files or folders written by `vaedyn eval`")
-    try:
-        record = json.loads(file.read_text())
-        values, old = current_names(record["metrics"])
-    except (KeyError, TypeError, ValueError):  # ValueError: bad JSON, or metrics that are no mapping
-        raise VaedynError(f"{file} is not a metrics file written by `vaedyn eval`; rerun the evaluation") from None
+    fix = "rerun `vaedyn eval`"
+    record = inputs.parse_json(inputs.read_text(file, "metrics file", fix), str(file),
+                               f"it is not a metrics file written by `vaedyn eval`; {fix}")
+    stored = record.get("metrics") if isinstance(record, dict) else None
+    if not isinstance(stored, dict):
+        raise VaedynError(f"{file} is not a metrics file written by `vaedyn eval` (no 'metrics' mapping); {fix}")
+    values, old = current_names(stored)
     missing = [m for m in METRICS if m not in values]
     if missing:
-        raise VaedynError(f"{file} lacks metrics {', '.join(missing)}; rerun `vaedyn eval`")
+        raise VaedynError(f"{file} lacks metrics {', '.join(missing)}; {fix}")
+    for m in METRICS:
+        v = values[m]
+        if v is None and old and m not in stored:  # what an older file cannot have: n/a
+            continue
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            raise VaedynError(f"{file}: metric '{m}' is {inputs.shorten(json.dumps(v), 30)}, not a number; {fix}")
     if old:
         log.warning("warning: %s was written by an older vaedyn: its %s is shown as %s and it has no %s (n/a); "
                     "rerun `vaedyn eval` for all of them", file, ", ".join(old),

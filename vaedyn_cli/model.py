@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 
-from vaedyn_cli import artifacts
+from vaedyn_cli import artifacts, inputs
 from vaedyn_cli.config import ModelConfig, RunConfig, config_from_text
 from vaedyn_cli.errors import VaedynError
 
@@ -213,7 +213,7 @@ class Checkpoint:
                 model = AutoencoderKL.from_config(json.loads((self.path / artifacts.MODEL_CONFIG_FILE).read_text()))
                 state = load_file(str(self.path / artifacts.ACCELERATE_MODEL_FILE))
             except Exception as e:  # noqa: BLE001 - json, diffusers and safetensors raise many types for a damaged file
-                first = str(e).splitlines()[0] if str(e) else ""
+                first = inputs.first_line(e)
                 raise VaedynError(
                     f"cannot read checkpoint {self.path} ({type(e).__name__}: {first}): it is damaged; pick another "
                     "checkpoint"
@@ -229,7 +229,7 @@ class Checkpoint:
 def _stored_config(folder: Path) -> RunConfig | None:
     for candidate in (folder / artifacts.RUN_CONFIG_IN_CHECKPOINT, folder / artifacts.CONFIG_FILE):
         if candidate.is_file():
-            return config_from_text(candidate.read_text(), str(candidate))
+            return config_from_text(inputs.read_text(candidate, "stored config"), str(candidate))
     return None
 
 
@@ -283,5 +283,9 @@ def _diffusers_checkpoint(source: str, folder: Path, run_dir: Path | None) -> Ch
     step = 0
     meta = folder / artifacts.STEP_FILE
     if meta.is_file():
-        step = int(json.loads(meta.read_text())["step"])
+        fix = "it should read {\"step\": N}; restore it or delete it (the model then counts as step 0)"
+        record = inputs.read_json(meta, "step file", fix)
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise VaedynError(f"step file {meta} holds no step count ({inputs.shorten(json.dumps(record), 40)}); {fix}")
     return Checkpoint(source, "diffusers", folder, step, run_dir, cfg)

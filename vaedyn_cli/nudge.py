@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vaedyn_cli import artifacts, settings
+from vaedyn_cli import artifacts, inputs, settings
 from vaedyn_cli.errors import VaedynError
 from vaedyn_cli.selection import check_classification_fits, parse_classification, parse_select, select_targets
 from vaedyn_cli.strategies import apply, get_strategy
@@ -24,14 +23,14 @@ log = logging.getLogger(__name__)
 
 def _read_targets_text(targets: str | Path) -> tuple[str, str]:
     if str(targets) == "-":
-        text = sys.stdin.read()
+        text = inputs.read_stdin("--targets -", "pipe in `vaedyn classify STORE --format json`")
         if not text.strip():
             raise VaedynError("no targets on stdin; pipe in `vaedyn classify STORE --format json`")
         return text, "from stdin"
     path = Path(targets)
     if not path.is_file():
         raise VaedynError(f"targets file {path} not found; write it with `vaedyn classify STORE --format json > FILE`")
-    return path.read_text(), str(path)
+    return inputs.read_text(path, "targets file", "write it with `vaedyn classify STORE --format json > FILE`"), str(path)
 
 
 
@@ -48,15 +47,9 @@ def default_out(ckpt: Any, strategy: str) -> Path:
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not overwrite:
+    if out.exists() and not overwrite:
         raise VaedynError(f"output {out} already exists; pass --overwrite to replace it or choose --out")
-    if not out.is_dir() or (any(out.iterdir()) and not (out / artifacts.NUDGE_FILE).is_file()):
-        raise VaedynError(
-            f"output {out} exists and is not a nudged checkpoint (no {artifacts.NUDGE_FILE}); "
-            "--overwrite only replaces folders written by `vaedyn nudge`: choose another --out"
-        )
+    artifacts.check_replaceable(out, artifacts.NUDGED, "output")
 
 
 
@@ -115,7 +108,7 @@ def nudge_checkpoint(
     # The folder carries the config the weights came from; its nudge section says what was done.
     carried = ckpt.config.model_copy(update={"nudge": cfg.nudge}) if ckpt.config and config_path else cfg
 
-    with artifacts.atomic_folder(out) as folder:
+    with artifacts.atomic_folder(out, artifacts.NUDGED) as folder:
         save_model(model, folder, carried, step=ckpt.step)
         (folder / artifacts.NUDGE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     log.info(

@@ -22,7 +22,6 @@ import numpy as np
 
 from vaedyn_cli import artifacts
 from vaedyn_cli import store as store_mod
-from vaedyn_cli.errors import VaedynError
 from vaedyn_cli.figures import FIGURES, render_figures
 from vaedyn_cli.labels import PARTS
 from vaedyn_cli.pages import CSS, esc, figures_html, fmt, table
@@ -143,7 +142,7 @@ def render_html(d: ReportData, summary: dict[str, Any], figures: dict[str, str |
         try:
             model_cfg = json.dumps(json.loads(model_cfg), indent=2) if isinstance(model_cfg, str) else \
                 json.dumps(model_cfg, indent=2)
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
         parts.append(f"<h3>Model config</h3><pre>{esc(model_cfg)}</pre>")
     parts.append("</body></html>\n")
@@ -162,24 +161,19 @@ def _events_text(ev: dict[str, Any]) -> str:
 # entry point
 
 
-def _check_out(out: Path) -> None:
-    """Refuse to replace anything but an earlier report."""
-    if out.is_file():
-        raise VaedynError(f"--out {out} is a file; pass a folder for the report")
-    if out.is_dir() and any(out.iterdir()) and not (out / INDEX_FILE).is_file():
-        raise VaedynError(f"--out {out} exists and is not a vaedyn report (no {INDEX_FILE}); "
-                          "choose another folder or empty it")
-
-
 def build_report(store: str | Path, out: Path | None = None) -> Path:
     """Write the report of a trace store (a store path, a run folder, or '-' for a path on stdin)
     into `out` (default: <run>/report/ or <store>.report/); returns the folder."""
     path = store_mod.resolve_store_path(store)
     ds = store_mod.open_trace(path)
+    what = "--out" if out is not None else "report folder"
     out = Path(out) if out is not None else default_out(path)
-    _check_out(out)
+    artifacts.check_replaceable(out, artifacts.REPORT, what)
     d = gather(path, ds)
-    with artifacts.atomic_folder(out) as tmp:
+    import matplotlib
+
+    # names in a store are data: a `$` in a layer name must not start matplotlib's math mode
+    with artifacts.atomic_folder(out, artifacts.REPORT) as tmp, matplotlib.rc_context({"text.parse_math": False}):
         figures = render_figures(d, tmp)
         summary = build_summary(d, figures)
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")

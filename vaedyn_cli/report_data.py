@@ -8,7 +8,6 @@ including the first and the last step, and reduced on the fly.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,11 +135,7 @@ def _load_validation(d: ReportData) -> list[dict[str, Any]]:
     if d.run_dir is None or not (d.run_dir / artifacts.VALIDATION_FILE).is_file():
         return []
     rows = []
-    for line in (d.run_dir / artifacts.VALIDATION_FILE).read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a line being written when training stopped
+    for rec in artifacts.read_jsonl(d.run_dir / artifacts.VALIDATION_FILE):
         if isinstance(rec, dict) and "step" in rec:
             rows.append(rec)
     return rows

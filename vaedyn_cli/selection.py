@@ -8,7 +8,6 @@ eval's ablation and grids, and the report choose channels here.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from vaedyn_cli import anatomy, classification, labels
+from vaedyn_cli import anatomy, classification, inputs, labels
 from vaedyn_cli import store as store_mod
 from vaedyn_cli.errors import VaedynError
 
@@ -127,10 +126,7 @@ def select_targets(
 def parse_classification(text: str, where: str) -> dict[str, Any]:
     """The classify JSON, checked for the fields nudge needs (layers map, channel records)."""
     hint = "pass the output of `vaedyn classify STORE --format json`"
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise VaedynError(f"targets {where} are not valid JSON (line {e.lineno}, column {e.colno}); {hint}") from None
+    data = inputs.parse_json(text, f"targets {where}", hint)
     if not isinstance(data, dict) or not isinstance(data.get("layers"), dict) or not isinstance(
         data.get("channels"), list
     ):

@@ -14,7 +14,14 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from vaedyn_cli.config import RunConfig, apply_overrides, format_validation_error, read_yaml, validate_config
+from vaedyn_cli.config import (
+    RunConfig,
+    apply_overrides,
+    format_validation_error,
+    read_yaml,
+    validate_config,
+    with_overrides,
+)
 from vaedyn_cli.errors import VaedynError
 
 
@@ -49,8 +56,7 @@ def resolve(
     else:
         data, where = {}, "(defaults)"
     apply_overrides(data, list(overrides))
-    if overrides:
-        where += " with --set " + " ".join(overrides)
+    where += with_overrides(overrides)
     for name, values in (options or {}).items():
         given_values = {k: v for k, v in values.items() if v is not None}
         if given_values:

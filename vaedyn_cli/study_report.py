@@ -318,7 +318,8 @@ def build(study: Study, stats: dict[str, Any], results: dict[str, Any]) -> Path:
     """Write `<study>/report/` (index.html and the figures) from study.json's statistics; returns the folder."""
     doc = json.loads((study.folder / STUDY_FILE).read_text())
     out = study.folder / artifacts.REPORT_DIR
-    with artifacts.atomic_folder(out) as tmp:
+    artifacts.check_replaceable(out, artifacts.REPORT, "study report folder")
+    with artifacts.atomic_folder(out, artifacts.REPORT) as tmp:
         figures = run_figures.save_figures(FIGURE_FUNCS, tmp, study, stats, results)
         (tmp / INDEX_FILE).write_text(render_html(study, doc, figures))
     return out

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from vaedyn_cli import artifacts, settings
+from vaedyn_cli import artifacts, inputs, settings
 from vaedyn_cli import store as store_mod
 from vaedyn_cli.config import RunConfig
 from vaedyn_cli.errors import VaedynError
@@ -53,18 +53,17 @@ def _default_out(checkpoints: Sequence[Any]) -> Path:
     return runs.pop() / artifacts.TRACK_TRACE_DIR
 
 
-def _check_out(out: Path) -> None:
-    if not out.exists():
-        return
-    if (out / store_mod.ZARR_JSON).is_file():
+def _check_out(out: Path, what: str) -> None:
+    """`vaedyn track` replaces only a store it wrote (a vaedyn trace store with source `track`)."""
+    is_store = out.is_dir() and (out / store_mod.ZARR_JSON).is_file()
+    if is_store:
         attrs = store_mod.check_store(out)
         if attrs.get("source") != "track":
             raise VaedynError(
                 f"{out} is a trace written by `vaedyn {attrs.get('source')}`; `vaedyn track` replaces only its own "
                 "stores: choose another --out"
             )
-    elif out.is_dir() and any(out.iterdir()) or out.is_file():
-        raise VaedynError(f"--out {out} exists and is not a trace store; choose another path")
+    artifacts.check_replaceable(out, artifacts.TRACE, what, legacy=lambda _: is_store)
 
 
 # Fields of a diffusers config.json that decide which channels a trace holds.
@@ -82,10 +81,10 @@ def _check_same_architecture(checkpoints: Sequence[Any]) -> None:
         file = Path(ckpt.path) / artifacts.MODEL_CONFIG_FILE if ckpt.path is not None else None
         if file is None or not file.is_file():
             continue
-        try:
-            arch = {k: json.loads(file.read_text()).get(k) for k in ARCHITECTURE_KEYS}
-        except ValueError:
-            raise VaedynError(f"{file} is not valid JSON: checkpoint {ckpt.source} is damaged") from None
+        record = inputs.read_json(file, "model config", f"checkpoint {ckpt.source} is damaged")
+        if not isinstance(record, dict):
+            raise VaedynError(f"model config {file} is not a JSON object: checkpoint {ckpt.source} is damaged")
+        arch = {k: record.get(k) for k in ARCHITECTURE_KEYS}
         if first is None:
             first = (ckpt, arch)
             continue
@@ -128,8 +127,9 @@ def track_checkpoints(
         missing="the checkpoints carry no vaedyn config (a hub id or a bare diffusers folder): pass -c CFG "
         "(it names the probe data: data.* and track.probe_*)",
     )
+    what = "--out" if out is not None else "trace store"
     out = Path(out) if out is not None else _default_out(ckpts)
-    _check_out(out)
+    _check_out(out, what)
     batch = load_probe_batch(cfg)
     dev = torch.device(device) if device is not None else _device()
     with artifacts.atomic_folder(out) as tmp:

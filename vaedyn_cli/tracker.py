@@ -55,8 +55,11 @@ class Tracker(TrainHook):
                 commit_interval_s=cfg.track.commit_interval_s,
                 keep_recent=cfg.nudge.window,
             )
-            if resume is not None:
-                self.writer.truncate(resume)
+
+    def resumed(self, step: int) -> None:
+        """The checkpoint of `step` has loaded: the trace continues from it (later steps and events go)."""
+        if self.writer is not None:
+            self.writer.truncate(step)
 
     def begin_step(self, step: int) -> None:
         self.tracked = step % self.cfg.track.interval == 0

@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
-from vaedyn_cli import artifacts
-from vaedyn_cli.config import RunConfig
+from vaedyn_cli import artifacts, inputs
+from vaedyn_cli.config import RunConfig, flatten, resume_changes
 from vaedyn_cli.errors import RuntimeFailure, VaedynError
 from vaedyn_cli.hooks import HookFactory
 from vaedyn_cli.live_nudge import make_training_nudge
 from vaedyn_cli.tb import tensorboard_hook
 from vaedyn_cli.tracker import make_tracker
-from vaedyn_cli.trainer import Trainer, truncate_validation
+from vaedyn_cli.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -60,30 +60,77 @@ def _trackers(cfg: RunConfig, logs_dir: Path) -> list[Any]:
 
 def _flat_config(cfg: RunConfig) -> dict[str, Any]:
     """The config as flat `section.key` scalars (what TensorBoard hparams accept)."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
-        else:
-            key = prefix[:-1]
-            flat[key] = node if isinstance(node, bool | int | float | str) else json.dumps(node)
-
-    walk(cfg.model_dump(mode="json"), "")
-    return flat
+    return {k: v if isinstance(v, bool | int | float | str) else json.dumps(v)
+            for k, v in flatten(cfg.model_dump(mode="json")).items()}
 
 
-def _check_output_dir(run_dir: Path) -> None:
-    """The run folder can be made: no existing file stands where it or a folder above it goes."""
-    for path in (run_dir, *run_dir.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise VaedynError(
-                    f"{path} is a file, so run folder {run_dir} cannot be made there; set output_dir (or run_name) "
-                    "to a folder path"
-                )
-            return
+def _settings_changes(cfg: RunConfig, resume_dir: Path) -> dict[str, tuple[Any, Any]]:
+    """The settings that differ from those the checkpoint was trained with: refused (VaedynError)
+    where they change the trajectory, else returned to be applied and recorded (config.RESUME_MAY_CHANGE)."""
+    from vaedyn_cli.model import resolve_checkpoint
+
+    stored = resolve_checkpoint(resume_dir).config
+    if stored is None:
+        raise VaedynError(f"--resume {resume_dir}: the checkpoint carries no {artifacts.RUN_CONFIG_IN_CHECKPOINT}, so "
+                          "vaedyn cannot tell whether this config continues it; pick another checkpoint")
+    refused, allowed = resume_changes(stored, cfg)
+    if refused:
+        shown = "; ".join(f"{k} {_show(a)} (trained) vs {_show(b)} (given)" for k, (a, b) in refused.items())
+        raise VaedynError(
+            f"--resume {resume_dir}: {len(refused)} setting(s) differ from the run's and would change its trajectory: "
+            f"{shown}; resume with the run's own settings ({artifacts.CONFIG_FILE} of the run) or start a new run "
+            "(another run_name)"
+        )
+    return allowed
+
+
+def _show(value: Any) -> str:
+    return inputs.shorten(json.dumps(value), 40)
+
+
+def _record_changes(cfg: RunConfig, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
+    """Say and record (resumes.jsonl) the settings a resumed run changed; warn where a longer run
+    re-stretches an LR schedule that decays over the run's length."""
+    log.warning("resuming at step %d with changed settings: %s (recorded in %s)", step,
+                ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in changes.items()), artifacts.RESUMES_FILE)
+    if {"train.max_steps", "train.num_train_epochs"} & changes.keys() and cfg.train.lr_scheduler_type not in {
+            "constant", "constant_with_warmup"}:
+        log.warning("the %s learning rate schedule now spans the new length: from step %d on it follows the longer "
+                    "run's schedule, not the one this run started with", cfg.train.lr_scheduler_type, step)
+    record = {"step": step, "changed": {k: [a, b] for k, (a, b) in changes.items()}}
+    with open(cfg.run_dir / artifacts.RESUMES_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """The run folder can be made (no file in the way), continued (it is a run folder), or started
+    over (vaedyn made it and nothing else is in it)."""
+    fix = "set output_dir (or run_name) to a folder path"
+    artifacts.check_creatable(run_dir, "run folder", fix)
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise VaedynError(f"run folder {run_dir} is a file or a symbolic link, not a folder vaedyn made; {fix}")
+    if not run_dir.exists():
+        return
+    if resume is None and not overwrite:
+        raise VaedynError(
+            f"run folder {run_dir} already exists: pass --resume latest to continue it, --overwrite to start over, "
+            "or choose another run_name"
+        )
+    if overwrite:
+        artifacts.check_replaceable(run_dir, artifacts.RUN, "run folder")
+    elif artifacts.marker_kind(run_dir) not in (None, artifacts.RUN.name):
+        raise VaedynError(f"{run_dir} is not a run folder (its {artifacts.MARKER_FILE} marker says otherwise); "
+                          "choose another run_name")
+
+
+def _start_over(run_dir: Path) -> None:
+    """--overwrite: empty the run folder (checked again now that this process holds its lock) but
+    for the lock itself, so that no second trainer can slip in while it is rebuilt."""
+    artifacts.check_replaceable(run_dir, artifacts.RUN, "run folder")
+    keep = {artifacts.TRAIN_LOCK_FILE, artifacts.TRAIN_PID_FILE}
+    for entry in run_dir.iterdir():
+        if entry.name not in keep:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 def _resolve_resume(cfg: RunConfig, resume: str | None) -> Path | None:
@@ -102,8 +149,15 @@ def _resolve_resume(cfg: RunConfig, resume: str | None) -> Path | None:
     path = Path(resume).expanduser()
     if artifacts.parse_step(path.name) is None or not path.is_dir():
         raise VaedynError(f"--resume {resume}: not a checkpoints/step-NNNNNN folder; pass one or `latest`")
-    if not (path / artifacts.ACCELERATE_MODEL_FILE).is_file() or not (path / artifacts.TRAINING_STATE_FILE).is_file():
+    has_state = any((path / name).is_file() for name in (artifacts.TRAINING_STATE_FILE, artifacts.LEGACY_TRAINING_STATE_FILE))
+    if not (path / artifacts.ACCELERATE_MODEL_FILE).is_file() or not has_state:
         raise VaedynError(f"--resume {resume}: the checkpoint is incomplete (no model or training state); pick another")
+    owner = artifacts.run_of(path)
+    if cfg.run_dir.exists() and (owner is None or owner.resolve() != cfg.run_dir.resolve()):
+        raise VaedynError(
+            f"--resume {resume}: the checkpoint belongs to {owner or 'no run folder'}, not to run folder {cfg.run_dir}, "
+            "which exists: resuming would cut that run's trace; set run_name to a new folder to branch off"
+        )
     return path
 
 
@@ -152,12 +206,7 @@ def train(
     if resume is not None and overwrite:
         raise VaedynError("--resume and --overwrite exclude each other: resume keeps the run folder, overwrite deletes it")
     run_dir = cfg.run_dir
-    if resume is None and run_dir.exists() and not overwrite:
-        raise VaedynError(
-            f"run folder {run_dir} already exists: pass --resume latest to continue it, --overwrite to start over, "
-            "or choose another run_name"
-        )
-    _check_output_dir(run_dir)
+    _check_run_dir(run_dir, resume, overwrite)
     _check_report_to(cfg.log.report_to)
     resume_dir = _resolve_resume(cfg, resume)
     resume_step = artifacts.parse_step(resume_dir.name) if resume_dir is not None else None
@@ -177,8 +226,10 @@ def train(
         if ds is not None and hasattr(ds, "__len__"):
             ds[0]
     vae = model_mod.build_model(cfg.model, cfg.seed)
+    changes: dict[str, tuple[Any, Any]] = {}
     if resume_dir is not None:
         _check_resume_fits(resume_dir, vae)
+        changes = _settings_changes(cfg, resume_dir)
     set_seed(cfg.seed)
     logs_dir = run_dir / artifacts.LOGS_DIR
     accelerator = _accelerator(cfg, run_dir, logs_dir)
@@ -186,21 +237,35 @@ def train(
     model_mod.warn_fp16(cfg.train.mixed_precision)  # after the input checks: an input error stays one line
     main = accelerator.is_main_process
     created = resume is None or not run_dir.exists()
-    started = discard = False
+    lock = artifacts.RunLock(run_dir) if main else None  # only the main process writes the run folder
+    started = discard = owned = False
     try:
-        if main:
-            if overwrite and run_dir.exists():
-                shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
+        if lock is not None:
+            if resume is None and not overwrite:
+                run_dir.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    run_dir.mkdir()
+                except FileExistsError:
+                    raise VaedynError(f"run folder {run_dir} was just made by another process; choose another run_name") from None
+            else:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+            owned = True
+            if overwrite:
+                _start_over(run_dir)
+            if created:
+                artifacts.write_marker(run_dir, artifacts.RUN)
             artifacts.remove_stale_temps(run_dir / artifacts.CHECKPOINTS_DIR)
         accelerator.wait_for_everyone()
-        trainer.start(resume_dir)
+        trainer.start(resume_dir)  # loads the checkpoint, then drops what came after it
         if main:
+            if not created and artifacts.marker_kind(run_dir) is None:
+                artifacts.write_marker(run_dir, artifacts.RUN)  # a run of an earlier vaedyn, resumed by this one
             artifacts.atomic_write_text(run_dir / artifacts.CONFIG_FILE, cfg.to_yaml())
             if resume_dir is not None:
                 log.info("resuming %s from step %d", run_dir, trainer.state.global_step)
-                _drop_later_checkpoints(run_dir, trainer.state.global_step)
-                truncate_validation(run_dir, trainer.state.global_step)
+                if changes:
+                    _record_changes(cfg, trainer.state.global_step, changes)
         accelerator.wait_for_everyone()
         accelerator.init_trackers(cfg.run_name, config=_flat_config(cfg))
         started = True
@@ -211,7 +276,7 @@ def train(
                 model_mod.save_model(trainer.vae, tmp, cfg, step=step)
         accelerator.wait_for_everyone()
     except BaseException:
-        discard = not started and created and main  # nothing half-written: the run never began
+        discard = not started and created and owned  # nothing half-written: the run never began
         raise
     finally:
         try:
@@ -220,7 +285,22 @@ def train(
             accelerator.end_training()
             if discard:
                 shutil.rmtree(run_dir, ignore_errors=True)
+            if lock is not None:
+                lock.release()
     return run_dir
+
+
+def interrupt_hint(cfg: RunConfig, command: str) -> str:
+    """What an interrupted `vaedyn train` says after its cleanup (the trace committed, the lock
+    released, a run that never began removed): how to go on from what is on disk now."""
+    run_dir = cfg.run_dir
+    latest = artifacts.latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if latest is not None:
+        return f"resume with: {command} --resume latest (continues from step {artifacts.parse_step(latest.name)})"
+    if run_dir.is_dir():
+        return (f"{run_dir} has no checkpoint yet (one every train.save_interval = {cfg.train.save_interval} steps): "
+                f"start over with: {command} --overwrite")
+    return f"nothing was written: start again with: {command}"
 
 
 def launched_processes() -> int:
@@ -276,11 +356,4 @@ def is_main_process() -> bool:
 
     return PartialState().is_main_process
 
-
-def _drop_later_checkpoints(run_dir: Path, step: int) -> None:
-    """A resumed run abandons what came after its checkpoint (as the trace store truncates to it)."""
-    for s, path in artifacts.list_checkpoints(run_dir):
-        if s > step:
-            log.warning("removing %s: it belongs to the continuation abandoned by resuming from step %d", path, step)
-            shutil.rmtree(path, ignore_errors=True)
 

@@ -16,11 +16,15 @@ any instant resumes from `latest` into the same numbers (see `vaedyn_cli.faults`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
+import pickle
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -29,7 +33,7 @@ from typing import Any
 
 import torch
 
-from vaedyn_cli import artifacts, faults
+from vaedyn_cli import artifacts, faults, inputs
 from vaedyn_cli.config import RunConfig
 from vaedyn_cli.errors import RuntimeFailure, VaedynError
 from vaedyn_cli.hooks import HookFactory, TrainContext, TrainHook
@@ -42,7 +46,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainState:
-    """Where training stands; saved in every checkpoint (accelerate custom state)."""
+    """Where training stands; saved in every checkpoint as JSON (`artifacts.TRAINING_STATE_FILE`),
+    not through accelerate's custom states, which it unpickles with `weights_only=False`."""
 
     global_step: int = 0
     epoch: int = 0
@@ -51,9 +56,45 @@ class TrainState:
     def state_dict(self) -> dict[str, int]:
         return asdict(self)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: Any, where: str) -> None:
+        """Set from a saved state; VaedynError naming `where` unless it holds exactly these counts."""
+        names = set(self.state_dict())
+        if not isinstance(state, dict) or set(state) != names or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in state.values()):
+            raise VaedynError(f"{where} is not a training state ({', '.join(sorted(names))}: counts); "
+                              "the checkpoint is damaged: resume from another one")
         for key, value in state.items():
-            setattr(self, key, int(value))
+            setattr(self, key, value)
+
+
+def _load_plain(path: Path, what: str) -> Any:
+    """A torch.save file of accelerate's, read with `weights_only=True` (tensors, numbers, numpy
+    arrays of RNG states: nothing that runs code), or a VaedynError that names it."""
+    from accelerate.utils.other import load
+
+    try:
+        return load(str(path), map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - an UnpicklingError for a planted object, others for damage
+        raise _not_plain(path.parent, f"{path.name} ({what})", e) from None
+
+
+def _not_plain(folder: Path, what: str, err: Exception) -> VaedynError:
+    return VaedynError(
+        f"cannot resume from {folder}: {what} does not load as plain data ({type(err).__name__}: "
+        f"{inputs.shorten(inputs.first_line(err), 80)}); it is damaged or holds objects that would run code, which "
+        "vaedyn never loads: resume from another checkpoint"
+    )
+
+
+@contextlib.contextmanager
+def _without(folder: Path, pattern: str) -> Iterator[Path]:
+    """`folder` as seen without the files matching `pattern`: a temporary folder of links to the
+    others (for accelerate's `load_state`, which unpickles every custom state it finds, unsafely)."""
+    with tempfile.TemporaryDirectory(prefix="vaedyn-resume-") as view:
+        for entry in folder.iterdir():
+            if not entry.match(pattern):
+                os.symlink(entry.resolve(), Path(view) / entry.name)
+        yield Path(view)
 
 
 
@@ -68,15 +109,6 @@ def _lr_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_steps:
         num_warmup_steps=cfg.train.lr_warmup_steps * num_processes,
         num_training_steps=total_steps * num_processes,
     )
-
-
-def truncate_validation(run_dir: Path, step: int) -> None:
-    """Drop validation records written after the checkpoint a run resumes from."""
-    path = run_dir / artifacts.VALIDATION_FILE
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        artifacts.atomic_write_text(path, "".join(line + "\n" for line in keep))
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +273,6 @@ class Trainer:
             )
             self.val_loader = accelerator.prepare(val_loader)
         self.state = TrainState()
-        accelerator.register_for_checkpointing(self.state)
         accelerator.register_save_state_pre_hook(self._plain_weights_on_save)
         accelerator.register_load_state_pre_hook(self._plain_model_on_load)
         self.capture = PosteriorCapture(self.vae)
@@ -253,7 +284,8 @@ class Trainer:
         self.hooks: list[TrainHook] = []
 
     def start(self, resume_dir: Path | None) -> None:
-        """Build the hooks (the run folder exists now), then load the checkpoint to resume from."""
+        """Build the hooks (the run folder exists now), then load the checkpoint to resume from, and
+        only once it has loaded completely drop what the run recorded after it."""
         resume_step = artifacts.parse_step(resume_dir.name) if resume_dir is not None else None
         if resume_dir is not None:
             self._check_processes(resume_dir)
@@ -266,6 +298,20 @@ class Trainer:
                 self.hooks.append(hook)
         if resume_dir is not None:
             self._load(resume_dir, resume_step)
+            self._resumed(self.state.global_step)
+
+    def _resumed(self, step: int) -> None:
+        """The continuation abandoned by resuming from `step` goes: later checkpoints, validation and
+        resume records (main process), and what the hooks recorded (the trace, its events)."""
+        if self.main:
+            for s, path in artifacts.list_checkpoints(self.run_dir):
+                if s > step:
+                    log.warning("removing %s: it belongs to the continuation abandoned by resuming from step %d", path, step)
+                    shutil.rmtree(path)
+            for name in (artifacts.VALIDATION_FILE, artifacts.RESUMES_FILE):
+                artifacts.truncate_jsonl(self.run_dir / name, step)
+        for hook in self.hooks:
+            hook.resumed(step)
 
     # -- checkpoint plumbing ----------------------------------------------------------------
 
@@ -290,11 +336,39 @@ class Trainer:
             )
 
     def _load(self, resume_dir: Path, resume_step: int | None) -> None:
+        """Load a checkpoint so that no file in it can run code: the training state from JSON (or an
+        earlier vaedyn's pickle of it, read with weights_only=True), the RNG states and scheduler
+        checked as plain data first (accelerate would swallow a failure of the one and reads both
+        with weights_only=True), then `accelerate.load_state` (safetensors weights, optimizer with
+        weights_only=True) on the folder without any custom-state pickle."""
+        state_file = resume_dir / artifacts.TRAINING_STATE_FILE
+        pickles = sorted(p.name for p in resume_dir.glob(artifacts.CUSTOM_STATE_GLOB))
+        if state_file.is_file():
+            if pickles:
+                raise VaedynError(
+                    f"cannot resume from {resume_dir}: it holds {pickles[0]}, which vaedyn does not write (its training "
+                    f"state is {artifacts.TRAINING_STATE_FILE}); remove that file or resume from another checkpoint"
+                )
+            saved = inputs.read_json(state_file, "training state", "resume from another checkpoint")
+        elif pickles == [artifacts.LEGACY_TRAINING_STATE_FILE]:
+            saved = _load_plain(resume_dir / pickles[0], "training state of an earlier vaedyn")
+        else:
+            raise VaedynError(f"cannot resume from {resume_dir}: no {artifacts.TRAINING_STATE_FILE}; pick another checkpoint")
+        self.state.load_state_dict(saved, str(state_file if state_file.is_file() else resume_dir / pickles[0]))
+        rng = resume_dir / f"random_states_{self.acc.process_index}.pkl"
+        if not rng.is_file() or not isinstance(_load_plain(rng, "random number generator states"), dict):
+            raise VaedynError(f"cannot resume from {resume_dir}: {rng.name} is missing or damaged; resume from another "
+                              "checkpoint")
+        for scheduler in sorted(resume_dir.glob("scheduler*.bin")):
+            _load_plain(scheduler, "learning rate schedule")
         try:
-            self.acc.load_state(str(resume_dir))
+            with _without(resume_dir, artifacts.CUSTOM_STATE_GLOB) as view:
+                self.acc.load_state(str(view))
+        except pickle.UnpicklingError as e:  # (scheduler and RNG states passed above: the optimizer's)
+            raise _not_plain(resume_dir, "the optimizer state", e) from None
         except Exception as e:  # noqa: BLE001 - accelerate raises many types for a foreign checkpoint
             raise VaedynError(
-                f"cannot resume from {resume_dir}: {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                f"cannot resume from {resume_dir}: {inputs.first_line(e) or type(e).__name__}; "
                 "the checkpoint does not match this config (model, optimizer or tracked state)"
             ) from None
         if self.state.global_step != resume_step:
@@ -324,6 +398,7 @@ class Trainer:
         if self.main:
             self.vae.save_config(str(tmp))
             (tmp / artifacts.RUN_CONFIG_IN_CHECKPOINT).write_text(self.cfg.to_yaml())
+            (tmp / artifacts.TRAINING_STATE_FILE).write_text(json.dumps(self.state.state_dict()) + "\n")
             faults.maybe_fail("checkpoint_save", self.state.global_step)
             artifacts.replace_dir(tmp, target)
             limit = self.cfg.train.checkpoints_total_limit
@@ -465,6 +540,10 @@ class Trainer:
             self.check_finite()
             if skipped and self.main:
                 log.warning("skipped %d optimizer steps with a non-finite loss", skipped)
+            bad = getattr(self.train_ds, "skipped", ())
+            if bad:
+                log.warning("replaced %d unreadable training images by the next readable ones (data.on_bad_image=skip; "
+                            "this process, data loader workers not counted)", len(bad))
         finally:
             progress.close()
         return state.global_step

@@ -7,7 +7,7 @@ the committed root group, events), `classification` (the group `vaedyn classify`
 """
 
 from vaedyn_cli.store.classification import read_classification, write_classification
-from vaedyn_cli.store.info import info_table, store_info
+from vaedyn_cli.store.info import info_table, store_info, verify_store
 from vaedyn_cli.store.metadata import consolidate
 from vaedyn_cli.store.reader import check_store, open_trace, read_events, resolve_store_path, stored_config
 from vaedyn_cli.store.schema import (
@@ -59,6 +59,7 @@ __all__ = [
     "store_attrs",
     "store_info",
     "stored_config",
+    "verify_store",
     "write_classification",
     "write_group",
     "write_records",

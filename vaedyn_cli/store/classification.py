@@ -18,8 +18,11 @@ import numpy as np
 import xarray as xr
 
 from vaedyn_cli import artifacts
+from vaedyn_cli.errors import VaedynError
+from vaedyn_cli.inputs import first_line
 from vaedyn_cli.labels import NO_STEP
-from vaedyn_cli.store.metadata import consolidate
+from vaedyn_cli.store.chunks import check_chunks
+from vaedyn_cli.store.metadata import consolidate, root_attrs
 from vaedyn_cli.store.schema import CLASSIFICATION_GROUP, ZARR_JSON
 
 
@@ -64,7 +67,7 @@ def write_classification(store: Path | str, labels: xr.Dataset, n_channels: int)
     tmp, old = artifacts.temp_path(final, tag), artifacts.temp_path(final, "old-" + tag)
     full = full_span(labels, n_channels)
     try:
-        full.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False)
+        full.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, write_empty_chunks=True)
         if final.exists():
             os.rename(final, old)
         os.rename(tmp, final)
@@ -84,5 +87,11 @@ def read_classification(store: Path | str) -> xr.Dataset | None:
     store = Path(store)
     if not (store / CLASSIFICATION_GROUP / ZARR_JSON).is_file():
         return None
-    with xr.open_zarr(store, group=CLASSIFICATION_GROUP, consolidated=False, chunks=None, zarr_format=3) as ds:
-        return ds.load()
+    fix = "run `vaedyn classify` to write it again"
+    check_chunks(store, root_attrs(store), CLASSIFICATION_GROUP)
+    try:
+        with xr.open_zarr(store, group=CLASSIFICATION_GROUP, consolidated=False, chunks=None, zarr_format=3) as ds:
+            return ds.load()
+    except Exception as e:  # noqa: BLE001 - zarr and its codecs raise many types for a damaged group
+        raise VaedynError(f"the classification group of trace store {store} is damaged ({type(e).__name__}: "
+                          f"{first_line(e)[:80]}); {fix}") from None

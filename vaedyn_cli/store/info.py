@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from vaedyn_cli.store.reader import locate, open_trace, read_events
+from vaedyn_cli.store.chunks import ALL_CHUNKS, check_chunks
+from vaedyn_cli.store.classification import read_classification
+from vaedyn_cli.store.reader import check_store, locate, open_trace, read_events
 from vaedyn_cli.store.schema import CLASSIFICATION_GROUP, ZARR_JSON
 
 
@@ -60,6 +62,24 @@ def store_info(path: str | Path, ds: xr.Dataset | None = None) -> dict[str, Any]
         "events": 0 if events is None else int(events.sizes.get("event", 0)),
         "classification": (root / CLASSIFICATION_GROUP / ZARR_JSON).is_file(),
     }
+
+
+def verify_store(path: str | Path) -> str:
+    """`vaedyn store check`: the checks every reader makes (metadata, counts, step order, each
+    committed chunk present and its header sound), then every chunk of every group decoded. Returns
+    the one OK line; the first problem is a VaedynError naming the array, the chunk and its steps."""
+    root = locate(Path(path))
+    ds = open_trace(root)
+    events = read_events(root)
+    read_classification(root)
+    attrs = {**check_store(root), "committed_steps": int(ds.sizes.get("step", 0))}
+    if events is not None:
+        attrs["committed_events"] = int(events.sizes["event"])
+    n = check_chunks(root, attrs, None, decode=True, steps=ds["step"].values)
+    note = "" if attrs.get(ALL_CHUNKS) else (
+        " (written by a vaedyn that skipped chunks of fill values only: a missing chunk cannot be told from one)")
+    return (f"OK: trace store {root}: {attrs['committed_steps']} steps, {0 if events is None else events.sizes['event']} "
+            f"events, {n} chunks decode{note}")
 
 
 def _human_bytes(n: int) -> str:

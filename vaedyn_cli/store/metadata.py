@@ -21,7 +21,12 @@ from vaedyn_cli.store.schema import EVENTS_GROUP, LOCK_FILE, ZARR_JSON
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
+    """A zarr.json; ValueError (also for text that is not UTF-8, or nested beyond what the parser
+    recurses) when it does not parse."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply") from None
 
 
 def node_metadata(root: Path) -> dict[str, dict[str, Any]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,8 +11,9 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from vaedyn_cli import __version__, artifacts
+from vaedyn_cli import __version__, artifacts, inputs
 from vaedyn_cli.errors import VaedynError
+from vaedyn_cli.store.chunks import FIX, check_chunks
 from vaedyn_cli.store.metadata import read_json
 from vaedyn_cli.store.schema import EVENT_FIELDS, EVENTS_GROUP, SCHEMA, SCHEMA_VERSION, ZARR_JSON
 
@@ -57,7 +57,8 @@ def resolve_store_path(arg: str | Path) -> Path:
     non-empty line of stdin, so that `vaedyn train ... | vaedyn classify -` works)."""
     text = str(arg)
     if text == "-":
-        lines = [ln.strip() for ln in sys.stdin.read().splitlines() if ln.strip()]
+        piped = inputs.read_stdin("STORE is '-'", "pipe a store or run folder path into it")
+        lines = [ln.strip() for ln in piped.splitlines() if ln.strip()]
         if not lines:
             raise VaedynError("STORE is '-' but stdin is empty; pipe a store or run folder path into it")
         text = lines[-1]
@@ -88,38 +89,62 @@ def open_group(root: Path, group: str | None = None) -> xr.Dataset:
 
 
 def open_trace(path: str | Path) -> xr.Dataset:
-    """The root group of a trace store, lazily loaded, trimmed to the committed steps."""
+    """The root group of a trace store, lazily loaded, trimmed to the committed steps; a damaged
+    store (an array or chunk missing, a chunk that is not what its array says, counts out of range,
+    steps out of order) is a VaedynError naming what is wrong, never data."""
     root = locate(Path(path))
     attrs = check_store(root)
     try:
         ds = open_group(root)
     except Exception as e:  # noqa: BLE001 - zarr and xarray raise many types for a damaged store
-        first = str(e).splitlines()[0] if str(e) else ""
+        first = inputs.first_line(e)
         raise VaedynError(f"cannot read trace store {root}: {type(e).__name__}: {first}") from None
-    committed = int(attrs.get("committed_steps", 0))
-    _check_complete(root, ds, committed)
+    committed = committed_count(root, attrs, "committed_steps", ds.sizes.get("step", 0))
+    _check_complete(root, ds, attrs, committed)
     if ds.sizes.get("step", 0) > committed:
         ds = ds.isel(step=slice(0, committed))
     return ds
 
 
-def _check_complete(root: Path, ds: xr.Dataset, committed: int) -> None:
+def committed_count(root: Path, attrs: Mapping[str, Any], name: str, rows: int) -> int:
+    """A commit count of the root attributes (`committed_steps`, `committed_events`), checked to be
+    a whole number within the rows the arrays hold."""
+    value = attrs.get(name, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise VaedynError(f"trace store {root} is damaged: {name} is {inputs.shorten(json.dumps(value), 30)}, not a "
+                          f"count of rows; {FIX}")
+    if value > rows:
+        raise VaedynError(
+            f"trace store {root} is truncated: {name} {value} but its arrays hold {rows} "
+            f"{'steps' if name == 'committed_steps' else 'rows'}; {FIX}"
+        )
+    return value
+
+
+def _check_complete(root: Path, ds: xr.Dataset, attrs: Mapping[str, Any], committed: int) -> None:
     """Fail on a damaged store here rather than with NaNs later: every root array that the consolidated
-    metadata lists still has its own metadata on disk (zarr reads a missing array as fill values), and
-    the arrays hold every committed step."""
-    fix = "restore it from a copy, or re-create the trace with `vaedyn track`"
+    metadata lists still has its own metadata on disk (zarr reads a missing array as fill values),
+    the committed steps are strictly increasing, and every chunk of committed data is there and
+    agrees with its array (`chunks.check_chunks`)."""
     listed = (read_json(root / ZARR_JSON).get("consolidated_metadata") or {}).get("metadata") or {}
     for key, meta in listed.items():
         if "/" not in key and meta.get("node_type") == "array" and not (root / key / ZARR_JSON).is_file():
             raise VaedynError(
                 f"trace store {root} is damaged: array '{key}' is listed in its {ZARR_JSON} but "
-                f"{root / key / ZARR_JSON} is missing; {fix}"
+                f"{root / key / ZARR_JSON} is missing; {FIX}"
             )
-    rows = ds.sizes.get("step", 0)
-    if rows < committed:
-        raise VaedynError(
-            f"trace store {root} is truncated: committed_steps {committed} but its arrays hold {rows} steps; {fix}"
-        )
+    try:
+        steps = np.asarray(ds["step"].values[:committed])
+    except Exception:  # noqa: BLE001 - a damaged chunk of `step`: check_chunks names it
+        steps = None
+    check_chunks(root, {**attrs, "committed_steps": committed}, decode=steps is None, steps=steps)
+    if steps is None:
+        raise VaedynError(f"trace store {root} is damaged: its 'step' array does not decode; {FIX}")
+    bad = np.flatnonzero(np.diff(steps) <= 0)
+    if bad.size:
+        i = int(bad[0])
+        raise VaedynError(f"trace store {root} is damaged: step {int(steps[i + 1])} (row {i + 1}) follows step "
+                          f"{int(steps[i])}; steps must increase; {FIX}")
 
 
 def read_events(path: str | Path) -> xr.Dataset | None:
@@ -134,7 +159,14 @@ def read_events(path: str | Path) -> xr.Dataset | None:
         return None  # (a group left by a writer killed before committing its first rows is not read)
     try:
         group = zarr.open_group(str(root / EVENTS_GROUP), mode="r", use_consolidated=False)
-        n = committed_events(attrs, group)
+        n = committed_events(attrs, group, root)
+    except VaedynError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zarr raises many types for a damaged group
+        raise VaedynError(f"cannot read the events group of trace store {root}: {type(e).__name__}: "
+                          f"{inputs.first_line(e)}; restore the store from a copy") from None
+    check_chunks(root, {**attrs, "committed_events": n}, EVENTS_GROUP)
+    try:
         if n == 0:
             return None
         data = {}
@@ -145,7 +177,7 @@ def read_events(path: str | Path) -> xr.Dataset | None:
             data[name] = ("event", values)
         group_attrs = dict(group.attrs)
     except Exception as e:  # noqa: BLE001 - zarr raises many types for a damaged group
-        first = str(e).splitlines()[0] if str(e) else ""
+        first = inputs.first_line(e)
         raise VaedynError(
             f"cannot read the events group of trace store {root}: {type(e).__name__}: {first}; "
             "restore the store from a copy"
@@ -153,12 +185,13 @@ def read_events(path: str | Path) -> xr.Dataset | None:
     return xr.Dataset(data, attrs=group_attrs)
 
 
-def committed_events(attrs: Mapping[str, Any], group: Any) -> int:
+def committed_events(attrs: Mapping[str, Any], group: Any, root: Path) -> int:
     """Rows of the events group that were committed (stores without the attribute: every row on disk)."""
     lengths = [group[name].shape[0] for name in EVENT_FIELDS if name in group]
     on_disk = min(lengths) if len(lengths) == len(EVENT_FIELDS) else 0
-    committed = attrs.get("committed_events")
-    return on_disk if committed is None else min(int(committed), on_disk)
+    if attrs.get("committed_events") is None:
+        return on_disk
+    return committed_count(root, attrs, "committed_events", on_disk)
 
 
 
@@ -172,11 +205,11 @@ def stored_config(attrs: Mapping[str, Any]) -> dict[str, Any] | None:
         return dict(raw)
     try:
         cfg = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         import yaml
 
         try:
             cfg = yaml.safe_load(raw)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             return None
     return cfg if isinstance(cfg, dict) else None

@@ -7,10 +7,11 @@ engine="zarr")` sees the committed prefix only, and `reader.open_trace` also tri
 `committed_steps` when read without consolidated metadata. A crash leaves arrays longer than
 `committed_steps`: they read as the committed prefix. Commits happen when a chunk fills,
 `commit_interval_s` after the first uncommitted step, and on `flush()`, `truncate()`,
-`add_events()` and `close()`; a clean close trims the arrays to their committed length. Events
-follow the same rule with the root attribute `committed_events`: rows go after the committed
-ones, the count is committed last, readers read each column up to it (the first rows make the
-group aside and rename it in). Resuming truncates steps and events to the checkpoint's step,
+`add_events()` and `close()`; a clean close of a writer that wrote trims the arrays to their
+committed length (one that only opened the store changes nothing). Events follow the same rule
+with the root attribute `committed_events`: rows go after the committed ones, the count is
+committed last, readers read each column up to it (the first rows make the group aside and
+rename it in). Resuming truncates steps and events to the checkpoint's step,
 dropping whatever a killed writer left uncommitted.
 
 Strings are stored as zarr v3 `string` (variable-length UTF-8), which zarr specifies, so no
@@ -35,8 +36,9 @@ from typing import Any, Literal
 import numpy as np
 import xarray as xr
 
-from vaedyn_cli import artifacts, faults
+from vaedyn_cli import artifacts, faults, inputs
 from vaedyn_cli.errors import RuntimeFailure, VaedynError
+from vaedyn_cli.store.chunks import ALL_CHUNKS, WRITE_CONFIG, check_chunks
 from vaedyn_cli.store.metadata import commit_root, consolidate, root_attrs
 from vaedyn_cli.store.reader import check_store, committed_events, open_group
 from vaedyn_cli.store.schema import (
@@ -60,9 +62,11 @@ def _new_store(path: Path, layout: ChannelLayout, attrs: Mapping[str, Any], chun
     """Write an empty store under a temporary name and rename it into place."""
     tmp = artifacts.temp_path(path, artifacts.unique_tag())
     try:
-        skeleton = records_to_dataset([], layout, {**attrs, "committed_steps": 0})
-        skeleton.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=encoding(skeleton, chunk_steps))
+        skeleton = records_to_dataset([], layout, {**attrs, "committed_steps": 0, ALL_CHUNKS: True})
+        skeleton.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=encoding(skeleton, chunk_steps),
+                         write_empty_chunks=True)
         commit_root(tmp, root_attrs(tmp), 0)
+        artifacts.write_marker(tmp, artifacts.TRACE)
         artifacts.replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -102,6 +106,7 @@ class TraceWriter:
         self.chunk_steps = int(chunk_steps)
         self.commit_interval_s = float(commit_interval_s)
         self._recent: deque[TraceRecord] = deque(maxlen=max(0, keep_recent))
+        self._touched = False  # whether this writer changed the store (else closing it writes nothing)
         self._open_or_create(mode, attrs)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self._error: BaseException | None = None
@@ -118,7 +123,10 @@ class TraceWriter:
             raise VaedynError(f"{self.path} exists and is not a trace store; choose another path or remove it")
         if exists and (self.path / ZARR_JSON).is_file():
             check_store(self.path)
+            if mode == "w":  # a vaedyn.trace store (checked above), and nothing else in it
+                artifacts.check_replaceable(self.path, artifacts.TRACE, "trace store", legacy=lambda _: True)
             if mode == "a":
+                check_chunks(self.path, root_attrs(self.path))  # never append to (or rewrite) damaged data
                 stored = stored_layout(self.path)
                 if stored != self.layout:
                     raise VaedynError(
@@ -140,12 +148,12 @@ class TraceWriter:
         if "committed_events" not in self._attrs:
             ev_dir = self.path / EVENTS_GROUP
             self._attrs["committed_events"] = (
-                committed_events({}, zarr.open_group(str(ev_dir), mode="r", use_consolidated=False))
+                committed_events({}, zarr.open_group(str(ev_dir), mode="r", use_consolidated=False), self.path)
                 if (ev_dir / ZARR_JSON).is_file() else 0
             )
 
         group = zarr.open_group(str(self.path), mode="r+", use_consolidated=False)
-        self._arrays = {name: group[name] for name in STEP_VARS}
+        self._arrays = {name: group[name].with_config(WRITE_CONFIG) for name in STEP_VARS}
         chunk = self._arrays["step"].chunks[0]
         if chunk != self.chunk_steps:
             log.info("store %s has chunks of %d steps; using that instead of %d", self.path, chunk, self.chunk_steps)
@@ -232,7 +240,7 @@ class TraceWriter:
         if self._error is not None:
             e = self._error
             raise RuntimeFailure(
-                f"writing trace store {self.path} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                f"writing trace store {self.path} failed: {type(e).__name__}: {inputs.first_line(e)}"
             ) from e
 
     # -- writer thread ----------------------------------------------------------------------
@@ -269,8 +277,9 @@ class TraceWriter:
                 elif op == "flush":
                     self._commit_pending()
                 elif op is _CLOSE:
-                    self._commit_pending()
-                    self._trim_to_committed()
+                    if self._touched:
+                        self._commit_pending()
+                        self._trim_to_committed()
                     return
                 deadline = None
             except BaseException as e:  # noqa: BLE001 - reported to the caller
@@ -303,6 +312,7 @@ class TraceWriter:
         return np.asarray(self._arrays["step"][: self._n]) if self._n else np.zeros(0, np.int64)
 
     def _add_row(self, record: TraceRecord) -> None:
+        self._touched = True
         i = self._n + self._pending - self._start
         for name in STEP_VARS:
             self._cache[name][i] = record_row(record, name, self.layout)
@@ -342,6 +352,7 @@ class TraceWriter:
         writer left uncommitted included)."""
         import zarr
 
+        self._touched = True
         keep = int(np.searchsorted(self._arrays_steps(), step, side="right"))
         if keep != self._n:
             log.info("trace %s: dropping %d steps after step %d", self.path, self._n - keep, step)
@@ -369,12 +380,14 @@ class TraceWriter:
     def _append_events(self, ds: xr.Dataset) -> None:
         """Rows after the committed ones (overwriting what a crashed writer left), then a commit of
         `committed_events`; the first rows make the group aside and rename it into place."""
+        self._touched = True
         ev_dir = self.path / EVENTS_GROUP
         n0, k = int(self._attrs.get("committed_events", 0)), ds.sizes["event"]
         if n0 == 0:
             tmp = artifacts.temp_path(ev_dir, artifacts.unique_tag())
             try:
-                ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=encoding(ds, self.chunk_steps))
+                ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=encoding(ds, self.chunk_steps),
+                           write_empty_chunks=True)
                 shutil.rmtree(ev_dir, ignore_errors=True)
                 os.rename(tmp, ev_dir)
             finally:
@@ -384,7 +397,7 @@ class TraceWriter:
 
             group = zarr.open_group(str(ev_dir), mode="r+", use_consolidated=False)
             for name in EVENT_FIELDS:
-                arr = group[name]
+                arr = group[name].with_config(WRITE_CONFIG)
                 arr.resize((n0 + k,))
                 values = ds[name].values
                 arr[n0:] = values.astype(object) if values.dtype.kind in "OUT" else values
@@ -416,5 +429,5 @@ def write_group(path: str | Path, name: str, ds: xr.Dataset) -> None:
     """Write (replace) a child group of a store and refresh the consolidated metadata."""
     root = Path(path)
     check_store(root)
-    ds.to_zarr(root, group=name, mode="w", zarr_format=3, consolidated=False)
+    ds.to_zarr(root, group=name, mode="w", zarr_format=3, consolidated=False, write_empty_chunks=True)
     consolidate(root)

@@ -79,6 +79,15 @@ def flow_order(names: list[str]) -> list[str]:
     return sorted(names, key=_flow_key)  # sorted is stable
 
 
+def short_layer(name: str) -> str:
+    """`decoder.up_blocks.0.resnets.1.norm2` -> `up0.r1.norm2` (the part is shown elsewhere)."""
+    s = name.split(".", 1)[1] if name.startswith(PARTS) and "." in name else name
+    for a, b in (("down_blocks.", "down"), ("up_blocks.", "up"), ("mid_block.", "mid."), ("resnets.", "r"),
+                 ("attentions.", "attn"), (".group_norm", ".gn")):
+        s = s.replace(a, b)
+    return s
+
+
 def groupnorm_layers(model: nn.Module) -> list[tuple[str, nn.GroupNorm]]:
     """Every GroupNorm of the model in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.GroupNorm)]

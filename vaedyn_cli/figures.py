@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from vaedyn_cli.anatomy import flow_order
+from vaedyn_cli.anatomy import flow_order, short_layer
 from vaedyn_cli.labels import ACTIVE, DORMANT, PARTS, UNOBSERVED
 from vaedyn_cli.report_data import (
     ReportData,
@@ -104,15 +104,6 @@ def _plt():  # noqa: ANN202
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def short_layer(name: str) -> str:
-    """`decoder.up_blocks.0.resnets.1.norm2` -> `up0.r1.norm2` (the part is shown elsewhere)."""
-    s = name.split(".", 1)[1] if name.startswith(PARTS) and "." in name else name
-    for a, b in (("down_blocks.", "down"), ("up_blocks.", "up"), ("mid_block.", "mid."), ("resnets.", "r"),
-                 ("attentions.", "attn"), (".group_norm", ".gn")):
-        s = s.replace(a, b)
-    return s
 
 
 def _step_xlabel(d: ReportData) -> str:

@@ -359,7 +359,7 @@ def fig_counts(d: ReportData):  # noqa: ANN201
                 ax.plot(x, d.dead[p], color=PART_COLOURS[p], linestyle=":", label=f"{p}: dead only")
             if state is not None:  # where the persistence-filtered classification ends, for comparison
                 n = int((np.isin(state, ("dormant", "dead")) & (ch.part == p)).sum())
-                ax.plot([x[-1]], [n], linestyle="none", marker="D", markersize=8, markerfacecolor="none",
+                ax.plot([x[-1]], [n], linestyle="none", marker="D", markersize=8, markerfacecolor="none", clip_on=False,
                         markeredgecolor=PART_COLOURS[p], label=f"{p}: classification at the end ({n})")
     ev, n_events = event_steps(d)
     if len(ev):

@@ -70,7 +70,8 @@ FIGURES: dict[str, tuple[str, str]] = {
     ),
     "gamma_quantiles.png": (
         "GroupNorm scale |gamma| over training",
-        "Quantile bands (5-95 % and 25-75 %) and median of |gamma| over all channels of each part.",
+        "Quantile bands (5-95 % and 25-75 %), median and smallest |gamma| over all channels of each part (a few "
+        "channels whose scale collapses stay inside the bands; the smallest shows them).",
     ),
     "near_zero_weights.png": (
         "Share of near-zero weights per layer",
@@ -427,6 +428,8 @@ def fig_gamma(d: ReportData):  # noqa: ANN201
         ax.fill_between(x, q[0], q[4], color=c, alpha=0.15, label="5-95 %")
         ax.fill_between(x, q[1], q[3], color=c, alpha=0.35, label="25-75 %")
         ax.plot(x, q[2], color=c, marker=_marker(len(x)), label="median")
+        if len(q) > 5:  # a handful of collapsing channels among thousands leave the bands; the minimum shows them
+            ax.plot(x, q[5], color=c, linestyle=":", linewidth=1.2, label="smallest")
         finite = q[np.isfinite(q)]
         if len(finite) and finite.min() > 0 and finite.max() / finite.min() > 10:
             ax.set_yscale("log")

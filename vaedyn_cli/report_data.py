@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 MAX_LINE_STEPS = 2000
 MAX_HEATMAP_STEPS = 400
-QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95, 0.0)  # the last: the smallest |gamma|, where a few channels collapse
 
 
 @dataclass

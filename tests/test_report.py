@@ -198,6 +198,17 @@ def test_stored_classification_replacing_an_old_report_and_subsampled_steps(
     assert report_data.spread(20, 8).tolist() == [0, 3, 5, 8, 11, 14, 16, 19]
 
 
+def _summary_and_page(store: Path) -> tuple[dict[str, Any], str]:
+    """summary.json's numbers and index.html of a store as `build_report` makes them, without the figures."""
+    from vaedyn_cli import store as store_mod
+    from vaedyn_cli.report import build_summary, render_html
+    from vaedyn_cli.report_data import gather
+
+    d = gather(store, store_mod.open_trace(store))
+    summary = json.loads(json.dumps(build_summary(d, {}), default=lambda v: v.item()))
+    return summary, render_html(d, summary, {})
+
+
 def test_counts_say_their_rule_and_one_sentence_reconciles_them(tmp_path: Path) -> None:
     """Beside planted(): encoder layer-0 channel 4 turns inactive at step 36 (2 of the 3 tracked steps the
     persistence filter needs) and decoder up0 channel 6, inactive from the start, is active again at step
@@ -205,9 +216,7 @@ def test_counts_say_their_rule_and_one_sentence_reconciles_them(tmp_path: Path) 
     stats = planted()
     stats["act_std"][18:, 4] = 1e-3
     stats["act_std"][:19, 2 * WIDTH + 6] = 0.01
-    store = write_store(tmp_path / "s.zarr", tmp_path, stats=stats)
-    out = build_report(store)
-    s = json.loads((out / SUMMARY_FILE).read_text())
+    s, page = _summary_and_page(write_store(tmp_path / "s.zarr", tmp_path, stats=stats))
     assert s["last_step_rule"].startswith("per-step rule: dormancy score <= 0.1")
     assert s["classification"]["rule"].startswith("classification: dormancy, a change counts once it holds 3 tracked")
     rec = s["reconciliation"]
@@ -222,13 +231,13 @@ def test_counts_say_their_rule_and_one_sentence_reconciles_them(tmp_path: Path) 
                 "steps): encoder.down_blocks.0.resnets.0.norm1 #4 became inactive at step 36 and has held 2 of 3 "
                 "steps; decoder.up_blocks.0.resnets.0.norm2 #6 is active again since step 38 (1 of 3 steps), so the "
                 "classification still counts it dormant.")
-    page = html.unescape((out / INDEX_FILE).read_text())
+    page = html.unescape(page)
     assert page.count(sentence) == 2  # in the summary and above the class counts
     assert "inactive at step 38, per-step rule</td><td class=\"l\">encoder 4 of 16 (0 dead), decoder 1 of 16" in page
     assert "inactive at step 38, classification</td><td class=\"l\">encoder 3, decoder 2 [classification" in page
     assert "Most affected layers at step 38 (per-step rule)" in page and "Class counts (classification)" in page
     # where both rules agree, the page says so in as many words
-    s = json.loads((build_report(write_store(tmp_path / "same.zarr", tmp_path)) / SUMMARY_FILE).read_text())
+    s, _ = _summary_and_page(write_store(tmp_path / "same.zarr", tmp_path))
     assert reconciliation_text(s["reconciliation"]) == (
         "4 channels are inactive at step 38 by the per-step rule; 4 by the classification (persistence 3 steps): "
         "the same channels.")

@@ -8,22 +8,22 @@ the PNG itself.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from tests.test_report import make_run
-from vaedyn_cli import artifacts
+from vaedyn_cli import figures
 from vaedyn_cli import store as store_mod
 from vaedyn_cli.config import RunConfig
 from vaedyn_cli.figures import DPI, fig_heatmap, heatmap_panels
 from vaedyn_cli.report import INDEX_FILE, build_report
-from vaedyn_cli.report_data import ReportData, gather
+from vaedyn_cli.report_data import ReportData
 
 HEATMAP = "dormancy_heatmap.png"
 
@@ -125,18 +125,15 @@ def is_red(rgb: np.ndarray) -> np.ndarray:
 
 
 class Geometry:
-    """Pixel centre of a (row, step column) cell of a heatmap panel, from the figure as the report draws it."""
+    """Pixel centre of a (row, step column) cell of a heatmap panel, read from the figure the report drew
+    (after it was saved: the layout is final) and the data it drew it from."""
 
-    def __init__(self, d: ReportData):
-        import matplotlib.pyplot as plt
-
+    def __init__(self, d: ReportData, fig: Any):
         self.panels = {p.name: p for p in heatmap_panels(d)}
-        self.fig = fig_heatmap(d)
-        self.fig.savefig(io.BytesIO(), dpi=DPI)  # laid out exactly as the report saves it
-        self.scale = DPI / self.fig.dpi  # display coordinates -> the PNG's pixels
-        self.axes = {ax.get_label(): ax for ax in self.fig.axes if ax.get_label() in self.panels}
-        self.size = tuple(int(round(v * DPI)) for v in self.fig.get_size_inches())
-        plt.close(self.fig)
+        self.fig = fig
+        self.scale = DPI / fig.dpi  # display coordinates -> the saved PNG's pixels
+        self.axes = {ax.get_label(): ax for ax in fig.axes if ax.get_label() in self.panels}
+        self.size = tuple(int(round(v * DPI)) for v in fig.get_size_inches())
 
     def row_of(self, panel: str, channel: int) -> int:
         rows = [i for i, r in enumerate(self.panels[panel].rows) if channel in r.tolist()]
@@ -180,6 +177,20 @@ def check_rows(shot: np.ndarray, geo: Geometry, d: ReportData, planted: list[tup
 
 
 @pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> list[tuple[ReportData, Any]]:
+    """The data and the figure of every heatmap the report draws while the test runs."""
+    seen: list[tuple[ReportData, Any]] = []
+
+    def heatmap(d: ReportData) -> Any:
+        fig = fig_heatmap(d)
+        seen.append((d, fig))
+        return fig
+
+    monkeypatch.setitem(figures.FIGURE_FUNCS, HEATMAP, heatmap)
+    return seen
+
+
+@pytest.fixture
 def chromium() -> str:
     browser = _chromium()
     if browser is None:
@@ -187,12 +198,11 @@ def chromium() -> str:
     return browser
 
 
-def test_planted_channels_of_a_small_trace_are_marked_in_the_rendered_heatmap(chromium: str, tmp_path: Path) -> None:
-    run = make_run(tmp_path, events=False, validation=False)
-    report = build_report(run)
-    store = run / artifacts.TRACE_DIR
-    d = gather(store, store_mod.open_trace(store))
-    geo = Geometry(d)
+def test_planted_channels_of_a_small_trace_are_marked_in_the_rendered_heatmap(chromium: str, drawn: list,
+                                                                              tmp_path: Path) -> None:
+    report = build_report(make_run(tmp_path, events=False, validation=False))
+    (d, fig), = drawn
+    geo = Geometry(d, fig)
     shot = screenshot_of_figure(report, HEATMAP, geo.size, tmp_path / "shot.png")
     # tests/test_report.planted: encoder channels 0, 1 die at step 10 (column 5 on); the attention channel 2
     # and the decoder's conv_norm_out channel 3 are inactive throughout; up0 channel 5 until step 16
@@ -205,12 +215,11 @@ def test_planted_channels_of_a_small_trace_are_marked_in_the_rendered_heatmap(ch
     ], controls=[("encoder.down_blocks.0.resnets.0.norm1", 4), ("decoder.conv_norm_out", 6)])
 
 
-def test_a_handful_of_inactive_channels_among_19840_is_marked_in_the_rendered_heatmap(chromium: str,
+def test_a_handful_of_inactive_channels_among_19840_is_marked_in_the_rendered_heatmap(chromium: str, drawn: list,
                                                                                          tmp_path: Path) -> None:
-    store = write_sdxl_trace(tmp_path / "sdxl.zarr", tmp_path)
-    report = build_report(store)
-    d = gather(store, store_mod.open_trace(store))
-    geo = Geometry(d)
+    report = build_report(write_sdxl_trace(tmp_path / "sdxl.zarr", tmp_path))
+    (d, fig), = drawn
+    geo = Geometry(d, fig)
     assert max(p.pooled for p in geo.panels.values()) > 1  # more channels than pixel rows: rows are pooled
     assert geo.size[1] < 2600  # one screen-sized picture, not 19,840 rows
     shot = screenshot_of_figure(report, HEATMAP, geo.size, tmp_path / "shot.png")

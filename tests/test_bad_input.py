@@ -121,7 +121,7 @@ def other_width_classification(width: float) -> dict:
 
 def metrics_file(path: Path, **metrics: float) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    values = {"mse": 0.01, "kl": 100.0, "psnr": 20.0, "ssim": 0.5, **metrics}
+    values = {"mse": 0.01, "kl": 100.0, "psnr_pooled": 20.0, "psnr_per_image_mean": 20.5, "ssim": 0.5, **metrics}
     path.write_text(json.dumps({"checkpoint": "x", "step": 1, "split": "test", "num_images": 8, "metrics": values}))
     return path
 

@@ -24,9 +24,11 @@ def _help(*args: str) -> str:
 def test_help_lists_commands_in_pipeline_order_and_flags_as_flags() -> None:
     text = _help()
     listed = [m.group(1) for m in re.finditer(r"^│ (\w+) ", text.split("Commands")[1], re.M)]
-    assert listed == list(PIPELINE) == ["config", "train", "track", "classify", "nudge", "eval", "report", "store"]
+    assert listed == list(PIPELINE) == ["config", "train", "track", "classify", "nudge", "eval", "report", "study",
+                                        "store"]
     assert re.search(r"--debug +Show tracebacks", text) and "<bool>" not in text
     commands = [[c] for c in PIPELINE if c not in ("config", "store")] + [["config", "show"], ["store", "info"]]
+    assert ["study"] in commands
     for cmd in commands:
         assert "<bool>" not in _help(*cmd), cmd  # e.g. --overwrite, --no-write, --compare, --json, --help
     assert re.search(r"--overwrite +Replace", _help("nudge"))

@@ -11,7 +11,7 @@ from vaedyn_cli import config as cm
 from vaedyn_cli.errors import VaedynError
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+SHIPPED = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("study-"))  # studies: test_study
 ORIGINAL_EXPERIMENTS = {
     "cifar10_test", "cifar10_baseline", "cifar10_nudge", "imagenette_baseline", "imagenette_nudge",
     "fonts_baseline", "fonts_nudge", "pokemon",

@@ -45,6 +45,84 @@ def test_to_tensor_resizes_shorter_side_center_crops_and_scales() -> None:
     assert torch.equal(flipped, dm.to_tensor(Image.fromarray(ramp), 8).flip(-1))
 
 
+# torchvision's Resize(res) + CenterCrop(res), worked out by hand: the longer side is
+# int(res * long / short) (truncated), the crop offset int(round(excess / 2)) (half to even).
+# (width, height, res, resized (w, h), crop box (left, top, right, bottom))
+TORCHVISION_CASES = [
+    (500, 375, 256, (341, 256), (42, 0, 298, 256)),  # 341.33; excess 85: round(42.5) = 42
+    (333, 500, 256, (256, 384), (0, 64, 256, 320)),  # 384.38
+    (427, 320, 128, (170, 128), (21, 0, 149, 128)),  # 170.8 -> 170 (rounding gives 171)
+    (480, 640, 128, (128, 170), (0, 21, 128, 149)),  # 170.67 -> 170
+    (1382, 1050, 256, (336, 256), (40, 0, 296, 256)),  # 336.94 -> 336
+    (1000, 667, 256, (383, 256), (64, 0, 320, 256)),  # 383.81 -> 383; excess 127: round(63.5) = 64
+    (640, 427, 256, (383, 256), (64, 0, 320, 256)),  # 383.70 -> 383
+    (320, 463, 128, (128, 185), (0, 28, 128, 156)),  # 185.2; excess 57: round(28.5) = 28
+    (99, 80, 64, (79, 64), (8, 0, 72, 64)),  # 79.2; excess 15: round(7.5) = 8 (floor gives 7)
+    (67, 64, 64, (67, 64), (2, 0, 66, 64)),  # not resized; excess 3: round(1.5) = 2 (floor gives 1)
+    (64, 71, 64, (64, 71), (0, 4, 64, 68)),  # excess 7: round(3.5) = 4
+    (35, 32, 32, (35, 32), (2, 0, 34, 32)),
+    (65, 64, 64, (65, 64), (0, 0, 64, 64)),  # excess 1: round(0.5) = 0
+    (69, 64, 64, (69, 64), (2, 0, 66, 64)),  # excess 5: round(2.5) = 2
+    (20, 30, 32, (32, 48), (0, 8, 32, 40)),  # upscaled: 48 exactly
+    (21, 30, 32, (32, 45), (0, 6, 32, 38)),  # 45.71 -> 45; excess 13: round(6.5) = 6
+    (30, 21, 32, (45, 32), (6, 0, 38, 32)),
+    (299, 200, 8, (11, 8), (2, 0, 10, 8)),  # 11.96 -> 11; excess 3: 2
+    (100, 100, 64, (64, 64), (0, 0, 64, 64)),
+    (64, 64, 64, (64, 64), (0, 0, 64, 64)),
+]
+
+
+@pytest.mark.parametrize(("w", "h", "res", "size", "box"), TORCHVISION_CASES)
+def test_resize_and_crop_geometry_is_torchvision(w: int, h: int, res: int, size: tuple, box: tuple) -> None:
+    assert dm.resized_size(w, h, res) == size
+    assert dm.center_crop_box(*size, res) == box
+
+
+def _unit_scaled(image: Image.Image) -> torch.Tensor:
+    """torchvision's ToTensor + Normalize([0.5], [0.5]) written out: float32 x / 255, then (y - 0.5) / 0.5."""
+    y = np.asarray(image, dtype=np.uint8).astype(np.float32) / np.float32(255)
+    return torch.from_numpy((y - np.float32(0.5)) / np.float32(0.5)).permute(2, 0, 1)
+
+
+def _random_image(w: int, h: int, mode: str, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    if mode == "RGBA":  # alpha varies, some pixels fully transparent
+        arr = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+        arr[..., 3] = np.where(arr[..., 3] < 64, 0, arr[..., 3])
+        return Image.fromarray(arr, "RGBA")
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA", "1", "CMYK"])
+def test_to_tensor_is_resize_crop_then_rgb_pixel_for_pixel(mode: str) -> None:
+    # the original's pipeline as PIL calls, with the hand-computed sizes and boxes of TORCHVISION_CASES:
+    # resize (bilinear, in the image's mode) unless the size stays, crop, RGB, ToTensor, Normalize
+    for i, (w, h, res, size, box) in enumerate(TORCHVISION_CASES[::3]):
+        image = _random_image(w, h, mode, seed=i)
+        resized = image.resize(size, Image.BILINEAR) if size != (w, h) else image
+        expected = _unit_scaled(resized.crop(box).convert("RGB"))
+        assert torch.equal(dm.to_tensor(image, res), expected), (mode, w, h, res)
+    if mode in {"P", "RGBA", "1"}:  # the order matters for these modes: converting first would differ
+        image = _random_image(427, 320, mode, seed=0)
+        first = image.convert("RGB").resize((170, 128), Image.BILINEAR).crop((21, 0, 149, 128))
+        assert not torch.equal(dm.to_tensor(image, 128), _unit_scaled(first))
+
+
+def test_to_tensor_scaling_is_totensor_normalize_for_every_byte() -> None:
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    expected = (values.astype(np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
+    t = dm.to_tensor(Image.fromarray(values, "L"), 16)
+    assert all(torch.equal(t[c], torch.from_numpy(expected)) for c in range(3))
+
+
+@pytest.mark.parametrize("res", [16, 32, 64, 128])
+def test_square_images_are_resized_straight_to_the_resolution(res: int) -> None:
+    # a square image (every builtin tile is 64 x 64) is one bilinear resize to res x res, no crop
+    image = _random_image(64, 64, "RGB", seed=res)
+    expected = image if res == 64 else image.resize((res, res), Image.BILINEAR)
+    assert torch.equal(dm.to_tensor(image, res), _unit_scaled(expected))
+
+
 @pytest.mark.parametrize("name", ["builtin:natural", "builtin:glyphs"])
 def test_builtin_sets_are_seeded_split_and_scaled(name: str) -> None:
     cfg = DataConfig(dataset_name=name, resolution=16, max_samples=12, validation_max_samples=5)

@@ -48,7 +48,7 @@ def ssim_of_constants(a: float, b: float) -> float:
     return (2 * a * b + c1) / (a * a + b * b + c1) * (c2 / c2)
 
 
-def test_known_answer_metrics_are_per_image_means():
+def test_known_answer_metrics_both_psnrs():
     # 6 images in batches of 4 and 2, alternating dark (-0.2 -> unit 0.4) and bright (0.2 -> unit 0.6)
     values = [-0.2, 0.2, -0.2, 0.2, -0.2, 0.2]
     images = torch.stack([torch.full((3, 16, 16), v) for v in values])
@@ -59,10 +59,10 @@ def test_known_answer_metrics_are_per_image_means():
     # [-1, 1] errors 0.2 and 0.1 -> MSE 0.04 and 0.01; mean 0.025
     assert result.metrics["mse"] == pytest.approx(0.025, rel=1e-6)
     assert result.metrics["kl"] == pytest.approx(8.0, rel=1e-6)
-    # on [0, 1] the errors are 0.1 and 0.05: PSNR 20 dB and 26.0206 dB, averaged per image (not of the mean MSE)
-    expected_psnr = (20.0 + 10 * math.log10(1 / 0.0025)) / 2
-    assert result.metrics["psnr"] == pytest.approx(expected_psnr, abs=1e-4)
-    assert result.metrics["psnr"] != pytest.approx(10 * math.log10(1 / 0.00625), abs=0.1)
+    # on [0, 1] the errors are 0.1 and 0.05: PSNR 20 dB and 26.0206 dB, mean 23.0103 per image; the
+    # pooled MSE (0.01 + 0.0025) / 2 = 0.00625 gives 22.0412 dB
+    assert result.metrics["psnr_per_image_mean"] == pytest.approx((20.0 + 10 * math.log10(1 / 0.0025)) / 2, abs=1e-5)
+    assert result.metrics["psnr_pooled"] == pytest.approx(10 * math.log10(1 / 0.00625), abs=1e-5)
     expected_ssim = (ssim_of_constants(0.4, 0.5) + ssim_of_constants(0.6, 0.65)) / 2
     assert result.metrics["ssim"] == pytest.approx(expected_ssim, abs=1e-5)
     # the kept pictures are the first images, mapped to [0, 1]
@@ -74,7 +74,104 @@ def test_known_answer_metrics_are_per_image_means():
 def test_psnr_of_a_known_perturbation_20db():
     images = torch.full((2, 3, 16, 16), -0.4)  # +0.2 on [-1, 1] is +0.1 on [0, 1]: MSE 0.01 -> 20 dB
     result = metrics.reconstruction_metrics(ShiftModel(), [images], device="cpu")
-    assert result.metrics["psnr"] == pytest.approx(20.0, abs=1e-4)
+    assert result.metrics["psnr_pooled"] == pytest.approx(20.0, abs=1e-5)
+    assert result.metrics["psnr_per_image_mean"] == pytest.approx(20.0, abs=1e-5)
+
+
+class ReplayModel(ShiftModel):
+    """A fake VAE whose reconstruction of each batch is the next of the given tensors (on [-1, 1])."""
+
+    def __init__(self, reconstructions: list[torch.Tensor]):
+        super().__init__()
+        self.reconstructions = list(reconstructions)
+
+    def decode(self, z):
+        return SimpleNamespace(sample=self.reconstructions.pop(0))
+
+
+def unit_pairs_metrics(targets: torch.Tensor, predictions: torch.Tensor, batch: int) -> dict[str, float]:
+    """vaedyn's metrics of predictions against targets, both given on [0, 1], fed in batches."""
+    loader = torch.utils.data.DataLoader(targets * 2 - 1, batch_size=batch)
+    model = ReplayModel(list((predictions * 2 - 1).split(batch)))
+    return metrics.reconstruction_metrics(model, loader, device="cpu").metrics
+
+
+def test_psnr_pooled_and_per_image_mean_are_torchmetrics_defaults_and_dim():
+    # two constant images at 0.5 with errors 0.01 and 0.10 (MSE 1e-4 and 1e-2):
+    # pooled -10 log10((1e-4 + 1e-2) / 2) = 22.967086 dB; per-image (40 + 20) / 2 = 30 dB
+    target = torch.full((2, 3, 8, 8), 0.5)
+    prediction = target + torch.tensor([0.01, 0.10]).view(2, 1, 1, 1)
+    m = unit_pairs_metrics(target, prediction, batch=1)
+    assert m["psnr_pooled"] == pytest.approx(22.967086, abs=1e-5)
+    assert m["psnr_per_image_mean"] == pytest.approx(30.0, abs=1e-5)
+
+    # textured images, batches of 2 (the recipe of the original's check): torchmetrics' own objects
+    # as the original called them (defaults: dim=None, pooled) and per image (dim=(1, 2, 3))
+    from torchmetrics.image import PeakSignalNoiseRatio
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(4, 3, 64, 64, generator=g)
+    noise = torch.randn(4, 3, 64, 64, generator=g) * torch.tensor([0.01, 0.02, 0.05, 0.1]).view(4, 1, 1, 1)
+    prediction = (target + noise).clamp(0, 1)
+    m = unit_pairs_metrics(target, prediction, batch=2)
+    pooled = PeakSignalNoiseRatio(data_range=1.0)
+    per_image = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3))
+    for i in (0, 2):
+        pooled.update(prediction[i : i + 2], target[i : i + 2])
+        per_image.update(prediction[i : i + 2], target[i : i + 2])
+    assert m["psnr_pooled"] == pytest.approx(25.2148, abs=1e-4)
+    assert m["psnr_pooled"] == pytest.approx(float(pooled.compute()), abs=1e-4)
+    assert m["psnr_per_image_mean"] == pytest.approx(30.1898, abs=1e-4)
+    assert m["psnr_per_image_mean"] == pytest.approx(float(per_image.compute()), abs=1e-4)
+    squared = (prediction.double() - target.double()) ** 2
+    assert m["psnr_pooled"] == pytest.approx(-10 * math.log10(squared.mean().item()), abs=1e-5)
+    assert m["ssim"] == pytest.approx(np.mean([0.999389, 0.997537, 0.985139, 0.943717]), abs=1e-6)
+
+
+def gaussian_window() -> np.ndarray:
+    """SSIM's window for sigma 1.5: 11 taps (radius int(3.5 * 1.5 + 0.5) = 5), normalised."""
+    taps = np.exp(-0.5 * (np.arange(-5, 6) / 1.5) ** 2)
+    return taps / taps.sum()
+
+
+def blur(img: np.ndarray, mode: str | None) -> np.ndarray:
+    """Separable Gaussian blur of (H, W); mode: np.pad mode for a 5-px border, None for the valid part only."""
+    w = gaussian_window()
+    a = np.pad(img, 5, mode=mode) if mode else img
+    rows = sum(w[k] * a[k : a.shape[0] - 10 + k, :] for k in range(11))
+    return sum(w[k] * rows[:, k : a.shape[1] - 10 + k] for k in range(11))
+
+
+def ssim_map(x: np.ndarray, y: np.ndarray, mode: str | None = "reflect") -> np.ndarray:
+    """SSIM map of two (H, W) float64 images with data range 1 (population variances, C1 = 0.01^2, C2 = 0.03^2)."""
+    mx, my = blur(x, mode), blur(y, mode)
+    vx = np.maximum(blur(x * x, mode) - mx * mx, 0)
+    vy = np.maximum(blur(y * y, mode) - my * my, 0)
+    cxy = blur(x * y, mode) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    return (2 * mx * my + c1) * (2 * cxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+
+
+@pytest.mark.parametrize("side", [8, 32])  # 8: smaller than the 11-px window, reflect padding reaches across
+def test_ssim_of_textured_images_by_hand_and_by_scikit_image(side: int):
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(side)
+    # values on a 1/1024 grid, so that the [-1, 1] round trip is exact in float32
+    target = rng.integers(0, 1025, (3, 3, side, side)) / 1024
+    smooth = np.cumsum(rng.normal(0, 60, (3, 3, side, side)), axis=-1).round() / 1024  # correlated error
+    prediction = np.clip(target + smooth, 0, 1)
+    m = unit_pairs_metrics(torch.tensor(target, dtype=torch.float32), torch.tensor(prediction, dtype=torch.float32), 2)
+    # torchmetrics' SSIM: reflect-pad 5 px, SSIM map over every pixel, mean over channels and pixels, then images
+    by_hand = np.mean([np.mean([ssim_map(p[c], t[c]).mean() for c in range(3)]) for p, t in zip(prediction, target, strict=True)])
+    assert m["ssim"] == pytest.approx(by_hand, abs=1e-12)
+    assert 0.2 < by_hand < 0.95  # textured, neither identical nor unrelated
+    if side > 11:  # where the window stays inside the image, the map is scikit-image's
+        for p, t in zip(prediction, target, strict=True):
+            _, full = structural_similarity(p, t, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                            data_range=1.0, channel_axis=0, full=True)
+            ours = np.stack([ssim_map(p[c], t[c]) for c in range(3)])
+            np.testing.assert_allclose(ours[:, 5:-5, 5:-5], full[:, 5:-5, 5:-5], atol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,35 +285,41 @@ def test_cli_eval_stdout_and_errors(run, cli):
 # --compare
 
 
-def write_metrics(folder: Path, run_name: str, mse: float, kl: float, psnr: float, ssim: float, *, split: str = "test",
-                  num_images: int = 100, dataset: str = "builtin:natural", checkpoint: Path | None = None) -> Path:
+def write_metrics(folder: Path, run_name: str, mse: float, kl: float, psnr: float, ssim: float,
+                  psnr_per_image: float | None = None, *, split: str = "test", num_images: int = 100,
+                  dataset: str = "builtin:natural", checkpoint: Path | None = None) -> Path:
+    """A metrics.json; without psnr_per_image an older vaedyn's (`psnr`, the per-image mean, only)."""
     folder.mkdir(parents=True)
+    values = {"mse": mse, "kl": kl, "psnr": psnr, "ssim": ssim}
+    if psnr_per_image is not None:
+        values = {"mse": mse, "kl": kl, "psnr_pooled": psnr, "psnr_per_image_mean": psnr_per_image, "ssim": ssim}
     record = {"checkpoint": str(checkpoint or folder), "step": 10, "split": split, "num_images": num_images,
-              "metrics": {"mse": mse, "kl": kl, "psnr": psnr, "ssim": ssim},
-              "config": {"run_name": run_name, "data": {"dataset_name": dataset, "resolution": 32}}}
+              "metrics": values, "config": {"run_name": run_name, "data": {"dataset_name": dataset, "resolution": 32}}}
     (folder / "metrics.json").write_text(json.dumps(record))
     return folder
 
 
 def test_compare_table1_layout(tmp_path, cli):
-    # the original study's CIFAR-10 row pair
-    a = write_metrics(tmp_path / "a", "cifar10_baseline", 2.879e-3, 994.63, 31.429, 0.9195)
-    b = write_metrics(tmp_path / "b", "cifar10_nudge", 2.826e-3, 997.53, 31.509, 0.9210)
+    # the original study's CIFAR-10 row pair (its PSNR is the pooled one), with per-image means beside
+    a = write_metrics(tmp_path / "a", "cifar10_baseline", 2.879e-3, 994.63, 31.429, 0.9195, psnr_per_image=31.802)
+    b = write_metrics(tmp_path / "b", "cifar10_nudge", 2.826e-3, 997.53, 31.509, 0.9210, psnr_per_image=31.874)
     result = cli("eval", "--compare", a, b / "metrics.json")
     assert result.exit_code == 0, result.stderr
-    assert result.stderr == ""  # same split, data and image count: nothing to warn about
+    assert result.stderr == ""  # same split, data and image count, current files: nothing to warn about
     lines = result.stdout.splitlines()
-    assert lines[0] == "| metric      | cifar10_baseline | cifar10_nudge |   delta | better |"
-    assert lines[1] == "|-------------|-----------------:|--------------:|--------:|--------|"
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:6]}
+    assert lines[0] == "| metric                     | cifar10_baseline | cifar10_nudge |   delta | better |"
+    assert lines[1] == "|----------------------------|-----------------:|--------------:|--------:|--------|"
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:7]}
     assert rows == {
         "MSE (x1e-3)": ["2.879", "2.826", "-0.053", "n/a"],
         "KL": ["994.63", "997.53", "+2.90", "n/a"],
-        "PSNR (dB)": ["31.429", "31.509", "+0.080", "n/a"],
+        "PSNR (dB) pooled [Table 1]": ["31.429", "31.509", "+0.080", "n/a"],
+        "PSNR (dB) per-image mean": ["31.802", "31.874", "+0.072", "n/a"],
         "SSIM": ["0.9195", "0.9210", "+0.0015", "n/a"],
     }
+    assert list(rows)[2:4] == ["PSNR (dB) pooled [Table 1]", "PSNR (dB) per-image mean"]
     # single runs name no winner, however large the difference
-    assert lines[6:] == ["", "better: n/a (single runs: see `vaedyn study`); a difference between two single runs may "
+    assert lines[7:] == ["", "better: n/a (single runs: see `vaedyn study`); a difference between two single runs may "
                          "be run-to-run noise."]
 
     result = cli("eval", "--compare", a, b, "--format", "json")
@@ -233,9 +336,9 @@ def test_compare_names_nudged_checkpoints_by_their_strategy(tmp_path, cli):
     nudged = tmp_path / "run" / "nudged-gn_scale_reset"
     nudged.mkdir(parents=True)
     (nudged / artifacts.NUDGE_FILE).write_text(json.dumps({"strategy": "gn_scale_reset", "n_targets": 2}))
-    a = write_metrics(tmp_path / "a", "quickstart", 1e-3, 5.0, 30.0, 0.9)
-    b = write_metrics(tmp_path / "b", "quickstart", 1e-3, 5.0, 30.0, 0.9, checkpoint=nudged)
-    c = write_metrics(tmp_path / "c", "quickstart", 2e-3, 5.0, 30.0, 0.9)
+    a = write_metrics(tmp_path / "a", "quickstart", 1e-3, 5.0, 30.0, 0.9, psnr_per_image=30.5)
+    b = write_metrics(tmp_path / "b", "quickstart", 1e-3, 5.0, 30.0, 0.9, psnr_per_image=30.5, checkpoint=nudged)
+    c = write_metrics(tmp_path / "c", "quickstart", 2e-3, 5.0, 30.0, 0.9, psnr_per_image=30.5)
     data = json.loads(compare.compare([a, b, c], fmt="json"))
     assert [r["label"] for r in data["runs"]] == ["quickstart #1", "quickstart nudged gn_scale_reset", "quickstart #3"]
     assert [r["nudge"] for r in data["runs"]] == [None, "gn_scale_reset", None]
@@ -243,13 +346,13 @@ def test_compare_names_nudged_checkpoints_by_their_strategy(tmp_path, cli):
     (nudged / artifacts.NUDGE_FILE).unlink()
     record = json.loads((b / "metrics.json").read_text())
     (b / "metrics.json").write_text(json.dumps({**record, "nudge": {"strategy": "redo"}}))
-    assert compare.run_label(compare.load_metrics(b)) == "quickstart nudged redo"
+    assert compare.run_label(metrics.load_metrics(b)) == "quickstart nudged redo"
 
 
 def test_compare_warns_when_the_evaluations_are_not_like_for_like(tmp_path, cli):
-    a = write_metrics(tmp_path / "a", "base", 1e-3, 5.0, 30.0, 0.9)
-    b = write_metrics(tmp_path / "b", "other", 1e-3, 5.0, 30.0, 0.9, split="validation", num_images=64,
-                      dataset="builtin:glyphs")
+    a = write_metrics(tmp_path / "a", "base", 1e-3, 5.0, 30.0, 0.9, psnr_per_image=30.5)
+    b = write_metrics(tmp_path / "b", "other", 1e-3, 5.0, 30.0, 0.9, psnr_per_image=30.5, split="validation",
+                      num_images=64, dataset="builtin:glyphs")
     result = cli("eval", "--compare", a, b)
     assert result.exit_code == 0
     warnings = result.stderr.strip().splitlines()
@@ -259,22 +362,22 @@ def test_compare_warns_when_the_evaluations_are_not_like_for_like(tmp_path, cli)
         'other: {"dataset_name": "builtin:glyphs", "resolution": 32}); the comparison is not like for like',
         "warning: the evaluations differ in number of images (base: 100, other: 64); the comparison is not like for like",
     ]
-    c = write_metrics(tmp_path / "c", "third", 1e-3, 5.0, 30.0, 0.9, num_images=64)
+    c = write_metrics(tmp_path / "c", "third", 1e-3, 5.0, 30.0, 0.9, psnr_per_image=30.5, num_images=64)
     assert json.loads(compare.compare([a, c], fmt="json"))["warnings"] == [
         "warning: the evaluations differ in number of images (base: 100, third: 64); the comparison is not like for like"]
 
 
 def test_compare_labels_and_errors(tmp_path, cli):
-    a = write_metrics(tmp_path / "a", "same", 1e-3, 5.0, 30.0, 0.9)
-    b = write_metrics(tmp_path / "b", "same", 1e-3, 4.0, 30.0, 0.8)
-    c = write_metrics(tmp_path / "c", "same", 1e-3, 4.0, 31.0, 0.8)
+    a = write_metrics(tmp_path / "a", "same", 1e-3, 5.0, 30.0, 0.9, psnr_per_image=30.5)
+    b = write_metrics(tmp_path / "b", "same", 1e-3, 4.0, 30.0, 0.8, psnr_per_image=30.6)
+    c = write_metrics(tmp_path / "c", "same", 1e-3, 4.0, 31.0, 0.8, psnr_per_image=30.6)
     data = json.loads(compare.compare([a, b, c], fmt="json"))
     assert [r["label"] for r in data["runs"]] == ["same #1", "same #2", "same #3"]  # same step and split
+    assert {r["better"] for r in data["rows"]} == {None}
     record = json.loads((b / "metrics.json").read_text())
     (b / "metrics.json").write_text(json.dumps({**record, "step": 20}))
     assert [r["label"] for r in json.loads(compare.compare([a, b], fmt="json"))["runs"]] == ["same step 10",
                                                                                           "same step 20"]
-    assert {r["better"] for r in data["rows"]} == {None}
 
     result = cli("eval", "--compare", a)
     assert result.exit_code == 2 and "at least two" in result.stderr
@@ -285,3 +388,27 @@ def test_compare_labels_and_errors(tmp_path, cli):
         compare.compare([a, tmp_path / "broken.json"])
     result = cli("eval", a)
     assert result.exit_code == 2 and "PATHS are for --compare" in result.stderr
+
+
+def test_compare_reads_older_metrics_files(tmp_path, cli):
+    # vaedyn before both PSNRs wrote `psnr`, the per-image mean; its pooled PSNR is unknown (n/a)
+    old = write_metrics(tmp_path / "old", "before", 2.9e-3, 990.0, 31.80, 0.92)
+    new = write_metrics(tmp_path / "new", "after", 2.8e-3, 995.0, 31.45, 0.93, psnr_per_image=31.85)
+    result = cli("eval", "--compare", old, new)
+    assert result.exit_code == 0, result.stderr
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in result.stdout.splitlines()[2:7]}
+    assert rows["PSNR (dB) pooled [Table 1]"] == ["n/a", "31.450", "n/a", "n/a"]
+    assert rows["PSNR (dB) per-image mean"] == ["31.800", "31.850", "+0.050", "n/a"]
+    assert rows["SSIM"] == ["0.9200", "0.9300", "+0.0100", "n/a"]
+    warning = [line for line in result.stderr.splitlines() if "older vaedyn" in line]
+    assert len(warning) == 1 and str(old / "metrics.json") in warning[0]
+    assert "psnr is shown as psnr_per_image_mean" in warning[0] and "psnr_pooled" in warning[0]
+    data = json.loads(compare.compare([old, new], fmt="json"))
+    pooled = next(r for r in data["rows"] if r["metric"] == "psnr_pooled")
+    assert pooled == {"metric": "psnr_pooled", "values": {"before": None, "after": 31.45}, "delta": None,
+                      "better": None, "lower_is_better": False}
+    # an old file lacking another metric is still refused
+    (tmp_path / "partial.json").write_text(json.dumps({"metrics": {"mse": 1.0, "kl": 1.0, "psnr": 20.0}}))
+    with pytest.raises(VaedynError, match="lacks metrics ssim"):
+        compare.compare([new, tmp_path / "partial.json"])

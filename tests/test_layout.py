@@ -16,11 +16,12 @@ COMPONENTS = {
     "model", "data", "store", "store.schema", "store.metadata", "store.reader", "store.writer", "store.info",
     "store.classification", "kernels", "probes", "tracker", "persistence", "classification", "selection",
     "strategies", "live_nudge", "metrics", "loss", "trainer", "ablation", "lens", "grids", "tb", "report_data",
-    "figures",
+    "figures", "pages", "seedstats", "study_plan", "study_results", "study_report",
 }
 STAGES = {"train", "track", "classify", "nudge", "evaluate", "compare", "report"}
+ORCHESTRATION = {"study", "study_exec"}  # `vaedyn study` runs the other stages
 ENTRY = {"", "__main__", "cli"}  # the package itself, `python -m vaedyn_cli` and the CLI call the stages
-TIERS = [FOUNDATIONS, COMPONENTS, STAGES, ENTRY]
+TIERS = [FOUNDATIONS, COMPONENTS, STAGES, ORCHESTRATION, ENTRY]
 
 
 def _modules() -> dict[str, Path]:

@@ -7,6 +7,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -17,6 +18,7 @@ from vaedyn_cli.anatomy import groupnorm_layers
 from vaedyn_cli.config import NudgeConfig, RunConfig
 from vaedyn_cli.errors import VaedynError
 from vaedyn_cli.model import build_preset, resolve_checkpoint, save_model
+from vaedyn_cli.randomness import channel_generator
 from vaedyn_cli.selection import Target, check_classification_fits, parse_classification, parse_select, select_targets
 from vaedyn_cli.strategies import STRATEGIES, apply, channel_wiring
 
@@ -162,6 +164,50 @@ def test_gn_scale_nudge_keeps_the_original_semantics() -> None:
     assert [e["after"] for e in events] == pytest.approx([0.0, 0.55, -0.55, 1.5])
 
 
+# The original's gentle nudge as float32 bit patterns: the Python double of gamma times 1.1, min with
+# 1.5, rounded once to float32 (a float32 product is one ulp higher for the first four).
+ORIGINAL_NUDGE_BITS = [
+    (0x3DCCCCCD, 0x3DE147AE),  # 0.1 -> 0.11
+    (0x3E4CCCCD, 0x3E6147AE),  # 0.2 -> 0.22
+    (0x3D4CCCCD, 0x3D6147AE),  # 0.05 -> 0.055
+    (0x358637BD, 0x3593A3B6),  # 1e-6 -> 1.1e-6
+    (0x3E99999A, 0x3EA8F5C3),  # 0.3 -> 0.33
+    (0x3F333333, 0x3F451EB8),  # 0.7 -> 0.77
+    (0x3F800000, 0x3F8CCCCD),  # 1.0 -> 1.1
+    (0x3DFCD680, 0x3E0B0F93),  # 0.123456 -> 0.1358016
+    (0x3F99999A, 0x3FA8F5C3),  # 1.2 -> 1.32
+    (0x3FB33333, 0x3FC00000),  # 1.4 -> 1.5, the cap
+    (0x3FCCCCCD, 0x3FC00000),  # 1.6 -> lowered to 1.5
+    (0xBE99999A, 0xBEA8F5C3),  # -0.3 -> -0.33
+    (0x00000000, 0x00000000),  # 0 stays 0
+]
+
+
+@pytest.mark.parametrize(("factor", "cap"), [(1.1, 1.5), (1.05, 1.5), (1.2, 2.0)])
+def test_gn_scale_nudge_is_the_float64_product_rounded_once(factor: float, cap: float) -> None:
+    model = build_preset(TINY_WIDTH, 0)
+    norms = groupnorm_layers(model)
+    n = sum(norm.num_channels for _, norm in norms)
+    table = np.array([g for g, _ in ORIGINAL_NUDGE_BITS], dtype=np.uint32).view(np.float32)
+    gammas = np.concatenate([table, np.random.default_rng(0).uniform(-0.5, 1.7, n - len(table)).astype(np.float32)])
+    targets, offset = [], 0
+    with torch.no_grad():
+        for name, norm in norms:
+            norm.weight.copy_(torch.from_numpy(gammas[offset : offset + norm.num_channels]))
+            targets += [Target(name, i) for i in range(norm.num_channels)]
+            offset += norm.num_channels
+    events = apply(model, targets, "gn_scale_nudge", NudgeConfig(factor=factor, max_scale=cap))
+    got = torch.cat([norm.weight.detach() for _, norm in norms]).numpy()
+    expected = np.minimum(gammas.astype(np.float64) * factor, cap).astype(np.float32)
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    assert [e["after"] for e in events] == expected.astype(np.float64).tolist()
+    # a float32 product (the factor rounded first) is one ulp off for a good part of them
+    in_float32 = np.minimum(gammas * np.float32(factor), np.float32(cap))
+    assert np.mean(in_float32.view(np.uint32) != expected.view(np.uint32)) > 0.1
+    if (factor, cap) == (1.1, 1.5):
+        assert got[: len(table)].view(np.uint32).tolist() == [r for _, r in ORIGINAL_NUDGE_BITS]
+
+
 def test_gn_scale_reset_and_to_layer_use_the_layer_before_the_change() -> None:
     model = planted_model()
     layer = "encoder.down_blocks.0.resnets.0.norm1"  # 8 channels
@@ -232,6 +278,20 @@ def test_shrink_perturb_shrinks_exactly_without_noise() -> None:
     delta = noisy.state_dict()["decoder.up_blocks.1.resnets.1.conv1.weight"][3] - before[
         "decoder.up_blocks.1.resnets.1.conv1.weight"][3]
     assert 0.05 < delta.std().item() < 0.15  # 288 draws of N(0, 0.1^2)
+
+
+def test_shrink_perturb_is_the_float64_formula_rounded_once() -> None:
+    model = planted_model()
+    before = snapshot(model)
+    t = Target("decoder.up_blocks.1.resnets.1.norm2", 3)
+    apply(model, [t], "shrink_perturb", NudgeConfig(shrink=0.3, perturb_std=0.01), step=5, seed=2)
+    after = snapshot(model)
+    gen = channel_generator(2, 5, t.layer, 3)  # the draws, in the order of the slices: gamma, beta, filter, bias
+    for name, index in expected_slices("shrink_perturb", [t]):
+        old = before[name][index].numpy().astype(np.float64)
+        noise = torch.randn(old.shape, dtype=torch.float32, generator=gen).numpy().astype(np.float64)
+        expected = np.asarray(0.3 * old + 0.01 * noise).astype(np.float32)
+        assert np.array_equal(after[name][index].numpy().view(np.uint32), expected.view(np.uint32)), name
 
 
 # ---------------------------------------------------------------------------------------------

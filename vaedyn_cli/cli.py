@@ -23,7 +23,7 @@ from vaedyn_cli.errors import VaedynError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-PIPELINE = ("config", "train", "track", "classify", "nudge", "eval", "report", "store")  # the order of `--help`
+PIPELINE = ("config", "train", "track", "classify", "nudge", "eval", "report", "study", "store")  # `--help`'s order
 
 
 def _flags_as_flags(cmd: Any, ctx: Any) -> None:
@@ -408,6 +408,38 @@ def report_cmd(
     from vaedyn_cli import report
 
     print_path(report.build_report(store, out_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# study
+
+
+@app.command("study")
+@handle_errors
+def study_cmd(
+    study_file: Annotated[Path, typer.Argument(help="Study file (YAML): base config, conditions, seeds, reference.")],
+    executor: Annotated[
+        str,
+        typer.Option("--executor", help="local (this machine), slurm (one submitit job per run: pip install "
+                     "vaedyn\\[slurm]) or submitit-local (submitit's local executor, to try the submission path)."),
+    ] = "local",
+    jobs: Annotated[
+        int, typer.Option("--jobs", help="--executor local: runs at a time (N > 1: subprocesses, cores // N threads each).")
+    ] = 1,
+    print_commands: Annotated[
+        bool, typer.Option("--print-commands", help="Print one shell line per pending run instead of running them.")
+    ] = False,
+) -> None:
+    """Run every (condition, seed) of a study, evaluate and classify each, write study.json and a report; prints
+    the report folder."""
+    from vaedyn_cli import study
+
+    text = study.run_study(study_file, executor=executor, jobs=jobs, print_commands=print_commands)
+    if not print_commands:
+        print_path(text)
+        return
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------------------------

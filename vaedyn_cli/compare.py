@@ -1,4 +1,5 @@
-"""`vaedyn eval --compare`: finished evaluations side by side, in the original study's Table 1 layout."""
+"""`vaedyn eval --compare`: finished evaluations side by side, in the original study's Table 1 layout
+(its PSNR row is the pooled PSNR; the per-image mean follows it, labelled)."""
 
 from __future__ import annotations
 
@@ -9,27 +10,9 @@ from typing import Any
 
 from vaedyn_cli import artifacts
 from vaedyn_cli.errors import VaedynError
-from vaedyn_cli.metrics import LOWER_IS_BETTER, METRICS, TABLE_FORMAT
+from vaedyn_cli.metrics import LOWER_IS_BETTER, METRICS, TABLE_FORMAT, load_metrics
 
 log = logging.getLogger(__name__)
-
-
-def load_metrics(path: Path) -> dict[str, Any]:
-    """A metrics.json file, or the eval folder holding one."""
-    path = Path(path)
-    file = path / artifacts.METRICS_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise VaedynError(f"{path} has no {artifacts.METRICS_FILE}: pass files or folders written by `vaedyn eval`")
-    try:
-        record = json.loads(file.read_text())
-        values = record["metrics"]
-        missing = [m for m in METRICS if m not in values]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise VaedynError(f"{file} is not a metrics file written by `vaedyn eval`; rerun the evaluation") from None
-    if missing:
-        raise VaedynError(f"{file} lacks metrics {', '.join(missing)}; rerun `vaedyn eval`")
-    record["path"] = str(file)
-    return record
 
 
 BETTER = "n/a (single runs: see `vaedyn study`)"  # which run is better needs repeated runs, not one of each
@@ -83,8 +66,13 @@ def _warn_unlike(records: list[dict[str, Any]], labels: list[str]) -> list[str]:
     return lines
 
 
+def _cell(value: float | None, scale: float, digits: int, sign: str = "") -> str:
+    """A table cell; n/a for a metric an older metrics.json lacks."""
+    return "n/a" if value is None else f"{value * scale:{sign}.{digits}f}"
+
+
 def comparison(paths: list[Path]) -> dict[str, Any]:
-    """Metric by metric: each run's value, delta (last minus first) and which run is better."""
+    """Metric by metric: each run's value and delta (last minus first); no run is called better (BETTER)."""
     if len(paths) < 2:
         raise VaedynError("--compare needs at least two metrics.json files or eval folders")
     records = [load_metrics(p) for p in paths]
@@ -92,11 +80,12 @@ def comparison(paths: list[Path]) -> dict[str, Any]:
     warnings = _warn_unlike(records, labels)
     rows = []
     for key in METRICS:
-        values = [float(r["metrics"][key]) for r in records]
+        values = [None if r["metrics"][key] is None else float(r["metrics"][key]) for r in records]
+        known = None not in values
         rows.append({
             "metric": key,
             "values": dict(zip(labels, values, strict=True)),
-            "delta": values[-1] - values[0],
+            "delta": values[-1] - values[0] if known else None,
             "better": None,  # single runs: no run is better on this evidence (BETTER)
             "lower_is_better": LOWER_IS_BETTER[key],
         })
@@ -120,8 +109,8 @@ def compare(paths: list[Path], fmt: str = "table") -> str:
     lines = [header]
     for row in result["rows"]:
         label, scale, digits = TABLE_FORMAT[row["metric"]]
-        cells = [f"{row['values'][lab] * scale:.{digits}f}" for lab in labels]
-        lines.append([label, *cells, f"{row['delta'] * scale:+.{digits}f}", "n/a"])
+        cells = [_cell(row["values"][lab], scale, digits) for lab in labels]
+        lines.append([label, *cells, _cell(row["delta"], scale, digits, "+"), "n/a"])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
 
     def fmt_line(cells: list[str]) -> str:

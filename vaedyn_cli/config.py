@@ -334,9 +334,10 @@ def _field_names(model: type[BaseModel], path: tuple[str | int, ...]) -> list[st
 
 
 def format_validation_error(
-    err: ValidationError, where: str, model: type[BaseModel] | None = None, prefix: str = "invalid config"
+    err: ValidationError, where: str, model: type[BaseModel] | None = None, what: str = "config"
 ) -> str:
-    """One line for all problems of a config (or of one `model`, a section): location, problem, fix."""
+    """One line for all problems of a config (or of another file or section validated by `model`,
+    named `what`): location, problem, fix."""
     parts = []
     for e in err.errors():
         loc = tuple(e["loc"])
@@ -352,7 +353,7 @@ def format_validation_error(
             got = e.get("input")
             shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
             parts.append(f"{dotted}: {msg}{shown}")
-    head = f"{prefix} {where}" if where else prefix
+    head = f"invalid {what} {where}" if where else f"invalid {what}"
     return f"{head}: " + "; ".join(parts)
 
 

@@ -5,8 +5,9 @@ embedded sets that need no network: `builtin:natural` (seeded crops of the photo
 scikit-image ships, whole photos held out for validation and test) and `builtin:glyphs`
 (characters rendered with the fonts matplotlib ships).
 
-Preprocessing: RGB, resize the shorter side to `resolution` (bilinear), center crop, optional
-random horizontal flip, scale to [-1, 1].
+Preprocessing: torchvision's `Resize(resolution)` (bilinear, on the PIL image) and
+`CenterCrop(resolution)` exactly, then RGB (as the original study's pipeline: the conversion comes
+after the crop), optional random horizontal flip, scale to [-1, 1].
 """
 
 from __future__ import annotations
@@ -272,16 +273,36 @@ def _cap(ds, max_samples: int | None, name: str):  # noqa: ANN001, ANN202
 # preprocessing
 
 
+def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """The (width, height) of torchvision's `Resize(resolution)`: the shorter side becomes
+    `resolution`, the longer int(resolution * long / short), truncated (not rounded)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(resolution * long / short)
+    return (resolution, new_long) if width <= height else (new_long, resolution)
+
+
+def center_crop_box(width: int, height: int, resolution: int) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) of torchvision's `CenterCrop(resolution)` on an image at least
+    that large: offsets int(round(excess / 2)), Python's round (half to even: an excess of 3 starts at 2)."""
+    left, top = int(round((width - resolution) / 2.0)), int(round((height - resolution) / 2.0))
+    return left, top, left + resolution, top + resolution
+
+
 def to_tensor(image: Image.Image, resolution: int, flip: bool = False) -> torch.Tensor:
-    """RGB, shorter side -> resolution (bilinear), center crop, optional flip, [-1, 1], (3, H, W)."""
-    image = image.convert("RGB")
-    w, h = image.size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    if (nw, nh) != (w, h):
-        image = image.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
+    """torchvision's Resize(resolution) + CenterCrop(resolution) on the PIL image, then RGB, optional
+    flip, [-1, 1], (3, H, W).
+
+    The resize and crop happen in the image's own mode, as in the original study's pipeline, so Pillow
+    resizes palette and bilevel images ("P", "1") by nearest neighbour and images with alpha in
+    premultiplied alpha (fully transparent pixels come out black once alpha is dropped); RGB and
+    grayscale images do not depend on the order. A size that does not change is not resampled.
+    """
+    size = resized_size(*image.size, resolution)
+    if size != image.size:
+        image = image.resize(size, Image.BILINEAR)
+    image = image.crop(center_crop_box(*size, resolution))
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     arr = np.asarray(image, dtype=np.float32)
     if flip:
         arr = arr[:, ::-1]

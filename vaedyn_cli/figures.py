@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,7 +98,7 @@ class Skip(Exception):
 
 
 
-def _plt():  # noqa: ANN202
+def pyplot():  # noqa: ANN202
     import matplotlib
 
     matplotlib.use("Agg")
@@ -261,7 +261,7 @@ def fig_heatmap(d: ReportData):  # noqa: ANN201
         raise Skip("no finite activity statistic in the trace")
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
-    plt = _plt()
+    plt = pyplot()
     cmap, norm, centre = score_scale(d)
     panels = heatmap_panels(d)
     steps = d.steps[d.heat_idx]
@@ -347,7 +347,7 @@ def _rule(d: ReportData) -> str:
 def fig_counts(d: ReportData):  # noqa: ANN201
     from matplotlib.ticker import MaxNLocator
 
-    plt = _plt()
+    plt = pyplot()
     ch = d.channels
     x = d.steps[d.line_idx]
     fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -381,7 +381,7 @@ def fig_counts(d: ReportData):  # noqa: ANN201
 def fig_by_layer(d: ReportData):  # noqa: ANN201
     if d.last_codes is None or not (d.last_codes >= ACTIVE).any():
         raise Skip("no channel is observed at the last step")
-    plt = _plt()
+    plt = pyplot()
     by_name = {r["layer"]: r for r in layer_table(d)}
     rows = [by_name[n] for n in flow_order(list(by_name))]
     parts = [p for p in PARTS if any(r["part"] == p for r in rows)]
@@ -418,7 +418,7 @@ def fig_by_layer(d: ReportData):  # noqa: ANN201
 def fig_gamma(d: ReportData):  # noqa: ANN201
     if not d.gamma_q or not any(np.isfinite(q).any() for q in d.gamma_q.values()):
         raise Skip("the trace has no finite gn_weight (|gamma|) values")
-    plt = _plt()
+    plt = pyplot()
     x = d.steps[d.line_idx]
     parts = [p for p in PARTS if np.isfinite(d.gamma_q[p]).any()]
     fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4.2), squeeze=False, sharey=True)
@@ -460,7 +460,7 @@ def fig_near_zero(d: ReportData):  # noqa: ANN201
     values = read_steps(d.ds, "near_zero_frac", d.line_idx) * 100  # (steps, param)
     if not np.isfinite(values).any():
         raise Skip("near_zero_frac is NaN at every step")
-    plt = _plt()
+    plt = pyplot()
     params = [str(p) for p in np.asarray(d.ds["param"].values).tolist()] if "param" in d.ds.coords else \
         [f"param {i}" for i in range(values.shape[1])]
     x = d.steps[d.line_idx]
@@ -494,7 +494,7 @@ def fig_near_zero(d: ReportData):  # noqa: ANN201
 def fig_classes(d: ReportData):  # noqa: ANN201
     if d.labels is None:
         raise Skip("no classification")
-    plt = _plt()
+    plt = pyplot()
     counts = class_counts(d.labels)
     keys = ("state", "trajectory", "mechanism", "flag")
     titles = {"state": f"state at step {d.labels.attrs.get('last_step', '')}", "trajectory": "trajectory over the trace",
@@ -580,7 +580,7 @@ def fig_losses(d: ReportData):  # noqa: ANN201
     for n, (s, v) in val.items():
         panels[_panel_of(n)].append(("validation " + n, s, v))
     used = [k for k, v in panels.items() if v]
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(used), figsize=(4.6 * len(used), 4.2), squeeze=False)
     ylabels = {"loss": "loss (MSE on [-1, 1] images)", "kl": "KL (nats)", "quality": "validation metric",
                "lr": "learning rate"}
@@ -618,13 +618,14 @@ FIGURE_FUNCS: dict[str, Callable[[ReportData], Any]] = {
 }
 
 
-def render_figures(d: ReportData, out: Path) -> dict[str, str | None]:
-    """Write every figure it can into `out`; returns file -> None (written) or the reason it was skipped."""
-    plt = _plt()
+def save_figures(funcs: Mapping[str, Callable[..., Any]], out: Path, *args: Any) -> dict[str, str | None]:
+    """Draw `fn(*args)` for each file name -> function and write the PNGs into `out`; returns file ->
+    None (written) or the reason it was skipped (`Skip`)."""
+    plt = pyplot()
     result: dict[str, str | None] = {}
-    for name, fn in FIGURE_FUNCS.items():
+    for name, fn in funcs.items():
         try:
-            fig = fn(d)
+            fig = fn(*args)
         except Skip as e:
             result[name] = str(e)
             log.info("skipped %s: %s", name, e)
@@ -634,3 +635,7 @@ def render_figures(d: ReportData, out: Path) -> dict[str, str | None]:
         result[name] = None
     return result
 
+
+def render_figures(d: ReportData, out: Path) -> dict[str, str | None]:
+    """Every figure of the run report that the store's data allows, into `out`."""
+    return save_figures(FIGURE_FUNCS, out, d)

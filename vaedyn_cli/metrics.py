@@ -1,13 +1,25 @@
 """Reconstruction metrics of a VAE over a loader (MSE, KL, PSNR, SSIM) and the pictures of an evaluation.
 
 Conventions: the posterior MODE is decoded (deterministic); MSE is on [-1, 1] images; KL is the
-posterior's KL to N(0, I) summed over latent elements and averaged over images; PSNR and SSIM
-(torchmetrics) are per-image values averaged over images, computed on images mapped to [0, 1]
-(reconstructions clamped) with data range 1.0.
+posterior's KL to N(0, I) summed over latent elements and averaged over images. PSNR and SSIM are
+computed on images mapped to [0, 1] (reconstructions clamped) with data range 1.0, in float64:
+
+- `psnr_pooled`: -10 log10 of the squared error pooled over every pixel of the split, what
+  torchmetrics' `PeakSignalNoiseRatio(data_range=1.0)` computes with its defaults (dim=None), and so
+  the PSNR of the original study's Table 1;
+- `psnr_per_image_mean`: the mean over images of each image's PSNR (torchmetrics with dim=(1, 2, 3));
+  by Jensen never below the pooled one. A metrics.json of vaedyn before both existed holds it as `psnr`;
+- `ssim`: torchmetrics' SSIM with the original's arguments (Gaussian window, sigma 1.5: 11 px
+  whatever `kernel_size` says; reflect padding, so images from 6 px on), averaged over images.
+
+The PSNRs come from the float64 sums directly: torchmetrics accumulates the pooled error in float32
+and scales by a float32 10 / ln 10 (about 1e-6 dB off); the definitions are the same.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +32,22 @@ from PIL import Image
 from vaedyn_cli import artifacts
 from vaedyn_cli.errors import VaedynError
 
-METRICS = ("mse", "kl", "psnr", "ssim")
-LOWER_IS_BETTER = {"mse": True, "kl": True, "psnr": False, "ssim": False}
-# Table 1 of the original study: label, scale applied to the value, decimals.
-TABLE_FORMAT = {"mse": ("MSE (x1e-3)", 1e3, 3), "kl": ("KL", 1.0, 2), "psnr": ("PSNR (dB)", 1.0, 3), "ssim": ("SSIM", 1.0, 4)}
+METRICS = ("mse", "kl", "psnr_pooled", "psnr_per_image_mean", "ssim")
+LOWER_IS_BETTER = {"mse": True, "kl": True, "psnr_pooled": False, "psnr_per_image_mean": False, "ssim": False}
+# Table 1 of the original study (its PSNR is the pooled one), plus the per-image mean: label, scale, decimals.
+TABLE_FORMAT = {
+    "mse": ("MSE (x1e-3)", 1e3, 3),
+    "kl": ("KL", 1.0, 2),
+    "psnr_pooled": ("PSNR (dB) pooled [Table 1]", 1.0, 3),
+    "psnr_per_image_mean": ("PSNR (dB) per-image mean", 1.0, 3),
+    "ssim": ("SSIM", 1.0, 4),
+}
+# metrics.json of earlier vaedyn versions: old name -> today's (`psnr` was the per-image mean)
+LEGACY_NAMES = {"psnr": "psnr_per_image_mean"}
 GRID_IMAGES = 8
 GRID_TILE_PX = 128  # grid.png draws each image at least this large (32x32 images at 4x)
+
+log = logging.getLogger(__name__)
 
 
 def reconstruct(model: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,9 +67,22 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-def _ssim_kernel(side: int) -> int:
-    """SSIM's 11-pixel Gaussian window, shrunk to the largest odd size that fits small images."""
-    return min(11, side if side % 2 else side - 1)
+def psnr_db(mse: torch.Tensor | float) -> torch.Tensor:
+    """PSNR in dB of a mean squared error on [0, 1] images (data range 1): -10 log10(mse)."""
+    return -10.0 * torch.log10(torch.as_tensor(mse, dtype=torch.float64))
+
+
+def current_names(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The metrics of a metrics.json under today's names, and the old names it used. An older file's
+    `psnr` is its per-image mean; the pooled PSNR it lacks becomes None (its MSE is on [-1, 1] and
+    unclamped, so the PSNR of the clamped [0, 1] images cannot be derived from it)."""
+    values = dict(values)
+    old = [name for name in LEGACY_NAMES if name in values and LEGACY_NAMES[name] not in values]
+    for name in old:
+        values[LEGACY_NAMES[name]] = values.pop(name)
+    if old:
+        values.setdefault("psnr_pooled", None)
+    return values, old
 
 
 @dataclass
@@ -64,26 +99,29 @@ class EvalResult:
 def reconstruction_metrics(
     model: Any, loader: Iterable[torch.Tensor], *, device: torch.device | str | None = None, keep: int = 0
 ) -> EvalResult:
-    """MSE, KL, PSNR and SSIM of `model` (anything with diffusers' encode/decode) over `loader`
+    """MSE, KL, both PSNRs and SSIM of `model` (anything with diffusers' encode/decode) over `loader`
     (batches of (B, 3, H, W) images in [-1, 1]); keeps the first `keep` pairs for pictures."""
-    from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+    from torchmetrics.image import StructuralSimilarityIndexMeasure
 
     device = torch.device(device) if device is not None else next(iter(model.parameters())).device
-    psnr = ssim = None
-    mse_sum = kl_sum = 0.0
-    n = 0
+    # the original's arguments (with the Gaussian window kernel_size is not used: the window is 11 px);
+    # float64 states: the sum of per-image values is float32 by default
+    ssim = StructuralSimilarityIndexMeasure(data_range=1.0, gaussian_kernel=True, sigma=1.5, kernel_size=11)
+    ssim = ssim.set_dtype(torch.float64).to(device)
+    mse_sum = kl_sum = sse_unit = 0.0
+    elements = n = 0
+    psnr_images: list[torch.Tensor] = []
     kept_x: list[torch.Tensor] = []
     kept_r: list[torch.Tensor] = []
     for batch in loader:
         x = (batch[0] if isinstance(batch, list | tuple) else batch).to(device)
         recon, kl = reconstruct(model, x)
-        if psnr is None:
-            psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="elementwise_mean", dim=(1, 2, 3)).to(device)
-            kernel = _ssim_kernel(min(x.shape[-2:]))
-            ssim = StructuralSimilarityIndexMeasure(data_range=1.0, kernel_size=kernel).to(device)
         ux, ur = to_unit(x), to_unit(recon)
         # float64: SSIM's variances (E[x^2] - E[x]^2) lose ~1e-4 to cancellation in float32
-        psnr.update(ur.double(), ux.double())
+        squared = (ur.double() - ux.double()).pow(2).flatten(1)
+        sse_unit += float(squared.sum())
+        elements += squared.numel()
+        psnr_images.append(psnr_db(squared.mean(1)).cpu())
         ssim.update(ur.double(), ux.double())
         mse_sum += float(per_image_mse(recon, x).double().sum())
         kl_sum += float(kl.double().sum())
@@ -91,9 +129,15 @@ def reconstruction_metrics(
         if sum(t.shape[0] for t in kept_x) < keep:
             kept_x.append(ux.cpu())
             kept_r.append(ur.cpu())
-    if n == 0 or psnr is None or ssim is None:
+    if n == 0:
         raise VaedynError("no images to evaluate: the split is empty; check the split name and max_samples")
-    metrics = {"mse": mse_sum / n, "kl": kl_sum / n, "psnr": float(psnr.compute()), "ssim": float(ssim.compute())}
+    metrics = {
+        "mse": mse_sum / n,
+        "kl": kl_sum / n,
+        "psnr_pooled": float(psnr_db(sse_unit / elements)),
+        "psnr_per_image_mean": float(torch.cat(psnr_images).mean()),
+        "ssim": float(ssim.compute()),
+    }
     originals = torch.cat(kept_x)[:keep] if kept_x else torch.empty(0)
     recons = torch.cat(kept_r)[:keep] if kept_r else torch.empty(0)
     return EvalResult(metrics, n, originals, recons)
@@ -139,3 +183,26 @@ def write_pictures(folder: Path, result: EvalResult, num_pairs: int) -> None:
             Image.fromarray(_to_uint8(result.originals[i])).save(samples / f"{i:04d}_original.png")
             Image.fromarray(_to_uint8(result.reconstructions[i])).save(samples / f"{i:04d}_reconstruction.png")
 
+
+def load_metrics(path: Path) -> dict[str, Any]:
+    """A metrics.json file, or the eval folder holding one; its metrics under today's names (an older
+    file's, see `current_names`, with a warning), None for one such a file cannot have."""
+    path = Path(path)
+    file = path / artifacts.METRICS_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise VaedynError(f"{path} has no {artifacts.METRICS_FILE}: pass files or folders written by `vaedyn eval`")
+    try:
+        record = json.loads(file.read_text())
+        values, old = current_names(record["metrics"])
+    except (KeyError, TypeError, ValueError):  # ValueError: bad JSON, or metrics that are no mapping
+        raise VaedynError(f"{file} is not a metrics file written by `vaedyn eval`; rerun the evaluation") from None
+    missing = [m for m in METRICS if m not in values]
+    if missing:
+        raise VaedynError(f"{file} lacks metrics {', '.join(missing)}; rerun `vaedyn eval`")
+    if old:
+        log.warning("warning: %s was written by an older vaedyn: its %s is shown as %s and it has no %s (n/a); "
+                    "rerun `vaedyn eval` for all of them", file, ", ".join(old),
+                    ", ".join(LEGACY_NAMES[o] for o in old), ", ".join(m for m in METRICS if values[m] is None))
+    record["metrics"] = {m: values[m] for m in METRICS}
+    record["path"] = str(file)
+    return record

@@ -13,7 +13,6 @@ near-zero tracker, ...) is skipped with a note in the page, not an error. The nu
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 from pathlib import Path
@@ -26,6 +25,7 @@ from vaedyn_cli import store as store_mod
 from vaedyn_cli.errors import VaedynError
 from vaedyn_cli.figures import FIGURES, render_figures
 from vaedyn_cli.labels import PARTS
+from vaedyn_cli.pages import CSS, esc, figures_html, fmt, table
 from vaedyn_cli.report_data import (
     ReportData,
     class_counts,
@@ -153,44 +153,12 @@ def build_summary(d: ReportData, figures: dict[str, str | None]) -> dict[str, An
     }
 
 
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1150px;color:#222;padding:0 1em}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
-th{background:#f3f3f3}td.l,th.l{text-align:left}figure{margin:1.2em 0}img{max-width:100%;border:1px solid #eee}
-figcaption{font-size:.9em;color:#444;margin-top:.3em}.note{background:#fff8e0;border-left:4px solid #e0b000;padding:.5em 1em}
-pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:.8em}nav a{margin-right:1em}
-"""
-
-
-def _e(v: Any) -> str:
-    return html.escape(str(v))
-
-
-def _table(header: list[str] | None, rows: list[list[Any]], left: int = 1) -> str:
-    def cell(tag: str, i: int, v: Any) -> str:
-        cls = ' class="l"' if i < left else ""
-        return f"<{tag}{cls}>{_e(v)}</{tag}>"
-
-    head = "<thead><tr>" + "".join(cell("th", i, h) for i, h in enumerate(header)) + "</tr></thead>" if header else ""
-    body = "".join("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table>{head}<tbody>{body}</tbody></table>"
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)
-
-
 def render_html(d: ReportData, summary: dict[str, Any], figures: dict[str, str | None]) -> str:
     """The self-contained page: summary, figures (sibling PNGs), tables, config."""
     s = summary
     title = f"vaedyn report: {s['run_name'] or d.path.name}"
-    parts: list[str] = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_e(title)}</title>",
-                        f"<style>{_CSS}</style></head><body><h1>{_e(title)}</h1>",
+    parts: list[str] = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>",
+                        f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1>",
                         '<nav><a href="#summary">summary</a><a href="#figures">figures</a><a href="#layers">layers</a>'
                         '<a href="#classes">classes</a><a href="#config">config</a></nav>']
     st, chs = s["steps"], s["channels"]
@@ -216,38 +184,31 @@ def render_html(d: ReportData, summary: dict[str, Any], figures: dict[str, str |
         ["interventions", _events_text(s["events"])],
         ["validation records", s["validation_records"]],
     ]
-    parts.append('<h2 id="summary">Summary</h2>' + _table(None, rows, left=2))
-    parts.append('<h2 id="figures">Figures</h2>')
-    for name, why in figures.items():
-        head, caption = FIGURES[name]
-        if why is None:
-            parts.append(f'<figure><h3>{_e(head)}</h3><img src="{_e(name)}" alt="{_e(head)}">'
-                         f"<figcaption>{_e(caption)}</figcaption></figure>")
-        else:
-            parts.append(f'<h3>{_e(head)}</h3><p class="note">Not drawn: {_e(why)}.</p>')
+    parts.append('<h2 id="summary">Summary</h2>' + table(None, rows, left=2))
+    parts.append('<h2 id="figures">Figures</h2>' + figures_html(figures, FIGURES))
     layers = s["most_affected_layers"]
     parts.append(f'<h2 id="layers">Most affected layers at step {st["last"]} (per-step rule)</h2>')
-    parts.append(f'<p>Counted by the {_e(s["last_step_rule"])}.</p>')
+    parts.append(f'<p>Counted by the {esc(s["last_step_rule"])}.</p>')
     if layers:
-        parts.append(_table(["layer", "part", "channels", "dormant", "dead", "inactive share", "median |gamma|"],
+        parts.append(table(["layer", "part", "channels", "dormant", "dead", "inactive share", "median |gamma|"],
                             [[r["layer"], r["part"], r["channels"], r["dormant"], r["dead"],
-                              f"{r['inactive_fraction']:.0%}", _fmt(r["median_abs_gamma"])] for r in layers], left=2))
+                              f"{r['inactive_fraction']:.0%}", fmt(r["median_abs_gamma"])] for r in layers], left=2))
     else:
         parts.append('<p class="note">No channel is dormant or dead at the last step.</p>')
     parts.append('<h2 id="classes">Class counts (classification)</h2>')
     counts = s["classification"].get("counts")
     if counts:
-        parts.append(f'<p>Counted by the {_e(s["classification"]["rule"])}. {_e(reconciliation_text(rec))}</p>')
+        parts.append(f'<p>Counted by the {esc(s["classification"]["rule"])}. {esc(reconciliation_text(rec))}</p>')
         heads = {"state": f"state at step {rec['window'][1] if rec else st['last']}", "trajectory": "trajectory",
                  "mechanism": "mechanism (inactive at the end)", "flag": "flag"}
-        for key, table in counts.items():
-            parts.append(f"<h3>{_e(heads.get(key, key))}</h3>" + _table(
-                [key, *PARTS, "total"], [[c, *v.values(), sum(v.values())] for c, v in table.items()]))
+        for key, by_class in counts.items():
+            parts.append(f"<h3>{esc(heads.get(key, key))}</h3>" + table(
+                [key, *PARTS, "total"], [[c, *v.values(), sum(v.values())] for c, v in by_class.items()]))
     else:
         parts.append('<p class="note">No classification.</p>')
     parts.append('<h2 id="config">Run config</h2>')
     cfg = stored_config(d)
-    parts.append(f"<pre>{_e(json.dumps(cfg, indent=2)) if cfg else 'not stored in the trace'}</pre>")
+    parts.append(f"<pre>{esc(json.dumps(cfg, indent=2)) if cfg else 'not stored in the trace'}</pre>")
     model_cfg = d.ds.attrs.get("model_config")
     if model_cfg:
         try:
@@ -255,7 +216,7 @@ def render_html(d: ReportData, summary: dict[str, Any], figures: dict[str, str |
                 json.dumps(model_cfg, indent=2)
         except ValueError:
             pass
-        parts.append(f"<h3>Model config</h3><pre>{_e(model_cfg)}</pre>")
+        parts.append(f"<h3>Model config</h3><pre>{esc(model_cfg)}</pre>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
 

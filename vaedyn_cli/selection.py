@@ -60,6 +60,11 @@ class Selector:
     patterns: tuple[str, ...]
     negate: bool
 
+    @property
+    def expression(self) -> str:
+        """The selector written out as `--select` takes it (`parse_select([s.expression]) == [s]`)."""
+        return f"{self.field}{'!=' if self.negate else '='}{','.join(self.patterns)}"
+
     def matches(self, record: dict[str, Any]) -> bool:
         text = _as_text(record.get(self.field))
         hit = any(fnmatch.fnmatchcase(text, p) for p in self.patterns)

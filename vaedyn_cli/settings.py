@@ -62,7 +62,7 @@ def resolve(
     try:
         part = model.model_validate(data.get(section) or {})
     except ValidationError as e:
-        raise VaedynError(format_validation_error(e, "", model=model, prefix=f"invalid {section} parameters")) from None
+        raise VaedynError(format_validation_error(e, "", model=model, what=f"{section} parameters")) from None
     return RunConfig.model_validate({section: part.model_dump(mode="json")})
 
 

@@ -2,7 +2,9 @@
 
 A strategy is a small function registered by name (`@strategy`). It receives a `Site` (one
 target channel of a live model) and the config's `nudge` section, and edits parameter slices
-through `Site.update`, which records one event per touched slice. `apply` checks the targets,
+through `Site.update`, which records one event per touched slice. A strategy's formula is evaluated
+in float64 and rounded once, to the parameter's dtype (as the original study's Python-float
+arithmetic: gamma * factor is not rounded to float32 step by step). `apply` checks the targets,
 snapshots layer statistics before any change, runs the strategy per channel in module order and,
 given an optimizer, zeroes the Adam moments of exactly the touched slices. What a channel's
 incoming filter and readers are comes from `vaedyn_cli.anatomy`.
@@ -91,14 +93,17 @@ class Site:
         return 1.0 / math.sqrt(weight[0].numel())
 
     def update(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor], index: Index | None = None) -> None:
-        """Replace param[index] (default: this channel's element) by fn(old), in float32; record the event."""
+        """Replace param[index] (default: this channel's element) by fn(old); record the event.
+
+        `fn` gets the old values in float64 (exact) and should compute in float64; its result is
+        rounded once, to the parameter's dtype."""
         index = (self.index,) if index is None else index
         param = self.params[name]
         with torch.no_grad():
-            old = param[index].detach().float().cpu().clone()
-            new = fn(old.clone()).to(torch.float32)
+            old = param[index].detach().to(device="cpu", dtype=torch.float64)
+            new = fn(old.clone())
             param[index] = new.to(device=param.device, dtype=param.dtype)
-            after = param[index].detach().float().cpu()
+            after = param[index].detach().to(device="cpu", dtype=torch.float64)
         scalar = old.ndim == 0
         self.events.append(
             {
@@ -151,8 +156,9 @@ def _normal(shape: torch.Size, gen: torch.Generator) -> torch.Tensor:
 
 @strategy("gn_scale_nudge", params=("factor", "max_scale"))
 def gn_scale_nudge(site: Site, cfg: NudgeConfig) -> None:
-    """The gentle nudge: gamma <- min(gamma * factor, max_scale). Being a product,
-    gamma = 0 stays 0 and a negative gamma grows in magnitude; a gamma above max_scale is lowered to it."""
+    """The gentle nudge: gamma <- min(gamma * factor, max_scale), in float64 and rounded once (the
+    original's arithmetic, bit for bit). Being a product, gamma = 0 stays 0 and a negative gamma grows
+    in magnitude; a gamma above max_scale is lowered to it."""
     site.update(site.gamma, lambda g: torch.clamp(g * cfg.factor, max=cfg.max_scale))
 
 
@@ -165,7 +171,7 @@ def gn_scale_reset(site: Site, cfg: NudgeConfig) -> None:
 @strategy("gn_scale_to_layer")
 def gn_scale_to_layer(site: Site, cfg: NudgeConfig) -> None:
     """gamma <- median |gamma| of its layer (before this nudge), keeping gamma's sign (0 counts as +)."""
-    median = float(site.layer_gamma.abs().float().quantile(0.5))
+    median = float(site.layer_gamma.abs().double().quantile(0.5))
     site.update(site.gamma, lambda g: torch.where(g < 0, -median, median))
 
 
@@ -184,9 +190,11 @@ def redo(site: Site, cfg: NudgeConfig) -> None:
 @strategy("shrink_perturb", params=("shrink", "perturb_std"), random=True)
 def shrink_perturb(site: Site, cfg: NudgeConfig) -> None:
     """Shrink and perturb (Ash & Adams 2020) on the channel's own parameters: theta <- shrink * theta +
-    perturb_std * N(0, 1), for gamma, beta and the incoming filter where it is unique."""
+    perturb_std * N(0, 1), for gamma, beta and the incoming filter where it is unique (the float32 draw
+    enters the float64 formula, which is rounded once)."""
     for name, index in [(site.gamma, None), (site.beta, None), *site.incoming()]:
-        site.update(name, lambda t: cfg.shrink * t + cfg.perturb_std * _normal(t.shape, site.generator), index)
+        site.update(name, lambda t: cfg.shrink * t + cfg.perturb_std * _normal(t.shape, site.generator).double(),
+                    index)
 
 
 def get_strategy(name: str) -> Strategy:

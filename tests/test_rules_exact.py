@@ -1,0 +1,137 @@
+"""The labelling rules at their edges: values exactly on tau, on the dead threshold and on the
+mean-|y| threshold, and the order in which mechanisms are checked when a channel meets several.
+
+Known answers are written out by hand from the definitions in `vaedyn_cli/classification.py`; the
+values are chosen to be exact in float32, so a `<=` turned into `<` (or the reverse) changes a label.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tests.test_classify import make_trace
+from vaedyn_cli import classification
+from vaedyn_cli import labels as lab
+from vaedyn_cli.config import ClassifyConfig
+
+LAYER = "decoder.up_blocks.1.resnets.0.norm2"
+ONE_STEP = [10]
+
+
+def _labels(ds, **params) -> list[dict]:
+    return lab.to_records(classification.classify_trace(ds, ClassifyConfig(min_persist=1, **params)))
+
+
+def _one_layer(activity: list[float], has_activation: bool = True, **stats: np.ndarray):
+    """A one-step trace of one layer whose activity (act_std, or std without activation) is `activity`."""
+    n = len(activity)
+    act = np.asarray(activity, np.float32).reshape(1, n)
+    key = "act_std" if has_activation else "std"
+    return make_trace([(LAYER, n, has_activation)], ONE_STEP, **{key: act}, **stats)
+
+
+def test_score_exactly_at_tau_is_dormant_and_one_ulp_above_is_active() -> None:
+    """tau 0.5, activities [1, 1+ulp, 3, 3 - ulp]: the layer mean is 2 (+ less than an ulp of 2),
+    so tau x mean rounds to exactly 1.0 in float32; score <= tau is dormant."""
+    up = float(np.nextafter(np.float32(1.0), np.float32(2.0)))
+    down = float(np.nextafter(np.float32(3.0), np.float32(0.0)))
+    recs = _labels(_one_layer([1.0, up, 3.0, down]), tau=0.5)
+    assert [r["state"] for r in recs] == ["dormant", "active", "active", "active"]
+    assert recs[0]["score"] == 0.5 and recs[0]["mechanism"] == "other"
+
+
+def test_activity_exactly_at_the_dead_threshold_is_dead_and_above_it_only_dormant() -> None:
+    """dead_threshold 2^-20 (exact in float32): activity == threshold is dead (<=), half of it is
+    dead too (a rule that only calls activity 0 dead fails), one ulp above is dormant (score <= tau)."""
+    thr = 2.0**-20
+    above = float(np.nextafter(np.float32(thr), np.float32(1.0)))
+    recs = _labels(_one_layer([thr, thr / 2, above, 1.0, 1.0, 1.0]), dead_threshold=thr)
+    assert [r["state"] for r in recs] == ["dead", "dead", "dormant", "active", "active", "active"]
+
+
+def test_dead_with_a_threshold_above_tau_times_the_mean() -> None:
+    """When dead_threshold exceeds tau x layer mean, a channel between the two is dead, not dormant
+    (the dead test does not depend on the dormant one)."""
+    recs = _labels(_one_layer([0.05, 0.15, 1.0, 1.0]), tau=0.1, dead_threshold=0.2)
+    # mean 0.55, tau x mean 0.055: 0.05 dormant and dead (<= 0.2); 0.15 above tau x mean but <= 0.2: dead
+    assert [r["state"] for r in recs] == ["dead", "dead", "active", "active"]
+
+
+def test_mean_abs_threshold_is_strict() -> None:
+    """The fixed-threshold rule: mean |y| < threshold; a channel exactly at it is active."""
+    ds = make_trace([(LAYER, 3, True)], ONE_STEP, mean_abs=np.array([[0.25, 0.2499999, 0.3]], np.float32))
+    recs = _labels(ds, method="mean_abs_threshold", threshold=0.25)
+    assert [r["state"] for r in recs] == ["active", "dormant", "active"]
+
+
+def _mechanism_trace():
+    """Six channels of one activated layer, all inactive (act_std 0.001 against healthy 1.0), each
+    meeting a chosen set of mechanism conditions at the last step:
+
+    0: gamma 0 and beta -3 (y far below zero: also saturated) -> gn_scale (checked first)
+    1: gamma 0 and collapsed input                            -> gn_scale
+    2: saturated (mean -3, std 0.1) and collapsed input       -> saturated (before input_collapse)
+    3: collapsed input only                                   -> input_collapse
+    4: none of them                                           -> other
+    5..9: healthy channels, so that medians and means are those of a normal layer
+    """
+    n = 10
+    act = np.full((1, n), 1.0, np.float32)
+    act[0, :5] = 0.001
+    gamma = np.ones((1, n), np.float32)
+    gamma[0, [0, 1]] = 0.0
+    mean = np.zeros((1, n), np.float32)
+    mean[0, [0, 2]] = -3.0
+    std = np.full((1, n), 1.0, np.float32)
+    std[0, [0, 2]] = 0.1
+    in_std = np.full((1, n), 1.0, np.float32)
+    in_std[0, [1, 2, 3]] = 0.01
+    return make_trace([(LAYER, n, True)], ONE_STEP, act_std=act, gn_weight=gamma, mean=mean, std=std, in_std=in_std)
+
+
+def test_mechanism_precedence_gn_scale_then_saturated_then_input_collapse() -> None:
+    recs = _labels(_mechanism_trace())
+    assert [r["state"] for r in recs[:5]] == ["dormant"] * 5
+    assert [r["mechanism"] for r in recs] == ["gn_scale", "gn_scale", "saturated", "input_collapse", "other",
+                                             None, None, None, None, None]
+    # the flag is reported whatever the mechanism
+    assert [r["input_collapsed"] for r in recs[:5]] == [False, True, True, True, False]
+
+
+def test_gn_scale_boundary_is_inclusive() -> None:
+    """|gamma| <= ratio x the layer's median |gamma| (1): with ratio 0.125 (exact in binary) a gamma
+    of exactly 0.125 is gn_scale, one ulp above it is not; the sign of gamma does not matter."""
+    n = 8
+    act = np.full((1, n), 1.0, np.float32)
+    act[0, :3] = 0.001
+    gamma = np.ones((1, n), np.float32)
+    gamma[0, 0] = 0.125
+    gamma[0, 1] = np.nextafter(np.float32(0.125), np.float32(1.0))
+    gamma[0, 2] = -0.125
+    ds = make_trace([(LAYER, n, True)], ONE_STEP, act_std=act, gn_weight=gamma)
+    assert [r["mechanism"] for r in _labels(ds, gn_scale_ratio=0.125)[:3]] == ["gn_scale", "other", "gn_scale"]
+
+
+def test_saturation_boundary_is_strict() -> None:
+    """saturated needs mean + m std < -m: exactly on the line (mean -3, std 0.5, m 2: -3 + 1 = -2) is not."""
+    n = 5
+    act = np.full((1, n), 1.0, np.float32)
+    act[0, :2] = 0.001
+    mean = np.zeros((1, n), np.float32)
+    mean[0, :2] = -3.0
+    std = np.full((1, n), 1.0, np.float32)
+    std[0, 0], std[0, 1] = 0.5, 0.25
+    ds = make_trace([(LAYER, n, True)], ONE_STEP, act_std=act, mean=mean, std=std)
+    assert [r["mechanism"] for r in _labels(ds)[:2]] == ["other", "saturated"]
+
+
+def test_no_activation_no_saturation() -> None:
+    """A norm without a following activation (attention group_norm) cannot be saturated, however far
+    below zero its output lies."""
+    n = 4
+    std = np.full((1, n), 1.0, np.float32)
+    std[0, 0] = 0.001
+    mean = np.zeros((1, n), np.float32)
+    mean[0, 0] = -10.0
+    ds = make_trace([("decoder.mid_block.attentions.0.group_norm", n, False)], ONE_STEP, std=std, mean=mean)
+    assert _labels(ds)[0]["mechanism"] == "other"

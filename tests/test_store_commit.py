@@ -1,0 +1,77 @@
+"""The store's commit protocol, without a crash run: data is on disk before `committed_steps` says
+it is there, and truncation to a checkpoint's step keeps that step and its events."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from tests.test_store import ATTRS, LAYOUT, assert_matches, record
+from vaedyn_cli import store
+from vaedyn_cli.store import TraceWriter
+from vaedyn_cli.store import writer as writer_mod
+
+
+def _event(step: int) -> dict:
+    return {"step": step, "layer": "encoder.down.norm1", "channel_index": 0, "strategy": "gn_scale_reset",
+            "param": "encoder.down.norm1.weight", "before": 0.0, "after": 1.0}
+
+
+def test_every_commit_finds_its_rows_already_on_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At each rewrite of the root zarr.json that makes n steps visible, the `step` and `std` arrays on
+    disk (read with zarr, bypassing the store's readers) already hold those n rows."""
+    path = tmp_path / "t.zarr"
+    records = [record(s) for s in (1, 2, 3, 5, 8)]
+    seen: list[tuple[int, list[int], bool]] = []
+    real = writer_mod.commit_root
+
+    def checking_commit(root, attributes, step_rows):  # noqa: ANN001, ANN202
+        if step_rows and Path(root) == path:
+            group = zarr.open_group(str(root), mode="r", use_consolidated=False)
+            on_disk = np.asarray(group["step"][:step_rows]).tolist()
+            std = np.asarray(group["std"][:step_rows])
+            want = np.stack([r.channels["std"] for r in records[:step_rows]])
+            seen.append((step_rows, on_disk, bool(np.array_equal(std, want))))
+        return real(root, attributes, step_rows)
+
+    monkeypatch.setattr(writer_mod, "commit_root", checking_commit)
+    with TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=2, commit_interval_s=3600) as w:
+        for r in records:
+            w.append(r)
+            if r.step == 3:
+                w.flush()  # a commit of a partly filled chunk
+    counts = [n for n, _, _ in seen]
+    assert counts[0] == 2 and 3 in counts and counts[-1] == 5  # chunk full, flush, close
+    for n, on_disk, std_ok in seen:
+        assert on_disk == [r.step for r in records[:n]] and std_ok, n
+    assert_matches(store.open_trace(path), records)
+
+
+def test_truncating_to_a_recorded_step_keeps_it_and_its_events(tmp_path: Path) -> None:
+    """A run resumed from the checkpoint of step 4 keeps step 4 and the nudge recorded at step 4;
+    steps 6 and 8 and the events after step 4 go."""
+    path = tmp_path / "t.zarr"
+    first = [record(s) for s in (2, 4, 6, 8)]
+    with TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=3) as w:
+        for r in first:
+            w.append(r)
+        w.add_events([_event(s) for s in (2, 4, 4, 6, 8)])
+    with TraceWriter(path, LAYOUT, ATTRS, mode="a", chunk_steps=3) as w:
+        w.truncate(4)
+        assert w.committed_steps == 2
+        assert store.open_trace(path)["step"].values.tolist() == [2, 4]
+        assert store.read_events(path)["step"].values.tolist() == [2, 4, 4]
+        w.append(record(6, seed=60))
+    assert_matches(store.open_trace(path), [*first[:2], record(6, seed=60)])
+    # at the first step: only it remains; before it: nothing
+    with TraceWriter(path, LAYOUT, ATTRS, mode="a", chunk_steps=3) as w:
+        w.truncate(2)
+    assert store.open_trace(path)["step"].values.tolist() == [2]
+    assert store.read_events(path)["step"].values.tolist() == [2]
+    with TraceWriter(path, LAYOUT, ATTRS, mode="a", chunk_steps=3) as w:
+        w.truncate(1)
+    assert store.open_trace(path)["step"].values.tolist() == []
+    assert store.read_events(path) is None

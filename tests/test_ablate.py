@@ -119,17 +119,71 @@ def test_bad_ablation_input_writes_nothing(cli, run: Path) -> None:
         res = cli("eval", "--checkpoint", run, *args)
         assert res.exit_code == 2, (args, res.stderr)
         assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = cli("eval", "--checkpoint", run, "--ablate", "state=dormnt")  # the option the user gave is named
+    assert res.stderr.startswith("error: --ablate 'state=dormnt': 'dormnt' is not a value of state")
+    assert "--select" not in res.stderr
     assert not (run / "eval").exists()
 
 
-def test_nothing_selected_gives_zero_deltas(cli, run: Path) -> None:
+def test_nothing_selected_says_so_in_one_line_and_runs_no_pass(cli, run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    passes = []
+    real = ablation.reconstruction_metrics
+    monkeypatch.setattr(ablation, "reconstruction_metrics", lambda *a, **k: passes.append(1) or real(*a, **k))
     res = cli("eval", "--checkpoint", run, "--ablate", "state=dead", "--ablate", "layer=encoder.conv_norm_out",
               "--num-samples-to-save", "0")
     assert res.exit_code == 0, res.stderr
     ab = json.loads((run / "eval" / "test" / artifacts.METRICS_FILE).read_text())["ablation"]
-    assert ab["n_channels"] == ab["n_control"] == 0 and ab["channels"] == []
-    assert ab["ablated"] == ab["control"] == ab["baseline"]
-    assert set(ab["delta_ablated"].values()) == {0.0}
+    assert ab == {"select": ["state=dead", "layer=encoder.conv_norm_out"], "store": str(run / artifacts.TRACE_DIR),
+                  "classification_steps": [3, 6], "n_channels": 0, "channels": [], "n_control": 0,
+                  "control_channels": [], "skipped": "the selection matches no channel: no ablation pass was run"}
+    assert passes == []
+    said = [line for line in res.stderr.splitlines() if "ablat" in line]
+    assert said == [f"--ablate state=dead layer=encoder.conv_norm_out selects no channel of {run / artifacts.TRACE_DIR}: "
+                    "nothing ablated, no ablation pass run"]
+
+
+def test_separate_invocations_add_to_one_evaluation(cli, run: Path) -> None:
+    """`eval --grids` after `eval --ablate` on the same checkpoint, split and images keeps the ablation (and
+    earlier grids of other layers, with their pictures); an evaluation on other images replaces it all, saying so."""
+    folder = run / "eval" / "test"
+    first, second = "decoder.up_blocks.0.resnets.0.norm1", "encoder.down_blocks.1.resnets.0.norm2"
+    quiet = ["--num-samples-to-save", "0"]
+    assert cli("eval", "--checkpoint", run, "--ablate", "mechanism=gn_scale", *quiet).exit_code == 0
+    ablated = json.loads((folder / artifacts.METRICS_FILE).read_text())["ablation"]
+    assert ablated["n_channels"] == len(PLANTED)
+    res = cli("eval", "--checkpoint", run, "--grids", first, *quiet)
+    assert res.exit_code == 0 and f"kept from the earlier evaluation in {folder}: the ablation section" in res.stderr
+    assert "baseline" not in res.stderr  # the kept ablation is not printed as if it had been run again
+    res = cli("eval", "--checkpoint", run, "--grids", second, *quiet)
+    assert res.exit_code == 0 and "replacing" not in res.stderr
+    assert f"kept from the earlier evaluation in {folder}: the ablation section, grids of {first}" in res.stderr
+    record = json.loads((folder / artifacts.METRICS_FILE).read_text())
+    assert record["ablation"] == ablated
+    assert list(record["grids"]) == [first, second]
+    assert all((folder / f"{kind}-{layer}.png").is_file() for kind in ("grid", "lens") for layer in (first, second))
+    # a new ablation replaces the old one; the grids stay
+    assert cli("eval", "--checkpoint", run, "--ablate", "state=dead", "--ablate", "layer=decoder.*", *quiet).exit_code == 0
+    record = json.loads((folder / artifacts.METRICS_FILE).read_text())
+    assert record["ablation"]["select"] == ["state=dead", "layer=decoder.*"] and list(record["grids"]) == [first, second]
+    # other images (max_samples): the sections no longer describe these metrics
+    res = cli("eval", "--checkpoint", run, "--max-samples", "4", *quiet)
+    assert res.exit_code == 0
+    assert (f"replacing the evaluation in {folder}, which was of another checkpoint, split or set of images: "
+            "its ablation and grids sections are dropped") in res.stderr
+    record = json.loads((folder / artifacts.METRICS_FILE).read_text())
+    assert "ablation" not in record and "grids" not in record and record["num_images"] == 4
+    assert sorted(p.name for p in folder.iterdir()) == [artifacts.MARKER_FILE, "grid.png", artifacts.METRICS_FILE]
+
+
+def test_piped_stderr_lines_are_not_wrapped(cli, run: Path) -> None:
+    """CliRunner's stderr is not a terminal (rich would wrap at 80 columns): every line stays whole."""
+    layer = "decoder.up_blocks.0.resnets.0.norm1"
+    res = cli("eval", "--checkpoint", run, "--grids", layer, "--ablate", "mechanism=gn_scale", "--num-samples-to-save", "0")
+    assert res.exit_code == 0
+    lines = res.stderr.splitlines()
+    assert f"{run} · step 6 · split test · 8 images" in lines
+    assert any(line.startswith(f"grids {layer}: grid-{layer}.png, lens-{layer}.png (lens R^2 all ") for line in lines)
+    assert len(f"grids {layer}: grid-{layer}.png, lens-{layer}.png") > 80
 
 
 def test_channel_means_are_the_mean_output_over_batch_and_space() -> None:

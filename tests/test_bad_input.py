@@ -502,7 +502,7 @@ def eval_compare_unknown_format(tmp: Path, base: Base) -> Bad:
 @case
 def eval_ablate_unknown_field(tmp: Path, base: Base) -> Bad:
     run = copy_run(tmp, base)
-    return Bad(["eval", "--checkpoint", run, "--ablate", "colour=red"], ["--select 'colour=red'", "unknown field"])
+    return Bad(["eval", "--checkpoint", run, "--ablate", "colour=red"], ["--ablate 'colour=red'", "unknown field"])
 
 
 # -- track

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -570,3 +571,45 @@ def test_sparse_weight_statistics_use_the_latest_recorded_value(tmp_path: Path) 
     assert {i for i, r in recs.items() if r["input_collapsed"]} == {2, 3, 9}
     window = classify.classify_store(store, ClassifyConfig(), from_step=2, write=False)
     assert not lab.to_records(window)[5]["unused"]  # no weight record inside the window
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+
+
+def test_table_fits_80_columns_with_every_header_and_count(tmp_path: Path) -> None:
+    """At 80 columns (a 19,840-channel trace: the widest counts) the table splits into state + trajectory
+    and mechanism + flags, with short layer names; every header reads in full and every count is there."""
+    from tests.test_report_heatmap import write_sdxl_trace
+
+    store = write_sdxl_trace(tmp_path / "sdxl.zarr", tmp_path)
+    labels = classify.classify_store(store, write=False)
+    text = classify.to_table(labels, store, color=False, width=80)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in text
+    heads = [i for i, line in enumerate(lines) if line.split()[:2] == ["layer", "ch"]]
+    assert len(heads) == 2  # two tables
+    assert lines[heads[0] - 1].split() == ["state", "traj."] and lines[heads[1] - 1].split() == ["mech.", "flags"]
+    expected = {0: ["layer", "ch", "act", "dorm", "dead", "act", "born", "died", "rev", "int"],
+                1: ["layer", "ch", "gn", "sat", "in", "oth", "unus", "coll"]}
+    totals = [line for line in lines if line.split()[:1] == ["total"]]
+    for k, at in enumerate(heads):
+        assert lines[at].split() == expected[k]
+        # the total row fills every column (a count or '.'), each right-aligned under its header
+        assert len(totals[k].split()) == len(expected[k])
+        ends = [m.end() for m in re.finditer(r"\S+", lines[at])][1:]
+        assert [m.end() for m in re.finditer(r"\S+", totals[k])][1:] == ends
+    # known answers: 6 planted inactive channels, one of them dead since step 40 (died), all 'other'
+    assert totals[0].split() == ["total", "19840", "19834", "5", "1", "19834", "5", "1", ".", "."]
+    assert totals[1].split() == ["total", "19840", ".", ".", ".", "6", ".", "."]
+    row = next(line for line in lines[heads[0]:] if line.split()[:1] == ["up1.r2.norm2"]).split()
+    assert row == ["up1.r2.norm2", "512", "511", "1", ".", "511", "1", ".", ".", "."]
+    # decoder rows under a "decoder" heading, its mid block first (data-flow order)
+    dec = next(i for i, line in enumerate(lines) if line.strip() == "decoder")
+    assert lines[dec + 1].split()[0] == "mid.r0.norm1"
+    # wide: one table, full layer names
+    wide = classify.to_table(labels, store, color=False, width=240)
+    assert sum(line.split()[:2] == ["layer", "ch"] for line in wide.splitlines()) == 1
+    assert "decoder.up_blocks.1.resnets.2.norm2" in wide and max(len(x) for x in wide.splitlines()) <= 240

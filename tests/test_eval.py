@@ -208,9 +208,10 @@ def test_evaluate_run_writes_results_folder(run):
     assert record["checkpoint"] == str(run) and record["step"] == 6 and record["split"] == "test"
     assert record["num_images"] == 8  # eval.max_samples of the stored config
     assert record["config"]["eval"]["split"] == "test" and record["config"]["run_name"] == "tiny"
-    # grid: 8 originals over 8 reconstructions, 16 px tiles, 2 px gaps
+    # grid: 8 originals over 8 reconstructions, the 16 px images drawn 8x (128 px), 4 px gaps
     with Image.open(out / "grid.png") as grid:
-        assert grid.size == (8 * 16 + 9 * 2, 2 * 16 + 3 * 2)
+        assert grid.size == (8 * 128 + 9 * 4, 2 * 128 + 3 * 4)
+        pixels = np.asarray(grid.convert("RGB"))
 
     # MSE recomputed by hand from the saved model and the same images
     from vaedyn_cli import data as data_mod
@@ -227,6 +228,9 @@ def test_evaluate_run_writes_results_folder(run):
     with Image.open(out / "samples" / "0001_original.png") as im:
         expected = ((images[1] + 1) / 2 * 255).round().byte().permute(1, 2, 0).numpy()
         assert np.abs(np.asarray(im).astype(int) - expected.astype(int)).max() <= 1
+    # in the grid, image 1 (top row, second column) is the same picture, each pixel an 8x8 square
+    tile = pixels[4 : 4 + 128, 4 + 128 + 4 : 4 + 2 * 128 + 4]
+    assert np.array_equal(tile, np.asarray(Image.open(out / "samples" / "0001_original.png")).repeat(8, 0).repeat(8, 1))
 
 
 def test_evaluate_step_checkpoint_and_options(run, tmp_path):
@@ -284,14 +288,15 @@ def test_cli_eval_stdout_and_errors(run, cli):
 
 
 def write_metrics(folder: Path, run_name: str, mse: float, kl: float, psnr: float, ssim: float,
-                  psnr_per_image: float | None = None) -> Path:
+                  psnr_per_image: float | None = None, *, split: str = "test", num_images: int = 100,
+                  dataset: str = "builtin:natural", checkpoint: Path | None = None) -> Path:
     """A metrics.json; without psnr_per_image an older vaedyn's (`psnr`, the per-image mean, only)."""
     folder.mkdir(parents=True)
     values = {"mse": mse, "kl": kl, "psnr": psnr, "ssim": ssim}
     if psnr_per_image is not None:
         values = {"mse": mse, "kl": kl, "psnr_pooled": psnr, "psnr_per_image_mean": psnr_per_image, "ssim": ssim}
-    record = {"checkpoint": str(folder), "step": 10, "split": "test", "num_images": 100,
-              "metrics": values, "config": {"run_name": run_name}}
+    record = {"checkpoint": str(checkpoint or folder), "step": 10, "split": split, "num_images": num_images,
+              "metrics": values, "config": {"run_name": run_name, "data": {"dataset_name": dataset, "resolution": 32}}}
     (folder / "metrics.json").write_text(json.dumps(record))
     return folder
 
@@ -302,37 +307,79 @@ def test_compare_table1_layout(tmp_path, cli):
     b = write_metrics(tmp_path / "b", "cifar10_nudge", 2.826e-3, 997.53, 31.509, 0.9210, psnr_per_image=31.874)
     result = cli("eval", "--compare", a, b / "metrics.json")
     assert result.exit_code == 0, result.stderr
+    assert result.stderr == ""  # same split, data and image count, current files: nothing to warn about
     lines = result.stdout.splitlines()
-    assert lines[0] == "| metric                     | cifar10_baseline | cifar10_nudge |   delta | better           |"
-    assert lines[1] == "|----------------------------|-----------------:|--------------:|--------:|------------------|"
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
+    assert lines[0] == "| metric                     | cifar10_baseline | cifar10_nudge |   delta | better |"
+    assert lines[1] == "|----------------------------|-----------------:|--------------:|--------:|--------|"
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:7]}
     assert rows == {
-        "MSE (x1e-3)": ["2.879", "2.826", "-0.053", "cifar10_nudge"],
-        "KL": ["994.63", "997.53", "+2.90", "cifar10_baseline"],
-        "PSNR (dB) pooled [Table 1]": ["31.429", "31.509", "+0.080", "cifar10_nudge"],
-        "PSNR (dB) per-image mean": ["31.802", "31.874", "+0.072", "cifar10_nudge"],
-        "SSIM": ["0.9195", "0.9210", "+0.0015", "cifar10_nudge"],
+        "MSE (x1e-3)": ["2.879", "2.826", "-0.053", "n/a"],
+        "KL": ["994.63", "997.53", "+2.90", "n/a"],
+        "PSNR (dB) pooled [Table 1]": ["31.429", "31.509", "+0.080", "n/a"],
+        "PSNR (dB) per-image mean": ["31.802", "31.874", "+0.072", "n/a"],
+        "SSIM": ["0.9195", "0.9210", "+0.0015", "n/a"],
     }
     assert list(rows)[2:4] == ["PSNR (dB) pooled [Table 1]", "PSNR (dB) per-image mean"]
-    assert "older vaedyn" not in result.stderr
+    # single runs name no winner, however large the difference
+    assert lines[7:] == ["", "better: n/a (single runs: see `vaedyn study`); a difference between two single runs may "
+                         "be run-to-run noise."]
 
     result = cli("eval", "--compare", a, b, "--format", "json")
     data = json.loads(result.stdout)
     assert [r["label"] for r in data["runs"]] == ["cifar10_baseline", "cifar10_nudge"]
     kl = next(r for r in data["rows"] if r["metric"] == "kl")
     assert kl["values"] == {"cifar10_baseline": 994.63, "cifar10_nudge": 997.53}
-    assert kl["delta"] == pytest.approx(2.90) and kl["better"] == "cifar10_baseline"
+    assert kl["delta"] == pytest.approx(2.90) and kl["better"] is None and kl["lower_is_better"] is True
+    assert data["better"] == "n/a (single runs: see `vaedyn study`)" and data["warnings"] == []
 
 
-def test_compare_labels_ties_and_errors(tmp_path, cli):
+def test_compare_names_nudged_checkpoints_by_their_strategy(tmp_path, cli):
+    """A nudged checkpoint (a folder with nudge.json) is named by its strategy, not by its position."""
+    nudged = tmp_path / "run" / "nudged-gn_scale_reset"
+    nudged.mkdir(parents=True)
+    (nudged / artifacts.NUDGE_FILE).write_text(json.dumps({"strategy": "gn_scale_reset", "n_targets": 2}))
+    a = write_metrics(tmp_path / "a", "quickstart", 1e-3, 5.0, 30.0, 0.9, psnr_per_image=30.5)
+    b = write_metrics(tmp_path / "b", "quickstart", 1e-3, 5.0, 30.0, 0.9, psnr_per_image=30.5, checkpoint=nudged)
+    c = write_metrics(tmp_path / "c", "quickstart", 2e-3, 5.0, 30.0, 0.9, psnr_per_image=30.5)
+    data = json.loads(compare.compare([a, b, c], fmt="json"))
+    assert [r["label"] for r in data["runs"]] == ["quickstart #1", "quickstart nudged gn_scale_reset", "quickstart #3"]
+    assert [r["nudge"] for r in data["runs"]] == [None, "gn_scale_reset", None]
+    # metrics.json written by `vaedyn eval` carries the strategy itself (the folder may be gone)
+    (nudged / artifacts.NUDGE_FILE).unlink()
+    record = json.loads((b / "metrics.json").read_text())
+    (b / "metrics.json").write_text(json.dumps({**record, "nudge": {"strategy": "redo"}}))
+    assert compare.run_label(metrics.load_metrics(b)) == "quickstart nudged redo"
+
+
+def test_compare_warns_when_the_evaluations_are_not_like_for_like(tmp_path, cli):
+    a = write_metrics(tmp_path / "a", "base", 1e-3, 5.0, 30.0, 0.9, psnr_per_image=30.5)
+    b = write_metrics(tmp_path / "b", "other", 1e-3, 5.0, 30.0, 0.9, psnr_per_image=30.5, split="validation",
+                      num_images=64, dataset="builtin:glyphs")
+    result = cli("eval", "--compare", a, b)
+    assert result.exit_code == 0
+    warnings = result.stderr.strip().splitlines()
+    assert warnings == [
+        "warning: the evaluations differ in split (base: test, other: validation); the comparison is not like for like",
+        'warning: the evaluations differ in dataset (base: {"dataset_name": "builtin:natural", "resolution": 32}, '
+        'other: {"dataset_name": "builtin:glyphs", "resolution": 32}); the comparison is not like for like',
+        "warning: the evaluations differ in number of images (base: 100, other: 64); the comparison is not like for like",
+    ]
+    c = write_metrics(tmp_path / "c", "third", 1e-3, 5.0, 30.0, 0.9, psnr_per_image=30.5, num_images=64)
+    assert json.loads(compare.compare([a, c], fmt="json"))["warnings"] == [
+        "warning: the evaluations differ in number of images (base: 100, third: 64); the comparison is not like for like"]
+
+
+def test_compare_labels_and_errors(tmp_path, cli):
     a = write_metrics(tmp_path / "a", "same", 1e-3, 5.0, 30.0, 0.9, psnr_per_image=30.5)
     b = write_metrics(tmp_path / "b", "same", 1e-3, 4.0, 30.0, 0.8, psnr_per_image=30.6)
     c = write_metrics(tmp_path / "c", "same", 1e-3, 4.0, 31.0, 0.8, psnr_per_image=30.6)
     data = json.loads(compare.compare([a, b, c], fmt="json"))
-    assert [r["label"] for r in data["runs"]] == ["same@10#1", "same@10#2", "same@10#3"]
-    better = {r["metric"]: r["better"] for r in data["rows"]}
-    assert better == {"mse": "tie", "kl": "tie", "psnr_pooled": "same@10#3", "psnr_per_image_mean": "tie",
-                      "ssim": "same@10#1"}
+    assert [r["label"] for r in data["runs"]] == ["same #1", "same #2", "same #3"]  # same step and split
+    assert {r["better"] for r in data["rows"]} == {None}
+    record = json.loads((b / "metrics.json").read_text())
+    (b / "metrics.json").write_text(json.dumps({**record, "step": 20}))
+    assert [r["label"] for r in json.loads(compare.compare([a, b], fmt="json"))["runs"]] == ["same step 10",
+                                                                                          "same step 20"]
 
     result = cli("eval", "--compare", a)
     assert result.exit_code == 2 and "at least two" in result.stderr
@@ -352,17 +399,17 @@ def test_compare_reads_older_metrics_files(tmp_path, cli):
     result = cli("eval", "--compare", old, new)
     assert result.exit_code == 0, result.stderr
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-            for line in result.stdout.splitlines()[2:]}
+            for line in result.stdout.splitlines()[2:7]}
     assert rows["PSNR (dB) pooled [Table 1]"] == ["n/a", "31.450", "n/a", "n/a"]
-    assert rows["PSNR (dB) per-image mean"] == ["31.800", "31.850", "+0.050", "after"]
-    assert rows["SSIM"] == ["0.9200", "0.9300", "+0.0100", "after"]
+    assert rows["PSNR (dB) per-image mean"] == ["31.800", "31.850", "+0.050", "n/a"]
+    assert rows["SSIM"] == ["0.9200", "0.9300", "+0.0100", "n/a"]
     warning = [line for line in result.stderr.splitlines() if "older vaedyn" in line]
     assert len(warning) == 1 and str(old / "metrics.json") in warning[0]
     assert "psnr is shown as psnr_per_image_mean" in warning[0] and "psnr_pooled" in warning[0]
     data = json.loads(compare.compare([old, new], fmt="json"))
     pooled = next(r for r in data["rows"] if r["metric"] == "psnr_pooled")
     assert pooled == {"metric": "psnr_pooled", "values": {"before": None, "after": 31.45}, "delta": None,
-                      "better": None}
+                      "better": None, "lower_is_better": False}
     # an old file lacking another metric is still refused
     (tmp_path / "partial.json").write_text(json.dumps({"metrics": {"mse": 1.0, "kl": 1.0, "psnr": 20.0}}))
     with pytest.raises(VaedynError, match="lacks metrics ssim"):

@@ -68,6 +68,7 @@ def test_grids_and_lens_per_layer_labelled_by_the_run_classification(cli, run: P
     g = grids[LAYER]
     assert (g["grid"], g["lens"]) == (f"grid-{LAYER}.png", f"lens-{LAYER}.png")
     assert g["tiles"] == 8 and g["flat_channels"] == [DEAD]  # one tile per channel; the silenced one is flat
+    assert g["scale"] == "layer" and DEAD in g["quiet_channels"]  # eval.grid_scale's default: one scale per layer
     assert (g["grid_images"], g["lens_images"], g["resolution"]) == (2, 8, [16, 16])  # eval.grid_samples; 8 evaluated
     # outlines and lens subsets are the stored classification's states of that layer
     states = Counter(r["state"] for r in store_classification(run)["channels"] if r["layer"] == LAYER)

@@ -113,6 +113,35 @@ def test_grid_has_one_tile_per_channel_and_a_flat_dead_tile(model: torch.nn.Modu
         lens.activation_grid(model, images[:2], LAYER, labels=labels[:7], out_png=tmp_path / "x.png")
 
 
+def test_a_shared_layer_scale_keeps_a_quiet_tile_flat_and_each_tile_shows_its_spread() -> None:
+    ramp = torch.linspace(0, 1, 16).reshape(4, 4)
+    maps = torch.stack([ramp, 0.5 + 0.01 * ramp, torch.full((4, 4), 0.3)])[None]  # busy, quiet, constant
+    own, flat = lens.normalise_tiles(maps, "tile")
+    shared, flat_shared = lens.normalise_tiles(maps, "layer")
+    assert flat.tolist() == flat_shared.tolist() == [[False, False, True]]
+    # on its own range the quiet channel fills black to white like the busy one; on the layer's it stays grey
+    assert float(own[0, 1].max() - own[0, 1].min()) == pytest.approx(1.0)
+    lo, hi = lens.layer_range(maps)  # black at the lowest value, white at the 99.5th percentile
+    assert float(lo) == 0.0 and float(hi) == pytest.approx(float(torch.quantile(maps.flatten(), 0.995)))
+    assert float(shared[0, 1].max() - shared[0, 1].min()) == pytest.approx(0.01 / float(hi), rel=1e-4)
+    assert float(shared[0, 1].mean()) == pytest.approx(0.505 / float(hi), rel=1e-4)
+    torch.testing.assert_close(shared[0, 0], (ramp / hi).clamp(0, 1))
+    spread = lens.tile_spread(maps)
+    torch.testing.assert_close(spread[0], torch.stack([ramp.std(unbiased=False), 0.01 * ramp.std(unbiased=False),
+                                                       torch.tensor(0.0)]))
+    assert lens.quiet_tiles(spread).tolist() == [[False, True, True]]
+    with pytest.raises(VaedynError, match="grid scale 'pixel'"):
+        lens.normalise_tiles(maps, "pixel")
+
+
+def test_grid_summary_names_the_quiet_channels(model: torch.nn.Module, images: torch.Tensor, tmp_path: Path) -> None:
+    summary = lens.grid_figure(model, images[:2], LAYER, out_png=tmp_path / "grid.png")
+    assert summary["scale"] == "layer" and DEAD in summary["quiet_channels"] and summary["flat_channels"] == [DEAD]
+    spread = lens.tile_spread(lens.layer_activations(model, images[:2], LAYER).maps)
+    assert summary["quiet_channels"] == torch.nonzero(lens.quiet_tiles(spread).all(dim=0)).flatten().tolist()
+    assert lens.grid_figure(model, images[:2], LAYER, out_png=tmp_path / "own.png", scale="tile")["scale"] == "tile"
+
+
 def test_lens_figure_on_a_layer(model: torch.nn.Module, images: torch.Tensor, tmp_path: Path) -> None:
     result = lens.lens_figure(model, images, LAYER, out_png=tmp_path / "lens.png")
     assert result["channels"]["all"] == 8 and result["labels_from"] == "probe images"

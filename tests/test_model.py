@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from vaedyn_cli import artifacts
 from vaedyn_cli import model as mm
-from vaedyn_cli.anatomy import groupnorm_layers
+from vaedyn_cli.anatomy import flow_order, groupnorm_layers
 from vaedyn_cli.config import ModelConfig, RunConfig
 from vaedyn_cli.errors import VaedynError
 
@@ -180,3 +180,21 @@ def test_step_names_sort_and_parse() -> None:
     assert artifacts.parse_step("step-1234567") == 1234567
     assert artifacts.parse_step(".tmp-step-000200") is None
     assert artifacts.parse_step("step-12") is None
+
+
+def test_flow_order_is_the_order_of_the_forward_pass() -> None:
+    """The order GroupNorms run in a forward pass of the model: the decoder's mid block before its up blocks
+    and a mid block's attention between its two resnets, though module registration says otherwise."""
+    model = mm.build_preset(TINY_WIDTH, 0)
+    names = [n for n, _ in groupnorm_layers(model)]
+    ran: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda _m, _a, n=n: ran.append(n)) for n, m in groupnorm_layers(model)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 16, 16), sample_posterior=False)
+    for h in handles:
+        h.remove()
+    assert len(ran) == len(names) == 52 and ran != names
+    assert flow_order(names) == ran
+    assert flow_order(list(reversed(names))) == ran
+    assert flow_order(["decoder.unknown", "decoder.up_blocks.0.resnets.0.norm1", "x"]) == [
+        "decoder.up_blocks.0.resnets.0.norm1", "decoder.unknown", "x"]

@@ -17,7 +17,7 @@ from tests.conftest import tiny_config_dict
 from vaedyn_cli import artifacts
 from vaedyn_cli.config import RunConfig
 from vaedyn_cli.errors import VaedynError
-from vaedyn_cli.report import FIGURES, INDEX_FILE, SUMMARY_FILE, build_report
+from vaedyn_cli.report import FIGURES, INDEX_FILE, SUMMARY_FILE, build_report, reconciliation_text
 
 LAYERS = [  # (name, part, has_activation), 8 channels each
     ("encoder.down_blocks.0.resnets.0.norm1", "encoder", True),
@@ -62,13 +62,14 @@ def planted(source: str = "train", steps: int = N_STEPS) -> dict[str, np.ndarray
 
 
 def write_store(path: Path, tmp_path: Path, *, source: str = "train", events: bool = False, near_zero: bool = True,
-                uncommitted: int = 0) -> Path:
-    """A trace store written by the project's own TraceWriter (docs/design.md schema), 32 channels x 20 steps;
-    `uncommitted` more steps are written but not committed (as a crash between write and commit leaves)."""
+                uncommitted: int = 0, stats: dict[str, np.ndarray] | None = None) -> Path:
+    """A trace store written by the project's own TraceWriter (docs/design.md schema), 32 channels x 20 steps
+    (`stats`, default `planted()`); `uncommitted` more steps are written but not committed (as a crash between
+    write and commit leaves)."""
     from vaedyn_cli import store
 
     n = N_STEPS + uncommitted
-    stats = planted(source, n)
+    stats = planted(source, n) if stats is None else stats
     layout = store.ChannelLayout.from_layers([(name, WIDTH, part, act) for name, part, act in LAYERS],
                                              params=PARAMS if near_zero else ())
     cfg = RunConfig.model_validate(tiny_config_dict(tmp_path))
@@ -195,6 +196,51 @@ def test_stored_classification_replacing_an_old_report_and_subsampled_steps(
     assert s["steps"] == {"count": 20, "first": 0, "last": 38, "shown_in_lines": 8, "shown_in_heatmap": 5}
     assert s["last_step"]["encoder"] == {"inactive": 3, "dead": 0, "channels": 16}
     assert report_data.spread(20, 8).tolist() == [0, 3, 5, 8, 11, 14, 16, 19]
+
+
+def _summary_and_page(store: Path) -> tuple[dict[str, Any], str]:
+    """summary.json's numbers and index.html of a store as `build_report` makes them, without the figures."""
+    from vaedyn_cli import store as store_mod
+    from vaedyn_cli.report import build_summary, render_html
+    from vaedyn_cli.report_data import gather
+
+    d = gather(store, store_mod.open_trace(store))
+    summary = json.loads(json.dumps(build_summary(d, {}), default=lambda v: v.item()))
+    return summary, render_html(d, summary, {})
+
+
+def test_counts_say_their_rule_and_one_sentence_reconciles_them(tmp_path: Path) -> None:
+    """Beside planted(): encoder layer-0 channel 4 turns inactive at step 36 (2 of the 3 tracked steps the
+    persistence filter needs) and decoder up0 channel 6, inactive from the start, is active again at step
+    38 alone. Both rules count 5 inactive channels at step 38, but not the same ones."""
+    stats = planted()
+    stats["act_std"][18:, 4] = 1e-3
+    stats["act_std"][:19, 2 * WIDTH + 6] = 0.01
+    s, page = _summary_and_page(write_store(tmp_path / "s.zarr", tmp_path, stats=stats))
+    assert s["last_step_rule"].startswith("per-step rule: dormancy score <= 0.1")
+    assert s["classification"]["rule"].startswith("classification: dormancy, a change counts once it holds 3 tracked")
+    rec = s["reconciliation"]
+    assert rec["per_step"] == {"encoder": 4, "decoder": 1} and rec["classified"] == {"encoder": 3, "decoder": 2}
+    assert rec["only_per_step"] == [{"layer": "encoder.down_blocks.0.resnets.0.norm1", "channel_index": 4,
+                                     "part": "encoder", "state": "active", "since_step": 36, "held": 2,
+                                     "at_least": False}]
+    assert rec["only_classified"] == [{"layer": "decoder.up_blocks.0.resnets.0.norm2", "channel_index": 6,
+                                       "part": "decoder", "state": "dormant", "since_step": 38, "held": 1,
+                                       "at_least": False}]
+    sentence = ("5 channels are inactive at step 38 by the per-step rule; 5 by the classification (persistence 3 "
+                "steps): encoder.down_blocks.0.resnets.0.norm1 #4 became inactive at step 36 and has held 2 of 3 "
+                "steps; decoder.up_blocks.0.resnets.0.norm2 #6 is active again since step 38 (1 of 3 steps), so the "
+                "classification still counts it dormant.")
+    page = html.unescape(page)
+    assert page.count(sentence) == 2  # in the summary and above the class counts
+    assert "inactive at step 38, per-step rule</td><td class=\"l\">encoder 4 of 16 (0 dead), decoder 1 of 16" in page
+    assert "inactive at step 38, classification</td><td class=\"l\">encoder 3, decoder 2 [classification" in page
+    assert "Most affected layers at step 38 (per-step rule)" in page and "Class counts (classification)" in page
+    # where both rules agree, the page says so in as many words
+    s, _ = _summary_and_page(write_store(tmp_path / "same.zarr", tmp_path))
+    assert reconciliation_text(s["reconciliation"]) == (
+        "4 channels are inactive at step 38 by the per-step rule; 4 by the classification (persistence 3 steps): "
+        "the same channels.")
 
 
 def test_store_without_classification_events_or_validation_skips_with_notes(tmp_path: Path) -> None:

@@ -79,7 +79,7 @@ class AblationPlan:
 
 def ablation_plan(select: list[str], store: str | Path | None, ckpt: Any) -> AblationPlan:
     """Parse `--ablate` and read the classification (from --store, else the checkpoint's run trace)."""
-    parse_select(select)
+    parse_select(select, "--ablate")
     if store is None and ckpt.run_dir is None:
         raise VaedynError(
             f"--ablate needs channel labels, and checkpoint {ckpt.source} belongs to no run folder: "
@@ -116,7 +116,8 @@ def plan_targets(plan: AblationPlan, model: torch.nn.Module, seed: int, where: s
     check_classification_fits(data, model, f"from {plan.source}", where)
     plan.targets = select_targets(data["channels"], plan.select, 1.0, data["layers"])
     if not plan.targets:
-        log.warning("--ablate %s selects no channel of %s: nothing to ablate", " ".join(plan.select), plan.source)
+        log.warning("--ablate %s selects no channel of %s: nothing ablated, no ablation pass run",
+                    " ".join(plan.select), plan.source)
     plan.control = control_targets(data["channels"], plan.targets, seed)
 
 
@@ -157,9 +158,7 @@ def ablation_section(
     control, control_rows = _mean_ablated_metrics(model, plan.control, means, loader, device)
     ablated, control = ablated or dict(baseline), control or dict(baseline)
     return {
-        "select": plan.select,
-        "store": plan.source,
-        "classification_steps": plan.classification.get("steps"),
+        **_what(plan),
         "mean_source": "eval images (forward hooks during the baseline pass)",
         "n_channels": len(plan.targets),
         "channels": rows,
@@ -170,6 +169,22 @@ def ablation_section(
         "control": control,
         "delta_ablated": {k: ablated[k] - baseline[k] for k in METRICS},
         "delta_control": {k: control[k] - baseline[k] for k in METRICS},
+    }
+
+
+def _what(plan: AblationPlan) -> dict[str, Any]:
+    return {"select": plan.select, "store": plan.source, "classification_steps": plan.classification.get("steps")}
+
+
+def skipped_ablation(plan: AblationPlan) -> dict[str, Any]:
+    """metrics.json's `ablation` when the selection matches no channel: what was asked, no passes run."""
+    return {
+        **_what(plan),
+        "n_channels": 0,
+        "channels": [],
+        "n_control": 0,
+        "control_channels": [],
+        "skipped": "the selection matches no channel: no ablation pass was run",
     }
 
 

@@ -51,6 +51,43 @@ def part_of(name: str) -> str:
     return name.split(".", 1)[0]
 
 
+def _flow_key(name: str) -> tuple[int, ...]:
+    """Where a module path sits in the forward pass of AutoencoderKL (unknown paths: last of their part)."""
+    parts = name.split(".")
+    part = PARTS.index(parts[0]) if parts[0] in PARTS else len(PARTS)
+    # stage of the part: the encoder runs down blocks, then its mid block; the decoder its mid block, then up blocks
+    stages = {"conv_in": 0, "down_blocks": 1, "mid_block": 2, "conv_norm_out": 4} if part == 0 else \
+        {"conv_in": 0, "mid_block": 1, "up_blocks": 2, "conv_norm_out": 4}
+    if len(parts) < 2 or parts[1] not in stages:
+        return (part, 9)
+    key = [part, stages[parts[1]]]
+    rest = parts[2:]
+    if parts[1] in ("down_blocks", "up_blocks") and rest and rest[0].isdigit():
+        key.append(int(rest[0]))
+        rest = rest[1:]
+    if len(rest) >= 2 and rest[1].isdigit():
+        # resnet i, then attention i (a mid block runs resnets.0, attentions.0, resnets.1), then samplers
+        kind = {"resnets": 0, "attentions": 1}.get(rest[0], 2)
+        key += [int(rest[1]), kind, {"norm1": 0, "norm2": 1}.get(rest[2] if len(rest) > 2 else "", 2)]
+    return tuple(key)
+
+
+def flow_order(names: list[str]) -> list[str]:
+    """Module paths in the order data flows through them: encoder down blocks, encoder mid block, then
+    the decoder's mid block before its up blocks (module registration puts up_blocks first), and in a mid
+    block resnets.0, attentions.0, resnets.1. Equal keys (and unknown paths) keep their given order."""
+    return sorted(names, key=_flow_key)  # sorted is stable
+
+
+def short_layer(name: str) -> str:
+    """`decoder.up_blocks.0.resnets.1.norm2` -> `up0.r1.norm2` (the part is shown elsewhere)."""
+    s = name.split(".", 1)[1] if name.startswith(PARTS) and "." in name else name
+    for a, b in (("down_blocks.", "down"), ("up_blocks.", "up"), ("mid_block.", "mid."), ("resnets.", "r"),
+                 ("attentions.", "attn"), (".group_norm", ".gn")):
+        s = s.replace(a, b)
+    return s
+
+
 def groupnorm_layers(model: nn.Module) -> list[tuple[str, nn.GroupNorm]]:
     """Every GroupNorm of the model in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.GroupNorm)]

@@ -73,7 +73,7 @@ from vaedyn_cli import settings
 from vaedyn_cli import store as store_mod
 from vaedyn_cli.config import ClassifyConfig
 from vaedyn_cli.errors import VaedynError
-from vaedyn_cli.labels import DEAD, MECHANISMS, TRAJECTORIES, UNOBSERVED
+from vaedyn_cli.labels import DEAD, FLAGS, MECHANISMS, STATES, TRAJECTORIES, UNKNOWN, UNOBSERVED
 from vaedyn_cli.persistence import Debounce
 
 log = logging.getLogger(__name__)
@@ -472,22 +472,22 @@ def classify_trace(
 
 
 def summary(labels: xr.Dataset) -> list[dict[str, Any]]:
-    """Per layer: channels, final states, trajectories, mechanisms and flags (counts)."""
+    """Per layer (in the labels' order): its part, channels, and counts by group: `state` (at the last step:
+    active, dormant, dead, unknown), `trajectory`, `mechanism` (of the channels inactive at the end) and
+    `flag` (unused, input_collapsed)."""
     rows = []
     layer = labels["layer"].values
+    part = labels["part"].values
     cols = {k: labels[k].values for k in ("state", "trajectory", "mechanism", "unused", "input_collapsed")}
     for name in dict.fromkeys(layer.tolist()):
         sel = layer == name
-        row: dict[str, Any] = {"layer": name, "channels": int(sel.sum())}
-        for s in ("dormant", "dead"):
-            row[s] = int((cols["state"][sel] == s).sum())
-        for t in TRAJECTORIES:
-            row[t] = int((cols["trajectory"][sel] == t).sum())
-        for m in MECHANISMS:
-            row[m] = int((cols["mechanism"][sel] == m).sum())
-        row["unused"] = int(cols["unused"][sel].sum())
-        row["input_collapsed"] = int(cols["input_collapsed"][sel].sum())
-        rows.append(row)
+        rows.append({
+            "layer": name, "part": str(part[sel][0]), "channels": int(sel.sum()),
+            "state": {s: int((cols["state"][sel] == s).sum()) for s in (*STATES, UNKNOWN)},
+            "trajectory": {t: int((cols["trajectory"][sel] == t).sum()) for t in (*TRAJECTORIES, UNKNOWN)},
+            "mechanism": {m: int((cols["mechanism"][sel] == m).sum()) for m in MECHANISMS},
+            "flag": {f: int(cols[f][sel].sum()) for f in FLAGS},
+        })
     return rows
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import shlex
 import sys
 import warnings
@@ -23,12 +24,44 @@ from vaedyn_cli.errors import VaedynError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+PIPELINE = ("config", "train", "track", "classify", "nudge", "eval", "report", "study", "store")  # `--help`'s order
+
+
+def _flags_as_flags(cmd: Any, ctx: Any) -> None:
+    """Show boolean flags in --help as `--debug`, not `--debug <bool>` (Typer's rich help gives every
+    option a type column); for a group, its commands too."""
+    for param in [*cmd.params, cmd.get_help_option(ctx)]:
+        if param is not None and getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    for sub in getattr(cmd, "commands", {}).values():
+        _flags_as_flags(sub, ctx)
+
+
+class _Commands(typer.core.TyperGroup):
+    """The vaedyn command group: commands listed in pipeline order, flags shown as flags."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        rank = {name: i for i, name in enumerate(PIPELINE)}
+        return sorted(super().list_commands(ctx), key=lambda name: rank.get(name, len(rank)))
+
+    def get_command(self, ctx: Any, name: str) -> Any:
+        cmd = super().get_command(ctx, name)
+        if cmd is not None:
+            _flags_as_flags(cmd, ctx)
+        return cmd
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _flags_as_flags(self, ctx)
+        super().format_help(ctx, formatter)
+
+
 app = typer.Typer(
     name="vaedyn",
     help="Track, classify and revive inactive channels of the SDXL VAE while it trains.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=_Commands,
 )
 config_app = typer.Typer(help="Show, validate and describe configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -37,7 +70,8 @@ _state = {"debug": False}
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="Override a config field: --set train.learning_rate=1e-4 (repeatable).")
+    list[str] | None,
+    typer.Option("--set", metavar="FIELD=VALUE", help="Override a config field: --set train.learning_rate=1e-4 (repeatable)."),
 ]
 
 
@@ -49,6 +83,11 @@ def err(message: str) -> None:
 def out(message: str) -> None:
     """Write data to stdout."""
     print(message, flush=True)
+
+
+def print_path(path: str | Path) -> None:
+    """Write a path to stdout, absolute: one style for every command, whatever form the input had."""
+    out(os.path.abspath(path))
 
 
 def handle_errors(fn: F) -> F:
@@ -126,7 +165,7 @@ def config_validate(files: Annotated[list[Path], typer.Argument(help="Config fil
     """Check config files; prints each valid path, exits 2 on the first invalid one."""
     for f in files:
         config_mod.load_config(f)
-        out(str(f))
+        print_path(f)
 
 
 @config_app.command("schema")
@@ -141,7 +180,7 @@ def config_schema(
     if stdout:
         sys.stdout.write(config_mod.schema_text())
         return
-    out(str(config_mod.write_schema(out_path)))
+    print_path(config_mod.write_schema(out_path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +215,16 @@ def nudge_cmd(
     ] = None,
     factor: Annotated[float | None, typer.Option("--factor", help="gn_scale_nudge: gamma multiplier.")] = None,
     max_scale: Annotated[float | None, typer.Option("--max-scale", help="gn_scale_nudge: cap on gamma.")] = None,
+    shrink: Annotated[
+        float | None, typer.Option("--shrink", help="shrink_perturb: lambda multiplying the parameters (0 to 1).")
+    ] = None,
+    perturb_std: Annotated[
+        float | None, typer.Option("--perturb-std", help="shrink_perturb: sigma of the added Gaussian noise.")
+    ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option("--seed", help="Seed of the random strategies (redo, shrink_perturb; default: the run's seed)."),
+    ] = None,
     max_fraction: Annotated[
         float | None, typer.Option("--max-fraction", help="Nudge at most this fraction of each layer, lowest score first.")
     ] = None,
@@ -195,13 +244,13 @@ def nudge_cmd(
 
     options = {
         "strategy": strategy, "select": select or None, "factor": factor, "max_scale": max_scale,
-        "max_fraction": max_fraction,
+        "max_fraction": max_fraction, "shrink": shrink, "perturb_std": perturb_std,
     }
     path = nudge.nudge_checkpoint(
         checkpoint, targets, out=out_dir, config_path=config, overrides=set_ or [], nudge_options=options,
-        overwrite=overwrite,
+        overwrite=overwrite, seed=seed,
     )
-    out(str(path))
+    print_path(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +283,7 @@ def train_cmd(
             raise (errors.Terminated if isinstance(e, errors.Terminated) else KeyboardInterrupt)(how) from None
         raise
     if train.is_main_process():  # under `accelerate launch` every process returns here; print once
-        out(str(run_dir))
+        print_path(run_dir)
 
 
 @app.command("eval")
@@ -303,7 +352,7 @@ def eval_cmd(
         num_samples_to_save=num_samples_to_save, out=out_dir, overrides=None if config is not None else set_,
         ablate=ablate or None, store=store, grids=grids or None,
     )
-    out(str(path))
+    print_path(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +420,7 @@ def report_cmd(
     """Draw the channel dynamics of a trace (PNG figures) and an index.html that opens from disk; prints the folder."""
     from vaedyn_cli import report
 
-    out(str(report.build_report(store, out_dir)))
+    print_path(report.build_report(store, out_dir))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +448,10 @@ def study_cmd(
     from vaedyn_cli import study
 
     text = study.run_study(study_file, executor=executor, jobs=jobs, print_commands=print_commands)
-    sys.stdout.write(text if print_commands else text + "\n")
+    if not print_commands:
+        print_path(text)
+        return
+    sys.stdout.write(text)
     sys.stdout.flush()
 
 
@@ -410,8 +462,10 @@ def study_cmd(
 @app.command("track")
 @handle_errors
 def track_cmd(
-    more: Annotated[
-        list[str] | None, typer.Argument(help="More checkpoints (so that `--checkpoint A B C` works).", show_default=False)
+    checkpoints: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="CHECKPOINT", help="Checkpoints to trace, as --checkpoint takes them "
+                       "(`--checkpoint A B C` traces all three).", show_default=False),
     ] = None,
     checkpoint: Annotated[
         list[str] | None,
@@ -434,7 +488,7 @@ def track_cmd(
 
     cfg = config_mod.load_config(config, set_ or []) if config is not None else None
     overrides = [] if config is not None else (set_ or [])
-    out(str(track.track_checkpoints(cfg, [*(checkpoint or []), *(more or [])], out_path, overrides)))
+    print_path(track.track_checkpoints(cfg, [*(checkpoint or []), *(checkpoints or [])], out_path, overrides))
 
 
 store_app = typer.Typer(help="Inspect trace stores.", no_args_is_help=True)

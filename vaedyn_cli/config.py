@@ -286,6 +286,10 @@ class EvalConfig(Section):
     max_samples: int | None = Field(None, ge=1, description="Evaluate at most this many images.")
     num_samples_to_save: int = Field(10, ge=0, description="Original/reconstruction pairs saved as PNG.")
     grid_samples: int = Field(2, ge=1, description="Images shown in activation grids.")
+    grid_scale: Literal["layer", "tile"] = Field(
+        "layer", description="Grey scale of activation-grid tiles: `layer`, one range for the whole layer (a quiet "
+        "channel looks flat); `tile`, each tile its own range (the original Figure 2)."
+    )
 
 
 class LogConfig(Section):

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vaedyn_cli import artifacts, settings
-from vaedyn_cli.ablation import ChannelMeans, ablation_plan, ablation_section, plan_targets
+from vaedyn_cli.ablation import ChannelMeans, ablation_plan, ablation_section, plan_targets, skipped_ablation
 from vaedyn_cli.config import RunConfig
 from vaedyn_cli.errors import VaedynError
 from vaedyn_cli.grids import grids_plan, grids_section
@@ -113,22 +114,100 @@ def evaluate(
         "metrics": result.metrics,
         "config": resolved.model_dump(mode="json"),
     }
+    nudged = _nudge_of(ckpt)
+    if nudged is not None:
+        record["nudge"] = nudged
     if plan is not None:
-        record["ablation"] = ablation_section(plan, vae, result.metrics, means, loader, device)
+        record["ablation"] = ablation_section(plan, vae, result.metrics, means, loader, device) if plan.targets \
+            else skipped_ablation(plan)
+    earlier = _earlier(target, record)
     with artifacts.atomic_folder(target, artifacts.EVALUATION) as tmp:
         if grid_plan is not None:
-            record["grids"] = grids_section(grid_plan, vae, dataset, cfg.eval.grid_samples, tmp)
+            record["grids"] = grids_section(grid_plan, vae, dataset, cfg.eval.grid_samples, tmp, cfg.eval.grid_scale)
+        fresh = {k: record[k] for k in SECTIONS if k in record}
+        kept = _keep_earlier(earlier, record, target, tmp)
         (tmp / artifacts.METRICS_FILE).write_text(json.dumps(record, indent=2) + "\n")
         write_pictures(tmp, result, num_pairs)
-    _print_metrics(record)
+    if kept:
+        log.info("kept from the earlier evaluation in %s: %s", target, ", ".join(kept))
+    _print_metrics({**{k: v for k, v in record.items() if k not in SECTIONS}, **fresh})
     return target / artifacts.METRICS_FILE
+
+
+def _nudge_of(ckpt: Any) -> dict[str, Any] | None:
+    """What `vaedyn nudge` did to this checkpoint (its nudge.json, without the events), None for another model."""
+    file = Path(ckpt.path) / artifacts.NUDGE_FILE if ckpt.path is not None else None
+    if file is None or not file.is_file():
+        return None
+    try:
+        done = json.loads(file.read_text())
+    except ValueError:
+        return None
+    return {k: done.get(k) for k in ("strategy", "params", "select", "n_targets")}
+
+
+SECTIONS = ("ablation", "grids")  # what separate invocations add to one evaluation
+SAME_EVALUATION = ("step", "split", "num_images")  # with the checkpoint and the data config
+
+
+def _same_checkpoint(a: Any, b: Any) -> bool:
+    pa, pb = Path(str(a)), Path(str(b))
+    return str(a) == str(b) or (pa.exists() and pb.exists() and pa.resolve() == pb.resolve())
+
+
+def _earlier(target: Path, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The earlier evaluation in the results folder when it is of the same checkpoint on the same images
+    (so its sections stay true next to the new metrics); None otherwise, with a warning when that drops
+    sections this run does not redo."""
+    file = target / artifacts.METRICS_FILE
+    if not file.is_file():
+        return None
+    try:
+        old = json.loads(file.read_text())
+    except ValueError:
+        return None
+    kept = [k for k in SECTIONS if k in old]
+    same = (isinstance(old, dict) and _same_checkpoint(old.get("checkpoint"), record["checkpoint"])
+            and all(old.get(k) == record[k] for k in SAME_EVALUATION)
+            and (old.get("config") or {}).get("data") == record["config"]["data"])
+    if not same:
+        lost = [k for k in kept if k not in record]
+        if lost:
+            log.warning("replacing the evaluation in %s, which was of another checkpoint, split or set of images: "
+                        "its %s section%s %s dropped", target, " and ".join(lost), "s" * (len(lost) > 1),
+                        "are" if len(lost) > 1 else "is")
+        return None
+    return old
+
+
+def _keep_earlier(old: dict[str, Any] | None, record: dict[str, Any], target: Path, tmp: Path) -> list[str]:
+    """Carry the sections of an earlier evaluation of the same checkpoint and images that this run does not
+    redo: its `ablation` unless this run ablates, its `grids` layers (and their pictures) this run does not draw.
+    Returns what was carried, in words."""
+    if old is None:
+        return []
+    said = []
+    if "ablation" in old and "ablation" not in record:
+        record["ablation"] = old["ablation"]
+        said.append("the ablation section")
+    old_grids = old.get("grids") or {}
+    new_grids = record.get("grids") or {}
+    carried = {layer: g for layer, g in old_grids.items() if layer not in new_grids}
+    for g in carried.values():
+        for key in ("grid", "lens"):
+            if (target / g[key]).is_file():
+                shutil.copy2(target / g[key], tmp / g[key])
+    if carried:
+        record["grids"] = {**carried, **new_grids}
+        said.append("grids of " + ", ".join(carried))
+    return said
 
 
 def _print_metrics(record: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # a line piped to a file or a log is never wrapped
     console.print(f"{record['checkpoint']} · step {record['step']} · split {record['split']} · {record['num_images']} images")
     table = Table()
     table.add_column("metric")
@@ -141,7 +220,7 @@ def _print_metrics(record: dict[str, Any]) -> None:
         r2 = ", ".join(f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in g["r2"].items())
         console.print(f"grids {layer}: {g['grid']}, {g['lens']} (lens R^2 {r2})")
     ab = record.get("ablation")
-    if ab is None:
+    if ab is None or not ab["n_channels"]:  # nothing ablated: plan_targets said so in one line
         return
     console.print(f"ablation {' '.join(ab['select'])}: {ab['n_channels']} channels, control {ab['n_control']} active ones")
     table = Table()

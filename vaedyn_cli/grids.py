@@ -88,14 +88,16 @@ def _r2(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None  # NaN: the target images are constant
 
 
-def grids_section(plan: GridPlan, model: torch.nn.Module, dataset: Any, grid_samples: int, folder: Path) -> dict[str, Any]:
+def grids_section(plan: GridPlan, model: torch.nn.Module, dataset: Any, grid_samples: int, folder: Path,
+                  scale: str = "layer") -> dict[str, Any]:
     """Write grid-<layer>.png and lens-<layer>.png into `folder`; metrics.json's `grids` section."""
     images = _first_images(dataset, max(grid_samples, LENS_IMAGES))
     section: dict[str, Any] = {}
     for layer in plan.layers:
         labels = plan.states.get(layer)
         grid_file, lens_file = f"grid-{layer}.png", f"lens-{layer}.png"
-        grid = lens.grid_figure(model, images[:grid_samples], layer, labels=labels, out_png=folder / grid_file)
+        grid = lens.grid_figure(model, images[:grid_samples], layer, labels=labels, out_png=folder / grid_file,
+                                scale=scale)
         fit = lens.lens_figure(model, images[:LENS_IMAGES], layer, labels=labels, out_png=folder / lens_file)
         section[layer] = {
             "grid": grid_file,
@@ -108,7 +110,9 @@ def grids_section(plan: GridPlan, model: torch.nn.Module, dataset: Any, grid_sam
             "channels": fit["channels"],
             "grid_images": grid["images"],
             "tiles": grid["tiles"],
+            "scale": grid["scale"],
             "flat_channels": grid["flat_channels"],
+            "quiet_channels": grid["quiet_channels"],
             "outlines": grid["outlines"],
             "lens_images": fit["n_images"],
         }

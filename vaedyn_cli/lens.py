@@ -35,6 +35,10 @@ from vaedyn_cli.labels import CODE_NAMES
 # Outline colour of each class; unlabelled channels get no outline.
 LABEL_COLOURS = {"active": "#2ca02c", "dormant": "#ff7f0e", "dead": "#d62728"}
 FLAT_RTOL = 1e-6  # a tile is flat when its range is below this share of the layer's largest range
+GRID_SCALES = ("layer", "tile")  # grey scale of the tiles: one range for the layer, or each tile its own
+GRID_INCHES = 10.0  # width of an activation grid figure
+LAYER_WHITE = 0.995  # the shared grey scale is white from this quantile of the layer's values up
+QUIET_TAU = 0.1  # a tile is quiet when its spread is at most this share of the layer's mean (classify's tau)
 MAX_LENS_ROWS = 200_000  # pixels used to fit the lens (a seeded subsample beyond that)
 
 Labels = Sequence[str] | Mapping[int, str] | None
@@ -115,28 +119,57 @@ def probe_states(maps: torch.Tensor, params: ClassifyConfig | None = None) -> li
 # activation grids
 
 
-def normalise_tiles(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each (image, channel) map scaled to [0, 1] on its own; flat maps (range ~0 relative to the
-    layer's largest) become all-zero tiles. Returns tiles (N, C, h, w) and flat (N, C) booleans."""
+def normalise_tiles(maps: torch.Tensor, scale: str = "tile") -> tuple[torch.Tensor, torch.Tensor]:
+    """The (image, channel) maps as [0, 1] tiles: with scale "tile" each map on its own range (the
+    original Figure 2: every tile uses the full grey range, so a quiet channel looks as structured as a
+    busy one); with "layer" one range for all the maps of the layer (a quiet channel looks flat). Flat
+    maps (range ~0 relative to the layer's largest) become all-zero tiles either way. Returns tiles
+    (N, C, h, w) and flat (N, C) booleans."""
+    if scale not in GRID_SCALES:
+        raise VaedynError(f"grid scale {scale!r}: choose one of {', '.join(GRID_SCALES)}")
     lo = maps.amin(dim=(2, 3), keepdim=True)
     hi = maps.amax(dim=(2, 3), keepdim=True)
     rng = hi - lo
     flat = (rng <= FLAT_RTOL * rng.max().clamp_min(1e-30)).squeeze(-1).squeeze(-1)
-    tiles = torch.where(rng > 0, (maps - lo) / rng.clamp_min(1e-30), torch.zeros_like(maps))
+    if scale == "layer":
+        lo, hi = layer_range(maps)
+        rng = hi - lo
+    tiles = torch.where(rng > 0, (maps - lo) / rng.clamp_min(1e-30), torch.zeros_like(maps)).clamp(0.0, 1.0)
     tiles[flat] = 0.0
     return tiles, flat
 
 
-def tile_mosaic(tiles: torch.Tensor, pad: int = 1) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
-    """Lay the C tiles of one image (C, h, w) on a near-square grid; returns the mosaic (NaN between
-    tiles) and each channel's box (row, col, h, w) in it, in channel order."""
+def layer_range(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grey range shared by a layer's tiles: black at its lowest value, white at its LAYER_WHITE
+    quantile (a few bright pixels would otherwise leave every other tile black)."""
+    values = maps.flatten().double()
+    if values.numel() > 1_000_000:  # quantile's input limit; a seeded subsample is as good for a grey scale
+        values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
+    return maps.amin(), torch.quantile(values, LAYER_WHITE).to(maps.dtype)
+
+
+def tile_spread(maps: torch.Tensor) -> torch.Tensor:
+    """Each (image, channel) map's spread: its std over space, (N, C), in the layer's own units."""
+    return maps.double().flatten(2).std(dim=2, unbiased=False).float()
+
+
+def quiet_tiles(spread: torch.Tensor, tau: float = QUIET_TAU) -> torch.Tensor:
+    """(N, C) booleans: a tile whose spread is at most `tau` x the mean spread of the layer's tiles of that
+    image (the per-step dormancy rule, on one image's map)."""
+    return spread <= tau * spread.mean(dim=1, keepdim=True)
+
+
+def tile_mosaic(tiles: torch.Tensor, pad: int = 1, bar: int = 0) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """Lay the C tiles of one image (C, h, w) on a near-square grid, leaving `bar` rows under each tile
+    (for its spread bar); returns the mosaic (NaN between tiles) and each channel's box (row, col, h, w)
+    in it, in channel order."""
     c, h, w = tiles.shape
     cols = max(1, math.ceil(math.sqrt(c)))
     rows = max(1, math.ceil(c / cols))
-    mosaic = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad), np.nan, dtype=np.float32)
+    mosaic = np.full((rows * (h + bar + pad) + pad, cols * (w + pad) + pad), np.nan, dtype=np.float32)
     boxes = []
     for i in range(c):
-        r0 = pad + (i // cols) * (h + pad)
+        r0 = pad + (i // cols) * (h + bar + pad)
         c0 = pad + (i % cols) * (w + pad)
         mosaic[r0 : r0 + h, c0 : c0 + w] = tiles[i].numpy()
         boxes.append((r0, c0, h, w))
@@ -153,10 +186,12 @@ def activation_grid(
     layer: str,
     labels: Labels = None,
     out_png: Path | str = "grid.png",
+    scale: str = "layer",
 ) -> Path:
-    """Write one grid per image: the image, then every channel of `layer` as a [0, 1] tile, outlined by
-    its label (state per channel, e.g. from the classification). Flat tiles are suppressed channels."""
-    return Path(grid_figure(model, images, layer, labels, out_png)["png"])
+    """Write one grid per image: the image, then every channel of `layer` as a [0, 1] tile (on the layer's
+    shared range, or with scale="tile" each on its own), a bar under each tile showing its spread, outlined
+    by its label (state per channel, e.g. from the classification)."""
+    return Path(grid_figure(model, images, layer, labels, out_png, scale)["png"])
 
 
 def grid_figure(
@@ -165,28 +200,33 @@ def grid_figure(
     layer: str,
     labels: Labels = None,
     out_png: Path | str = "grid.png",
+    scale: str = "layer",
 ) -> dict[str, Any]:
     """`activation_grid`, returning a JSON-able summary of what it drew: layer, what was read, images,
-    tiles per image, channels flat in every image, outlines per label, png."""
+    tiles per image, the scale, channels flat in every image, channels quiet in every image, outlines per
+    label, png."""
     acts = layer_activations(model, images, layer)
-    tiles, flat = normalise_tiles(acts.maps)
+    tiles, flat = normalise_tiles(acts.maps, scale)
+    spread = tile_spread(acts.maps)
     n, c = tiles.shape[:2]
     names = labels_list(labels, c)
-    fig = _grid_figure(acts, tiles, flat, names, images)
+    fig = _grid_figure(acts, tiles, flat, spread, names, images, scale)
     png = _save(fig, out_png)
     return {
         "layer": layer,
         "what": acts.what,
         "images": int(n),
         "tiles": len(tile_mosaic(tiles[0])[1]),
+        "scale": scale,
         "flat_channels": [int(i) for i in torch.nonzero(flat.all(dim=0)).flatten().tolist()],
+        "quiet_channels": [int(i) for i in torch.nonzero(quiet_tiles(spread).all(dim=0)).flatten().tolist()],
         "outlines": {k: names.count(k) for k in LABEL_COLOURS if k in names},
         "png": str(png),
     }
 
 
-def _grid_figure(acts: LayerActivations, tiles: torch.Tensor, flat: torch.Tensor, names: list[str | None],
-                 images: torch.Tensor):  # noqa: ANN202
+def _grid_figure(acts: LayerActivations, tiles: torch.Tensor, flat: torch.Tensor, spread: torch.Tensor,
+                 names: list[str | None], images: torch.Tensor, scale: str):  # noqa: ANN202
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,25 +234,32 @@ def _grid_figure(acts: LayerActivations, tiles: torch.Tensor, flat: torch.Tensor
     from matplotlib.patches import Patch, Rectangle
 
     n, c, h, w = tiles.shape
-    mosaic0, _ = tile_mosaic(tiles[0])
+    bar = max(2, round(h / 6))
+    mosaic0, _ = tile_mosaic(tiles[0], bar=bar)
     aspect = mosaic0.shape[1] / mosaic0.shape[0]
-    row_h = 3.2
-    fig, axes = plt.subplots(n, 2, figsize=(row_h * (1 + aspect) + 0.6, row_h * n + 1.0), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, aspect]})
+    row_h = min(6.0, max(2.5, (GRID_INCHES - 0.6) / (0.6 + aspect)))  # the tiles as large as 10 inches allow
+    fig, axes = plt.subplots(n, 2, figsize=(row_h * (0.6 + aspect) + 0.6, row_h * n + 1.4), squeeze=False,
+                             gridspec_kw={"width_ratios": [0.6, aspect]})
     cmap = plt.get_cmap("gray").with_extremes(bad="white")
+    top = float(spread.max()) or 1.0
+    quiet = quiet_tiles(spread)
     for i in range(n):
         ax_img, ax_grid = axes[i]
         ax_img.imshow(_to_rgb(images[i]))
         ax_img.set_title(f"image {i}", fontsize=9)
         ax_img.axis("off")
-        mosaic, boxes = tile_mosaic(tiles[i])
+        mosaic, boxes = tile_mosaic(tiles[i], bar=bar)
         ax_grid.imshow(mosaic, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
         for ch, (r0, c0, bh, bw) in enumerate(boxes):
+            # the spread bar: a light track the tile's width, filled in proportion to its spread
+            y = r0 + bh - 0.5 + 0.15 * bar
+            ax_grid.add_patch(Rectangle((c0 - 0.5, y), bw, 0.7 * bar, facecolor="#dddddd", edgecolor="none"))
+            ax_grid.add_patch(Rectangle((c0 - 0.5, y), bw * float(spread[i, ch]) / top, 0.7 * bar,
+                                        facecolor="#c00000" if quiet[i, ch] else "#303030", edgecolor="none"))
             colour = LABEL_COLOURS.get(names[ch] or "", None)
             if colour:
                 ax_grid.add_patch(Rectangle((c0 - 0.5, r0 - 0.5), bw, bh, fill=False, edgecolor=colour, linewidth=1.2))
-        n_flat = int(flat[i].sum())
-        ax_grid.set_title(f"{n_flat} of {c} tiles flat", fontsize=9)
+        ax_grid.set_title(f"image {i}: {int(quiet[i].sum())} of {c} tiles quiet, {int(flat[i].sum())} flat", fontsize=9)
         ax_grid.axis("off")
     present = [k for k in LABEL_COLOURS if k in names]
     if present:
@@ -221,13 +268,17 @@ def _grid_figure(acts: LayerActivations, tiles: torch.Tensor, flat: torch.Tensor
         fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, title="outline: channel class")
     import textwrap
 
-    detail = (f"{c} channels of {acts.what}, {h}x{w} px each, each tile scaled to [0, 1]; a flat (black) tile "
-              "is a suppressed channel")
+    lo, hi = (float(v) for v in layer_range(acts.maps))
+    how = (f"one grey scale for the whole layer (black {lo:.3g}, white {hi:.3g} and above), so a quiet channel looks "
+           "flat" if scale == "layer" else "each tile scaled to its own [0, 1] (a quiet channel looks as busy as any)")
+    detail = (f"{c} channels of {acts.what}, {h}x{w} px each; {how}. Bar under each tile: its spread (std over "
+              f"space) relative to the largest tile's; red: quiet, spread <= {QUIET_TAU:g} x the mean of the image's "
+              "tiles")
     width = max(40, int(fig.get_figwidth() * 12))  # characters of a 10-point title that fit the figure
     title = "\n".join([f"Activation grid of {acts.layer}", *textwrap.wrap(detail, width)])
     fig.suptitle(title, fontsize=10)
-    top = 1 - (0.2 + 0.17 * title.count("\n")) / fig.get_figheight()
-    fig.tight_layout(rect=(0, 0.06 if present else 0, 1, top))
+    top_frac = 1 - (0.2 + 0.17 * title.count("\n")) / fig.get_figheight()
+    fig.tight_layout(rect=(0, 0.06 if present else 0, 1, top_frac))
     return fig
 
 

@@ -45,6 +45,7 @@ TABLE_FORMAT = {
 # metrics.json of earlier vaedyn versions: old name -> today's (`psnr` was the per-image mean)
 LEGACY_NAMES = {"psnr": "psnr_per_image_mean"}
 GRID_IMAGES = 8
+GRID_TILE_PX = 128  # grid.png draws each image at least this large (32x32 images at 4x)
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +152,22 @@ def _to_uint8(img: torch.Tensor) -> np.ndarray:
     return (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
-def image_grid(originals: torch.Tensor, reconstructions: torch.Tensor, gap: int = 2) -> Image.Image:
-    """Originals in the top row, their reconstructions below, separated by white lines."""
+def grid_zoom(h: int, w: int) -> int:
+    """The whole-number enlargement that makes an image at least GRID_TILE_PX on its longer side."""
+    return max(1, -(-GRID_TILE_PX // max(h, w, 1)))
+
+
+def image_grid(originals: torch.Tensor, reconstructions: torch.Tensor, gap: int = 4) -> Image.Image:
+    """Originals in the top row, their reconstructions below, separated by white lines; small images are
+    enlarged by a whole factor (`grid_zoom`, nearest neighbour: every pixel stays a square of one colour)."""
     k, _, h, w = originals.shape
-    canvas = np.full((2 * h + 3 * gap, k * w + (k + 1) * gap, 3), 255, dtype=np.uint8)
+    z = grid_zoom(h, w)
+    canvas = np.full((2 * h * z + 3 * gap, k * w * z + (k + 1) * gap, 3), 255, dtype=np.uint8)
     for row, images in enumerate((originals, reconstructions)):
-        top = gap + row * (h + gap)
+        top = gap + row * (h * z + gap)
         for i in range(k):
-            left = gap + i * (w + gap)
-            canvas[top : top + h, left : left + w] = _to_uint8(images[i])
+            left = gap + i * (w * z + gap)
+            canvas[top : top + h * z, left : left + w * z] = _to_uint8(images[i]).repeat(z, 0).repeat(z, 1)
     return Image.fromarray(canvas)
 
 

@@ -63,10 +63,12 @@ def nudge_checkpoint(
     overrides: Sequence[str] = (),
     nudge_options: dict[str, Any] | None = None,
     overwrite: bool = False,
+    seed: int | None = None,
 ) -> Path:
     """Nudge a checkpoint's target channels; writes a diffusers folder with nudge.json and returns its path.
 
-    Everything is checked (checkpoint, targets, config, output) before anything is written.
+    Everything is checked (checkpoint, targets, config, output) before anything is written. `seed` seeds the
+    random strategies (default: the config's seed); nudge.json records it, the carried config keeps its own.
     """
     from vaedyn_cli.model import resolve_checkpoint, save_model
 
@@ -89,12 +91,13 @@ def nudge_checkpoint(
     chosen = select_targets(data["channels"], cfg.nudge.select, cfg.nudge.max_fraction, data["layers"])
     if not chosen:
         log.warning("no channel matches --select %s: writing an unchanged copy", " ".join(cfg.nudge.select))
-    events = apply(model, chosen, spec.name, cfg.nudge, step=ckpt.step, seed=cfg.seed)
+    seed = cfg.seed if seed is None else seed
+    events = apply(model, chosen, spec.name, cfg.nudge, step=ckpt.step, seed=seed)
 
     params: dict[str, Any] = {p: getattr(cfg.nudge, p) for p in spec.params}
     params["max_fraction"] = cfg.nudge.max_fraction
     if spec.random:
-        params["seed"] = cfg.seed
+        params["seed"] = seed
     record = {
         "checkpoint": str(checkpoint),
         "step": ckpt.step,

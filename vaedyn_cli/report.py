@@ -31,6 +31,7 @@ from vaedyn_cli.report_data import (
     event_steps,
     gather,
     layer_table,
+    reconcile,
     run_dir,
     stored_config,
     text,
@@ -39,6 +40,7 @@ from vaedyn_cli.report_data import (
 log = logging.getLogger(__name__)
 
 TOP_LAYERS = 15
+SENTENCE_CHANNELS = 8  # channels the reconciling sentence names (summary.json lists more)
 SUMMARY_FILE = artifacts.SUMMARY_FILE
 INDEX_FILE = artifacts.INDEX_FILE
 
@@ -66,6 +68,59 @@ def _events_summary(d: ReportData) -> dict[str, Any]:
             "channels_touched": len(chans), "by_strategy": strategies}
 
 
+def per_step_rule(d: ReportData) -> str:
+    p = d.params
+    test = f"mean |output| < {p.threshold:g}" if p.method == "mean_abs_threshold" else \
+        f"dormancy score <= {p.tau:g} (dead: activity <= {p.dead_threshold:g})"
+    return f"per-step rule: {test} at step {int(d.steps[-1])} alone, no persistence filter"
+
+
+def classification_rule(d: ReportData) -> str:
+    labels = d.labels
+    assert labels is not None
+    params = json.loads(labels.attrs.get("params", "{}") or "{}")
+    return (f"classification: {labels.attrs.get('method')}, a change counts once it holds "
+            f"{params.get('min_persist', d.params.min_persist)} tracked steps, over steps "
+            f"{labels.attrs.get('first_step')}..{labels.attrs.get('last_step')}; labels {d.labels_from}")
+
+
+def _channel(r: dict[str, Any]) -> str:
+    return f"{r['layer']} #{r['channel_index']}"
+
+
+def reconciliation_text(rec: dict[str, Any] | None) -> str:
+    """One sentence: how many channels each rule counts inactive at the last step and, where they differ, why."""
+    if rec is None:
+        return ""
+    step, m = rec["step"], rec["min_persist"]
+    n_step, n_class = sum(rec["per_step"].values()), sum(rec["classified"].values())
+    head = (f"{n_step} channel{'s' * (n_step != 1)} {'are' if n_step != 1 else 'is'} inactive at step {step} by the "
+            f"per-step rule; {n_class} by the classification (persistence {m} steps)")
+    if not rec["n_only_per_step"] and not rec["n_only_classified"]:
+        return head + ": the same channels."
+    why = []
+    for r in rec["only_per_step"]:
+        since = f"since at least step {r['since_step']}" if r["at_least"] else f"at step {r['since_step']}"
+        why.append(f"{_channel(r)} became inactive {since} and has held {r['held']} of {m} steps"
+                   if not r["at_least"] else f"{_channel(r)} has been inactive {since} (the classification is "
+                   f"{r['state'] or 'absent'}: it covers steps {rec['window'][0]}..{rec['window'][1]})")
+    for r in rec["only_classified"]:
+        why.append(f"{_channel(r)} is active again since step {r['since_step']} ({r['held']} of {m} steps), so the "
+                   f"classification still counts it {r['state']}" if r["held"] else
+                   f"{_channel(r)} is not observed at step {step}; the classification counts it {r['state']}")
+    shown = why[:SENTENCE_CHANNELS]
+    more = len(why) - len(shown) + (rec["n_only_per_step"] - len(rec["only_per_step"])) + \
+        (rec["n_only_classified"] - len(rec["only_classified"]))
+    tail = f"; and {more} more (summary.json, `reconciliation`)" if more else ""
+    extra = ""
+    if rec["window"][1] != step:
+        extra += f" The classification ends at step {rec['window'][1]}, the per-step count is at step {step}."
+    if rec["settings_differ"]:
+        extra += " The classification was made with " + ", ".join(f"{k} {v}" for k, v in rec["settings_differ"].items()) \
+            + " (the per-step counts use the trace's config)."
+    return head + ": " + "; ".join(shown) + tail + "." + extra
+
+
 def build_summary(d: ReportData, figures: dict[str, str | None]) -> dict[str, Any]:
     """The numbers behind the page (also written as summary.json)."""
     ch = d.channels
@@ -86,7 +141,10 @@ def build_summary(d: ReportData, figures: dict[str, str | None]) -> dict[str, An
         "classify": {"method": d.params.method, "tau": d.params.tau, "threshold": d.params.threshold,
                      "dead_threshold": d.params.dead_threshold, "min_persist": d.params.min_persist},
         "last_step": last,
-        "classification": {"from": d.labels_from, **({"counts": class_counts(d.labels)} if d.labels is not None else {})},
+        "last_step_rule": per_step_rule(d),
+        "classification": {"from": d.labels_from, **({"counts": class_counts(d.labels),
+                                                      "rule": classification_rule(d)} if d.labels is not None else {})},
+        "reconciliation": reconcile(d),
         "most_affected_layers": [r for r in ranked if r["dormant"] + r["dead"] > 0][:TOP_LAYERS],
         "events": _events_summary(d),
         "validation_records": len(d.validation),
@@ -102,36 +160,49 @@ def render_html(d: ReportData, summary: dict[str, Any], figures: dict[str, str |
                         f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1>",
                         '<nav><a href="#summary">summary</a><a href="#figures">figures</a><a href="#layers">layers</a>'
                         '<a href="#classes">classes</a><a href="#config">config</a></nav>']
-    st, chs, cl = s["steps"], s["channels"], s["classify"]
+    st, chs = s["steps"], s["channels"]
     rows = [
         ["store", f"{s['store']} ({s['size_bytes'] / 2**20:.1f} MiB)"], ["schema", f"{s['schema']} v{s['schema_version']}"],
         ["written by", f"vaedyn {s['vaedyn_version']} ({s['source']})"],
         ["steps", f"{st['count']} tracked, {st['first']} .. {st['last']}"],
         ["channels", f"{chs['total']} in {s['layers']} layers (encoder {chs['encoder']}, decoder {chs['decoder']})"],
         ["weights tracked for near-zero share", s["params"]],
-        ["inactive at the last step", ", ".join(f"{p} {v['inactive']} of {v['channels']} ({v['dead']} dead)"
-                                                for p, v in s["last_step"].items())],
-        ["classification", f"{cl['method']} (tau {cl['tau']}, dead below {cl['dead_threshold']}, persistence "
-                           f"{cl['min_persist']} steps), {s['classification']['from']}"],
+        [f"inactive at step {st['last']}, per-step rule",
+         ", ".join(f"{p} {v['inactive']} of {v['channels']} ({v['dead']} dead)" for p, v in s["last_step"].items())
+         + f" [{s['last_step_rule']}]"],
+    ]
+    rec = s["reconciliation"]
+    if rec is not None:
+        rows.append([f"inactive at step {rec['window'][1]}, classification",
+                     ", ".join(f"{p} {n}" for p, n in rec["classified"].items()) + f" [{s['classification']['rule']}]"])
+        rows.append(["why the two counts differ" if rec["n_only_per_step"] or rec["n_only_classified"] else
+                     "the two counts", reconciliation_text(rec)])
+    else:
+        rows.append(["classification", f"none ({s['classification']['from']})"])
+    rows += [
         ["interventions", _events_text(s["events"])],
         ["validation records", s["validation_records"]],
     ]
     parts.append('<h2 id="summary">Summary</h2>' + table(None, rows, left=2))
     parts.append('<h2 id="figures">Figures</h2>' + figures_html(figures, FIGURES))
     layers = s["most_affected_layers"]
-    parts.append(f'<h2 id="layers">Most affected layers (step {st["last"]})</h2>')
+    parts.append(f'<h2 id="layers">Most affected layers at step {st["last"]} (per-step rule)</h2>')
+    parts.append(f'<p>Counted by the {esc(s["last_step_rule"])}.</p>')
     if layers:
         parts.append(table(["layer", "part", "channels", "dormant", "dead", "inactive share", "median |gamma|"],
                             [[r["layer"], r["part"], r["channels"], r["dormant"], r["dead"],
                               f"{r['inactive_fraction']:.0%}", fmt(r["median_abs_gamma"])] for r in layers], left=2))
     else:
         parts.append('<p class="note">No channel is dormant or dead at the last step.</p>')
-    parts.append('<h2 id="classes">Class counts</h2>')
+    parts.append('<h2 id="classes">Class counts (classification)</h2>')
     counts = s["classification"].get("counts")
     if counts:
+        parts.append(f'<p>Counted by the {esc(s["classification"]["rule"])}. {esc(reconciliation_text(rec))}</p>')
+        heads = {"state": f"state at step {rec['window'][1] if rec else st['last']}", "trajectory": "trajectory",
+                 "mechanism": "mechanism (inactive at the end)", "flag": "flag"}
         for key, by_class in counts.items():
-            parts.append(f"<h3>{esc(key)}</h3>" + table([key, *PARTS, "total"],
-                                                         [[c, *v.values(), sum(v.values())] for c, v in by_class.items()]))
+            parts.append(f"<h3>{esc(heads.get(key, key))}</h3>" + table(
+                [key, *PARTS, "total"], [[c, *v.values(), sum(v.values())] for c, v in by_class.items()]))
     else:
         parts.append('<p class="note">No classification.</p>')
     parts.append('<h2 id="config">Run config</h2>')

@@ -8,6 +8,7 @@ including the first and the last step, and reduced on the fly.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +22,15 @@ from vaedyn_cli import store as store_mod
 from vaedyn_cli.classification import Channels, select_channels, step_states, stored_labels, trace_params
 from vaedyn_cli.config import ClassifyConfig
 from vaedyn_cli.errors import VaedynError
-from vaedyn_cli.labels import DEAD, DORMANT, MECHANISMS, PARTS, STATES, TRAJECTORIES, UNKNOWN
+from vaedyn_cli.labels import ACTIVE, DEAD, DORMANT, MECHANISMS, PARTS, STATES, TRAJECTORIES, UNKNOWN
+
+ACTIVE_NAME, DORMANT_NAME, DEAD_NAME = STATES
 
 log = logging.getLogger(__name__)
 
 MAX_LINE_STEPS = 2000
 MAX_HEATMAP_STEPS = 400
-QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95, 0.0)  # the last: the smallest |gamma|, where a few channels collapse
 
 
 @dataclass
@@ -45,6 +48,8 @@ class ReportData:
     inactive: dict[str, np.ndarray] = field(default_factory=dict)  # part -> count per line step
     dead: dict[str, np.ndarray] = field(default_factory=dict)
     heat_score: np.ndarray | None = None  # (channels, heat steps)
+    heat_codes: np.ndarray | None = None  # (channels, heat steps) per-step state codes
+    inactive_steps: np.ndarray | None = None  # per channel: line steps at which the per-step rule says inactive
     last_codes: np.ndarray | None = None  # raw state code per channel at the last step
     gamma_q: dict[str, np.ndarray] = field(default_factory=dict)  # part -> (quantiles, line steps)
     labels: xr.Dataset | None = None
@@ -94,6 +99,8 @@ def _reduce_steps(d: ReportData) -> None:
     d.inactive = {p: np.zeros(n, np.int64) for p in PARTS}
     d.dead = {p: np.zeros(n, np.int64) for p in PARTS}
     heat_cols: list[np.ndarray] = []
+    heat_code_cols: list[np.ndarray] = []
+    d.inactive_steps = np.zeros(ch.n, np.int64)
     want_gamma = has(ds, "gn_weight")
     gq = {p: np.full((len(QUANTILES), n), np.nan) for p in PARTS}
     chunk = max(1, d.params.chunk_steps)
@@ -102,12 +109,14 @@ def _reduce_steps(d: ReportData) -> None:
         codes, score = step_states(ds, d.params, idx, channels=ch)
         inactive = codes >= DORMANT
         dead = codes == DEAD
+        d.inactive_steps += inactive.sum(axis=0)
         for p, sel in parts.items():
             d.inactive[p][a : a + len(idx)] = inactive[:, sel].sum(axis=1)
             d.dead[p][a : a + len(idx)] = dead[:, sel].sum(axis=1)
         keep = [i for i, s in enumerate(idx.tolist()) if s in heat_set]
         if keep:
             heat_cols.append(score[keep].T)
+            heat_code_cols.append(codes[keep].T)
         if want_gamma:
             g = np.abs(read_channels(ds, "gn_weight", idx, ch))
             for p, sel in parts.items():
@@ -118,6 +127,7 @@ def _reduce_steps(d: ReportData) -> None:
         if a + len(idx) == n:
             d.last_codes = codes[-1]
     d.heat_score = np.concatenate(heat_cols, axis=1) if heat_cols else None
+    d.heat_codes = np.concatenate(heat_code_cols, axis=1) if heat_code_cols else None
     d.gamma_q = gq if want_gamma else {}
 
 
@@ -205,6 +215,83 @@ def class_counts(labels: xr.Dataset) -> dict[str, dict[str, dict[str, int]]]:
         out["flag"][flag] = {p: int((v & (part == p)).sum()) for p in PARTS}
     return out
 
+
+
+def label_columns(d: ReportData, *keys: str) -> dict[str, np.ndarray]:
+    """Columns of the classification aligned with `d.channels` ("" / -1 for channels it does not cover)."""
+    ch = d.channels
+    out = {k: np.full(ch.n, "", dtype=object) if k in ("state", "trajectory", "mechanism") else np.full(ch.n, -1)
+           for k in keys}
+    if d.labels is None:
+        return out
+    where = {(str(n), int(i)): k for k, (n, i) in enumerate(zip(ch.layer.tolist(), ch.channel_index.tolist(),
+                                                                 strict=True))}
+    rows = [where.get((str(n), int(i)), -1) for n, i in zip(text(d.labels["layer"].values).tolist(),
+                                                             np.asarray(d.labels["channel_index"].values).tolist(),
+                                                             strict=True)]
+    rows = np.asarray(rows, np.int64)
+    ok = rows >= 0
+    for k in keys:
+        values = np.asarray(d.labels[k].values)
+        out[k][rows[ok]] = np.asarray([str(v) for v in values.tolist()], dtype=object)[ok] \
+            if out[k].dtype == object else values[ok]
+    return out
+
+
+def _held(codes: np.ndarray, inactive: bool) -> int:
+    """Tracked steps at the end of `codes` (one channel's tail) in a row with the same inactive/active state."""
+    same = (codes >= DORMANT) if inactive else (codes == ACTIVE)
+    return len(same) - int(np.flatnonzero(~same)[-1]) - 1 if (~same).any() else len(same)
+
+
+MAX_RECONCILED = 100  # channels listed in summary.json's reconciliation
+
+
+def reconcile(d: ReportData) -> dict[str, Any] | None:
+    """Where the per-step rule at the last step and the persistence-filtered classification disagree,
+    channel by channel, and why: a change the classification has not counted yet (it holds fewer than
+    `min_persist` tracked steps), or a classification made over another window or with other settings.
+    None without a classification."""
+    if d.labels is None or d.last_codes is None:
+        return None
+    ch = d.channels
+    stored = json.loads(d.labels.attrs.get("params", "{}") or "{}")
+    persist = int(stored.get("min_persist", d.params.min_persist))
+    state = label_columns(d, "state")["state"]
+    covered = state != ""
+    per_step = d.last_codes >= DORMANT
+    classified = np.isin(state, (DORMANT_NAME, DEAD_NAME))
+    only_step = np.flatnonzero(covered & per_step & ~classified)
+    only_class = np.flatnonzero(covered & ~per_step & classified)
+    n_tail = min(len(d.steps), persist + 1)
+    tail = np.arange(len(d.steps) - n_tail, len(d.steps))
+    codes = step_states(d.ds, d.params, tail, channels=ch)[0] if len(only_step) + len(only_class) else None
+    steps = d.steps[tail]
+
+    def rows(index: np.ndarray, inactive: bool) -> list[dict[str, Any]]:
+        out = []
+        for i in index[:MAX_RECONCILED].tolist():
+            held = _held(codes[:, i], inactive)
+            out.append({"layer": str(ch.layer[i]), "channel_index": int(ch.channel_index[i]), "part": str(ch.part[i]),
+                        "state": str(state[i]), "since_step": int(steps[len(steps) - held]) if held else None,
+                        "held": held, "at_least": held == n_tail})
+        return out
+
+    settings = {k: stored.get(k) for k in ("method", "tau", "threshold", "dead_threshold") if k in stored}
+    differ = {k: v for k, v in settings.items() if v != getattr(d.params, k)}
+    return {
+        "step": int(d.steps[-1]),
+        "min_persist": persist,
+        "window": [int(d.labels.attrs.get("first_step", d.steps[0])), int(d.labels.attrs.get("last_step", d.steps[-1]))],
+        "per_step": {p: int((per_step & (ch.part == p)).sum()) for p in PARTS},
+        "classified": {p: int((classified & (ch.part == p)).sum()) for p in PARTS},
+        "covered": int(covered.sum()),
+        "n_only_per_step": len(only_step),
+        "n_only_classified": len(only_class),
+        "only_per_step": rows(only_step, True),
+        "only_classified": rows(only_class, False),
+        "settings_differ": differ,
+    }
 
 
 def stored_config(d: ReportData) -> dict[str, Any]:

@@ -70,8 +70,9 @@ class Selector:
         return hit != self.negate
 
 
-def parse_select(exprs: Sequence[str]) -> list[Selector]:
-    """Parse `--select` expressions; unknown fields and impossible values are errors."""
+def parse_select(exprs: Sequence[str], flag: str = "--select") -> list[Selector]:
+    """Parse `--select` expressions (`flag` names the option in errors: `--ablate` takes the same
+    grammar); unknown fields and impossible values are errors."""
     selectors = []
     for expr in exprs:
         key, sep, value = expr.partition("=")
@@ -79,16 +80,16 @@ def parse_select(exprs: Sequence[str]) -> list[Selector]:
         key = key.removesuffix("!").strip()
         if not sep or not key or not value.strip():
             raise VaedynError(
-                f"--select {expr!r}: expected FIELD=VALUE (or FIELD!=VALUE), e.g. mechanism=gn_scale, "
+                f"{flag} {expr!r}: expected FIELD=VALUE (or FIELD!=VALUE), e.g. mechanism=gn_scale, "
                 "layer=decoder.*, state=dormant,dead"
             )
         if key not in CHANNEL_FIELDS:
-            raise VaedynError(f"--select {expr!r}: unknown field '{key}'; fields: {', '.join(CHANNEL_FIELDS)}")
+            raise VaedynError(f"{flag} {expr!r}: unknown field '{key}'; fields: {', '.join(CHANNEL_FIELDS)}")
         patterns = tuple(p.strip() for p in value.split(","))
         for p in patterns:
             vocab = VOCABULARY.get(key)
             if vocab and not any(ch in p for ch in "*?[") and p.lower() not in vocab:
-                raise VaedynError(f"--select {expr!r}: '{p}' is not a value of {key}; values: {', '.join(vocab)}")
+                raise VaedynError(f"{flag} {expr!r}: '{p}' is not a value of {key}; values: {', '.join(vocab)}")
         patterns = tuple(p.lower() if key in VOCABULARY else p for p in patterns)
         selectors.append(Selector(key, patterns, negate))
     return selectors

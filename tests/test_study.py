@@ -25,6 +25,7 @@ from tests.conftest import tiny_config_dict
 from tests.test_seedstats import enumerated_p
 from vaedyn_cli import artifacts, study, study_exec, study_plan, study_report, study_results
 from vaedyn_cli import store as store_mod
+from vaedyn_cli.config import RunConfig
 from vaedyn_cli.metrics import METRICS
 
 NUDGE = ["nudge.enabled=true", "nudge.every=2", "nudge.factor=1.5", "nudge.max_scale=2"]
@@ -418,3 +419,25 @@ def test_jobs_split_the_cores_and_torch_follows(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "1", out.stderr
+
+
+def test_a_base_model_config_is_built_before_the_runs(cli, tmp_path: Path) -> None:
+    """Runs whose model.pretrained is a base run config: --print-commands builds it first (one line);
+    once it is built, no such line."""
+    spec = write_study(tmp_path)
+    base = tiny_config_dict(tmp_path, run_name="base", train={"max_steps": 1, "save_interval": 100},
+                            track={"enabled": False}, data={"do_validation": False})
+    (tmp_path / "base-model.yaml").write_text(yaml.safe_dump(base))
+    tune = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    tune["model"] = {"pretrained": str(tmp_path / "base-model.yaml")}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tune))
+    res = cli("study", spec, "--print-commands")
+    assert res.exit_code == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == f"python -m vaedyn_cli train -c {tmp_path / 'base-model.yaml'}"
+    assert len(lines) == 1 + 4 and all(" train -c " in line for line in lines[1:])
+    from vaedyn_cli import train as train_mod
+
+    train_mod.train(RunConfig.model_validate(base))
+    lines = cli("study", spec, "--print-commands").stdout.splitlines()
+    assert len(lines) == 4 and "base-model.yaml" not in lines[0]

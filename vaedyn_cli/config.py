@@ -68,7 +68,9 @@ class ModelConfig(Section):
     pretrained: str | None = Field(
         None,
         description="Pretrained weights instead of a preset: a hub id (e.g. `stabilityai/sdxl-vae`), "
-        "a local diffusers folder, or a single `.safetensors` file.",
+        "a local diffusers folder, a single `.safetensors` file, or a vaedyn run config (`.yaml`): the final "
+        "model of that run, which `vaedyn train` builds first when it is missing and reuses after (e.g. "
+        "`configs/quickstart-base.yaml`).",
     )
     subfolder: str | None = Field(
         None, description="Subfolder of a hub repo or local folder holding the VAE (e.g. `vae`)."

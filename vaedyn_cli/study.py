@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from pathlib import Path
 from typing import Any
 
-from vaedyn_cli import artifacts, study_exec, study_report, study_results
+from vaedyn_cli import artifacts, study_exec, study_report, study_results, train
 from vaedyn_cli.errors import RuntimeFailure, VaedynError
-from vaedyn_cli.study_plan import DONE, EXECUTORS, FAILED, STUDY_FILE, Study, load_study, run_status
+from vaedyn_cli.study_plan import DONE, EXECUTORS, FAILED, STUDY_FILE, TRAINS, Study, load_study, run_status
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,18 @@ def write_configs(study: Study) -> None:
 # the stage
 
 
+def _pending_bases(pending: list[Any]) -> dict[str, tuple[Any, str]]:
+    """The base run configs (`model.pretrained: BASE.yaml`) of runs that still train and are not
+    built yet: source -> (base config, what its folder needs)."""
+    found: dict[str, tuple[Any, str]] = {}
+    for r in pending:
+        if r.status in TRAINS and str(r.cfg.model.pretrained) not in found:
+            status = train.base_status(r.cfg)
+            if status is not None and status[1] != train.BASE_READY:
+                found[str(r.cfg.model.pretrained)] = status
+    return found
+
+
 def run_study(path: Path | str, *, executor: str = "local", jobs: int = 1, print_commands: bool = False) -> str:
     """Run (or resume) a study and write study.json and its report; returns what stdout shows: the
     report folder, or with `print_commands` one shell line per pending run (nothing is executed)."""
@@ -134,13 +147,18 @@ def run_study(path: Path | str, *, executor: str = "local", jobs: int = 1, print
         study_exec.check_not_in_flight(study, pending)
     write_study_json(study)  # first: a folder with study.json is this study's, whatever else is missing
     write_configs(study)
+    bases = _pending_bases(pending)
     if print_commands:
         if not pending:
             log.info("every run of %s is done: `vaedyn study %s` writes the statistics and the report", study.name, path)
-        return "".join(study_exec.shell_line(r, study.ablate) + "\n" for r in pending)
+        first = [shlex.join(["python", "-m", "vaedyn_cli", "train", "-c", str(source),
+                             *train.base_train_flags(base, status)]) for source, (base, status) in bases.items()]
+        return "".join(line + "\n" for line in [*first, *(study_exec.shell_line(r, study.ablate) for r in pending)])
     done = len(study.runs) - len(pending)
     log.info("study %s: %d runs, %d done, %d to run (%s)", study.name, len(study.runs), done, len(pending),
              ", ".join(f"{r.key}: {r.status}" for r in pending) or "none")
+    for run in {str(r.cfg.model.pretrained): r for r in pending if str(r.cfg.model.pretrained) in bases}.values():
+        train.ensure_base_model(run.cfg)  # here, once, before runs in parallel processes would race for it
     if pending:
         study_exec.execute(study, pending, executor=executor, jobs=jobs, on_change=lambda: write_study_json(study))
     failed = [r for r in study.runs if r.status == FAILED]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from vaedyn_cli import artifacts, inputs
-from vaedyn_cli.config import RunConfig, flatten, resume_changes
+from vaedyn_cli.config import RunConfig, config_from_text, flatten, load_config, resume_changes
 from vaedyn_cli.errors import RuntimeFailure, VaedynError
 from vaedyn_cli.hooks import HookFactory
 from vaedyn_cli.live_nudge import make_training_nudge
@@ -225,7 +225,7 @@ def train(
     for ds in (train_ds, val_ds):  # decode one image: a split without readable images fails before any write
         if ds is not None and hasattr(ds, "__len__"):
             ds[0]
-    vae = model_mod.build_model(cfg.model, cfg.seed)
+    vae = model_mod.build_model(ensure_base_model(cfg).model, cfg.seed)
     changes: dict[str, tuple[Any, Any]] = {}
     if resume_dir is not None:
         _check_resume_fits(resume_dir, vae)
@@ -288,6 +288,82 @@ def train(
             if lock is not None:
                 lock.release()
     return run_dir
+
+
+BASE_CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
+def base_config(cfg: RunConfig) -> RunConfig | None:
+    """The run config that `model.pretrained` names when it is a vaedyn config file (.yaml/.yml):
+    the model is that run's `final/`, built by vaedyn itself. None for any other source."""
+    source = cfg.model.pretrained
+    if not source or not source.endswith(BASE_CONFIG_SUFFIXES):
+        return None
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise VaedynError(
+            f"model.pretrained {source}: no such config file (a .yaml names the vaedyn run config whose final/ "
+            "model to start from); fix the path, relative to the folder you run vaedyn in"
+        )
+    base = load_config(path)
+    if base_config(base) is not None:
+        raise VaedynError(f"model.pretrained {source} names a config whose model.pretrained is a config too; "
+                          "build the base model from a preset or from weights")
+    return base
+
+
+BASE_READY, BASE_BUILD, BASE_RESUME, BASE_REBUILD = "ready", "build", "resume", "rebuild"
+
+
+def base_status(cfg: RunConfig) -> tuple[RunConfig, str] | None:
+    """The base run config that `model.pretrained` names and what its run folder needs: `ready`
+    (its final/ was built from exactly this config), `resume` (interrupted after a checkpoint),
+    `rebuild` (built from other settings), `build` (anything else). None when it names no config."""
+    base = base_config(cfg)
+    if base is None:
+        return None
+    built_from = base.run_dir / artifacts.FINAL_DIR / artifacts.RUN_CONFIG_IN_CHECKPOINT
+    if built_from.is_file():
+        stored = config_from_text(inputs.read_text(built_from, "stored config"), str(built_from))
+        return base, BASE_READY if stored.model_dump(mode="json") == base.model_dump(mode="json") else BASE_REBUILD
+    return base, BASE_RESUME if artifacts.latest_checkpoint(base.run_dir) is not None else BASE_BUILD
+
+
+def base_train_flags(base: RunConfig, status: str) -> list[str]:
+    """The `vaedyn train -c BASE` flags that bring a base run folder to `ready`."""
+    if status == BASE_RESUME:
+        return ["--resume", "latest"]
+    return ["--overwrite"] if status == BASE_REBUILD or base.run_dir.exists() else []
+
+
+def ensure_base_model(cfg: RunConfig) -> RunConfig:
+    """`cfg` with `model.pretrained` pointing at the model it names: a base run config's `final/`
+    (under that config's output_dir and run_name), trained first when it is not there (resumed
+    from its latest checkpoint after an interruption, rebuilt when it was built from other
+    settings), so the embedded experiment needs no download and every run of a study starts from
+    the same weights. Any other source is returned as it is."""
+    found = base_status(cfg)
+    if found is None:
+        return cfg
+    base, status = found
+    final = base.run_dir / artifacts.FINAL_DIR
+    source = cfg.model.pretrained
+    if status == BASE_READY:
+        log.info("base model %s (from %s)", final, source)
+        return _with_pretrained(cfg, final)
+    if status == BASE_REBUILD:
+        log.warning("%s was built from other settings than %s: rebuilding it", final, source)
+    elif status == BASE_RESUME:
+        log.info("finishing the base model %s from its latest checkpoint (%s)", base.run_dir, source)
+    else:
+        log.info("building the base model %s from %s (once; later runs reuse it)", base.run_dir, source)
+    flags = base_train_flags(base, status)
+    train(base, resume="latest" if "--resume" in flags else None, overwrite="--overwrite" in flags)
+    return _with_pretrained(cfg, final)
+
+
+def _with_pretrained(cfg: RunConfig, folder: Path) -> RunConfig:
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": str(folder)})})
 
 
 def interrupt_hint(cfg: RunConfig, command: str) -> str:

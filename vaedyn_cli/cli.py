@@ -268,7 +268,8 @@ def eval_cmd(
         list[str] | None,
         typer.Option(
             "--grids",
-            help="Activation grid and linear lens of this GroupNorm layer (module path or glob; repeatable): "
+            help="Activation grid and linear lens of this layer (a module path: any module with feature maps, "
+            "e.g. a GroupNorm or a conv_shortcut; or a glob over track.module_types; repeatable): "
             "grid-LAYER.png, lens-LAYER.png and a `grids` section in metrics.json.",
         ),
     ] = None,

@@ -1,17 +1,23 @@
-"""Probes on any module (convs, linears, inputs) and the optional statistics:
+"""Probes on any module (convs, linears, inputs), the optional statistics, and interval pooling:
 statistics against torch computed directly on the tensors the modules saw."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from tests.conftest import TINY_WIDTH
-from vaedyn_cli.config import NearZeroConfig, TrackConfig
+from tests.conftest import TINY_WIDTH, Crash, crash_at, tiny_config_dict
+from vaedyn_cli import artifacts, store
+from vaedyn_cli import train as train_mod
+from vaedyn_cli.config import NearZeroConfig, RunConfig, TrackConfig
 from vaedyn_cli.model import build_preset
 from vaedyn_cli.probes import ChannelProbes
+from vaedyn_cli.tracker import Tracker
 
 RTOL, ATOL = 1e-5, 1e-6
 OFF = NearZeroConfig(enabled=False)
@@ -146,3 +152,112 @@ def test_in_weight_grad_of_a_norm_is_its_producers_filter():
     np.testing.assert_allclose(rec.channels["in_weight_grad"][: first.channels], g.abs().mean((1, 2, 3)).numpy(),
                                rtol=1e-6)
     assert np.isnan(rec.channels["in_weight_grad"][second.offset:]).all()  # reads a residual sum: no filter
+
+
+# ---------------------------------------------------------------------------------------------
+# interval pooling
+
+
+class Loop:
+    """The Tracker driven as vaedyn's loop drives it, with every forward's GroupNorm outputs kept."""
+
+    def __init__(self, tmp_path: Path, **track) -> None:
+        cfg = RunConfig.model_validate(tiny_config_dict(tmp_path, track={"interval": 2, **track}))
+        self.model = build_preset(TINY_WIDTH, 0)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.5)
+        from accelerate import Accelerator
+
+        ctx = SimpleNamespace(cfg=cfg, accelerator=Accelerator(cpu=True), model=self.model, optimizer=self.opt,
+                              run_dir=tmp_path / "run", resume_step=None, train_loader=None)
+        self.tracker = Tracker(ctx)
+        self.layer = "decoder.up_blocks.3.resnets.0.norm2"
+        self.seen: list[tuple[str, torch.Tensor]] = []
+        self.phase = "train"
+        self.model.get_submodule(self.layer).register_forward_hook(
+            lambda _m, _i, out: self.seen.append((self.phase, out.detach().double())))
+
+    def step(self, step: int, *batches: torch.Tensor) -> None:
+        t = self.tracker
+        t.begin_step(step)
+        for x in batches:
+            self.model(x).sample.square().mean().backward()
+        t.after_backward(step)
+        self.opt.step()
+        self.opt.zero_grad()
+        t.end_step(step, {"loss": 0.0, "rec_loss": 0.0, "kl_loss": 0.0, "lr": 0.5})
+
+    def validate(self, step: int, x: torch.Tensor) -> None:
+        self.phase = "validation"
+        self.tracker.before_validation(step)
+        with torch.no_grad():
+            self.model(x, sample_posterior=False)
+        self.tracker.on_validation(step, {})
+        self.phase = "train"
+
+    def trace(self) -> tuple[list[int], np.ndarray, np.ndarray]:
+        path = self.tracker.writer.path
+        self.tracker.close()
+        ds = store.open_trace(path)
+        cols = ds["layer"].values == self.layer
+        return ds["step"].values.tolist(), ds["mean_abs"].values[:, cols], ds["std"].values[:, cols]
+
+
+def batches(n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(n, 3, 16, 16, generator=g) * 2 - 1 for _ in range(2)]
+
+
+@pytest.mark.parametrize("pool_validation", [False, True])
+def test_interval_pooling_averages_every_forward_since_the_last_tracked_step(tmp_path, pool_validation):
+    loop = Loop(tmp_path, pooling="interval", pool_validation=pool_validation)
+    calls = []
+    real = loop.tracker.probes.snapshot
+    loop.tracker.probes.snapshot = lambda *a, **k: calls.append(a[0]) or real(*a, **k)
+    b = batches(2, 0)
+    loop.step(1, b[0], b[1][:1])  # two micro-batches of different sizes
+    loop.step(2, b[1])
+    loop.validate(2, b[0][:1])  # after tracked step 2: part of step 4's window (if pooled)
+    loop.step(3, b[0])
+    loop.step(4, b[1][:1])
+    steps, mean_abs, std = loop.trace()
+    assert steps == [2, 4] and calls == [2, 4]  # one host copy per tracked step
+    windows = [[0, 1, 2], [4, 5]]  # indices into loop.seen: steps 1-2; steps 3-4 (3 is the validation)
+    if pool_validation:
+        windows[1] = [3, 4, 5]
+    assert [p for p, _ in loop.seen] == ["train"] * 3 + ["validation"] + ["train"] * 2
+    for row, idx in enumerate(windows):  # every element of every forward in the window counts once
+        y = torch.cat([per_channel(loop.seen[i][1]) for i in idx], dim=1)
+        np.testing.assert_allclose(mean_abs[row], y.abs().mean(1).numpy(), rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(std[row], y.std(1, unbiased=False).numpy(), rtol=RTOL, atol=ATOL)
+
+
+def test_step_pooling_records_the_tracked_steps_forward_only(tmp_path):
+    loop = Loop(tmp_path)
+    b = batches(2, 0)
+    loop.step(1, b[0])
+    loop.step(2, b[1], b[0][:1])
+    loop.validate(2, b[0])
+    steps, mean_abs, _ = loop.trace()
+    y = torch.cat([per_channel(loop.seen[i][1]) for i in (1, 2)], dim=1)
+    assert steps == [2]
+    np.testing.assert_allclose(mean_abs[0], y.abs().mean(1).numpy(), rtol=RTOL, atol=ATOL)
+
+
+def test_a_pooled_run_resumed_mid_window_records_the_same_trace(tmp_path):
+    """Checkpoint at step 3, inside the window of step 4 (its validation pooled too): the resumed
+    run's trace equals the uninterrupted run's bit for bit."""
+    track = {"interval": 2, "pooling": "interval", "pool_validation": True}
+
+    def cfg(name: str) -> RunConfig:
+        return RunConfig.model_validate(tiny_config_dict(tmp_path, run_name=name, track=track))
+
+    whole = train_mod.train(cfg("whole"))
+    crashed = cfg("crashed")
+    with pytest.raises(Crash):
+        train_mod.train(crashed, hooks=(*train_mod.DEFAULT_HOOKS, crash_at(5)))
+    resumed = train_mod.train(crashed, resume="latest")
+    a, b = store.open_trace(whole / artifacts.TRACE_DIR), store.open_trace(resumed / artifacts.TRACE_DIR)
+    assert a["step"].values.tolist() == b["step"].values.tolist() == [2, 4, 6]
+    for name in ("mean", "mean_abs", "std", "in_std", "act_std", "gn_weight", "gn_weight_grad"):
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+    assert "every micro-batch pooled" in a.attrs["step_definition"]

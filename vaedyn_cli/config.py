@@ -190,6 +190,18 @@ class TrackConfig(Section):
         description="`batch`: statistics of the tracked step's training batch (no extra forward); "
         "`probe`: a fixed probe batch in eval mode, no grad.",
     )
+    pooling: Literal["step", "interval"] = Field(
+        "step",
+        description="`step`: a tracked step k records the forwards of step k (all its micro-batches); `interval`: "
+        "every forward of steps k-interval+1 .. k, pooled on the device (the original project's hooks averaged "
+        "every forward since the previous read). Costs about as much as tracking every step (source batch only).",
+    )
+    pool_validation: bool = Field(
+        False,
+        description="With pooling interval: also pool the validation forwards run since the previous tracked step "
+        "(the original project's did: at epoch ends they outnumbered the training forwards). Off: a tracked step "
+        "describes training forwards only.",
+    )
     extra_statistics: list[Literal["act_mean_abs", "in_weight_grad"]] = Field(
         default_factory=list,
         description="Statistics recorded besides the default set, each a pass per tracked step: `act_mean_abs` "
@@ -218,6 +230,13 @@ class TrackConfig(Section):
         "at once). Each such commit rewrites the open chunk of every variable (about 0.2 s of CPU at width 1).",
     )
 
+    @model_validator(mode="after")
+    def _pooling_fits(self) -> TrackConfig:
+        if self.pooling == "interval" and self.source != "batch":
+            raise ValueError("track.pooling interval pools training forwards: it needs track.source batch")
+        if self.pool_validation and self.pooling != "interval":
+            raise ValueError("track.pool_validation needs track.pooling interval")
+        return self
 
 
 class ClassifyConfig(Section):

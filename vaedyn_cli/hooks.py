@@ -32,6 +32,9 @@ class TrainHook:
         """After optimizer.step, scheduler.step and zero_grad. `scalars` (loss, rec_loss, kl_loss, lr:
         this process's means over the step's micro-batches) is computed on first access (one device sync)."""
 
+    def before_validation(self, step: int) -> None:
+        """Before a validation pass (after end_step of `step`)."""
+
     def on_validation(self, step: int, metrics: dict[str, float]) -> None:
         """After a validation pass (metrics: val_rec_loss, val_kl_loss, over all processes)."""
 

@@ -521,6 +521,23 @@ class ChannelProbes:
         if accelerator is not None and int(accelerator.num_processes) > 1:
             self.reduced.copy_(accelerator.reduce(self.reduced, reduction="sum"))
 
+    @property
+    def host_counts(self) -> np.ndarray:
+        """Element counts (2, layers) of the forwards measured since `reset`, not yet in the buffer."""
+        return self._host_counts
+
+    def collect(self, accelerator: Any) -> None:
+        """Sum the sums and counts measured so far over the processes onto the main process (the
+        others start again from zero): an open pooled window as one process would hold it."""
+        self._stage_counts()
+        self.reduced.copy_(accelerator.reduce(self.reduced, reduction="sum"))
+        if accelerator.is_main_process:
+            self._host_counts[:] = self.counts.cpu().numpy()
+        else:
+            self.reduced.zero_()
+            self._host_counts[:] = 0
+        self.counts.zero_()
+
     def _stage_counts(self) -> None:
         """Host counts -> device buffer; on CUDA through pinned memory without a host sync."""
         host = torch.from_numpy(self._host_counts).to(self.counts.dtype)

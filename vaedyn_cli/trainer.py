@@ -339,6 +339,8 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Mean reconstruction MSE and KL over the validation split (posterior mode, all processes)."""
         self.check_finite()
+        for hook in self.hooks:
+            hook.before_validation(self.state.global_step)
         self.vae.eval()
         recs, kls = [], []
         try:

@@ -305,7 +305,8 @@ def classify_cmd(
         str, typer.Argument(help="Trace store, run folder (its trace.zarr), or - to read the path from stdin.")
     ],
     method: Annotated[
-        str | None, typer.Option("--method", help="dormancy or mean_abs_threshold (default: the store's config).")
+        str | None, typer.Option("--method", help="dormancy, mean_abs_threshold, redo, grama, grama_filter or cbp "
+                                 "(default: the store's config; see `vaedyn config show --comments`).")
     ] = None,
     tau: Annotated[float | None, typer.Option("--tau", help="dormancy: dormant when score <= tau.")] = None,
     threshold: Annotated[

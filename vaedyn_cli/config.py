@@ -242,12 +242,15 @@ class TrackConfig(Section):
 class ClassifyConfig(Section):
     """How channels are labelled from a trace (docs/design.md: activity, state, trajectory, mechanism)."""
 
-    method: Literal["dormancy", "mean_abs_threshold"] = Field(
+    method: Literal["dormancy", "mean_abs_threshold", "redo", "grama", "grama_filter", "cbp"] = Field(
         "dormancy",
-        description="`dormancy`: ReDo-style score = activity / mean activity of its layer; "
-        "`mean_abs_threshold`: the original project's rule, mean |output| < threshold.",
+        description="`dormancy`: std of the activation / its layer's mean; `mean_abs_threshold`: the original "
+        "project's rule, mean |output| < threshold; `redo` (Sokar et al. 2023): mean |activation| / its layer's mean; "
+        "`grama` (Liu et al. 2025): |grad gamma| / its layer's mean; `grama_filter`: the same with the incoming "
+        "filter's mean |grad|; `cbp` (Dohare et al. 2024): mean |activation| x L1 norm of the outgoing weights / "
+        "its layer's mean. Relative scores are dormant at <= tau (see vaedyn_cli/classification.py).",
     )
-    tau: float = Field(0.1, ge=0, description="Dormant when the dormancy score is at most tau.")
+    tau: float = Field(0.1, ge=0, description="Dormant when a relative method's score is at most tau.")
     dead_threshold: float = Field(1e-6, ge=0, description="Dead when activity is at most this, in absolute terms.")
     threshold: float = Field(0.2, ge=0, description="Threshold of `mean_abs_threshold` on mean |output|.")
     min_persist: int = Field(

@@ -261,3 +261,81 @@ def test_a_pooled_run_resumed_mid_window_records_the_same_trace(tmp_path):
     for name in ("mean", "mean_abs", "std", "in_std", "act_std", "gn_weight", "gn_weight_grad"):
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
     assert "every micro-batch pooled" in a.attrs["step_definition"]
+
+
+class _TwoProcesses:
+    """Stands in for accelerate under 2 processes: `reduce` returns the all-reduced sum (computed by
+    the test from both processes' buffers, as the collective would)."""
+
+    num_processes = 2
+
+    def __init__(self, total: torch.Tensor, rank: int) -> None:
+        self.total, self.is_main_process = total, rank == 0
+
+    def reduce(self, t: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        assert reduction == "sum" and t.shape == self.total.shape
+        return self.total.clone()
+
+
+def test_a_window_collected_at_a_checkpoint_sums_the_processes_onto_the_main_one():
+    """WindowState under several processes: at a checkpoint the open window is summed onto the main
+    process (the others restart from zero), so the tracked step still holds all processes' forwards."""
+    model = build_preset(TINY_WIDTH, 0)
+    cfg = TrackConfig(layers=["decoder.up_blocks.3.*"], near_zero=OFF)
+    single, ranks = ChannelProbes(model, cfg), [ChannelProbes(model, cfg), ChannelProbes(model, cfg)]
+    xs = batches(2, 3) + batches(2, 4)  # forwards of process 0, 1 before the checkpoint, 0, 1 after it
+    for p in (single, *ranks):
+        p.reset()
+
+    def forward(p: ChannelProbes, x: torch.Tensor) -> None:
+        p.arm()
+        with torch.no_grad():
+            model(x)
+        p.disarm()
+        p.fold()
+
+    for x in xs:
+        forward(single, x)
+    forward(ranks[0], xs[0])
+    forward(ranks[1], xs[1])
+    for p in ranks:  # what the all-reduce sums: both processes' sums and counts
+        p._stage_counts()
+    total = sum(p.reduced.clone() for p in ranks)
+    for rank, p in enumerate(ranks):
+        p.collect(_TwoProcesses(total, rank))
+    assert ranks[1].host_counts.sum() == 0 and not ranks[1].sums.any()
+    forward(ranks[0], xs[2])
+    forward(ranks[1], xs[3])
+    for p in ranks:
+        p._stage_counts()
+    summed = sum(p.reduced.clone() for p in ranks)
+    single.finish()
+    np.testing.assert_allclose(summed.numpy(), single.reduced.numpy(), rtol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_pooled_steps_copy_nothing_to_the_host_between_tracked_steps():
+    """An untracked step of a pooled interval (arm, forward, backward, disarm, fold) on the GPU makes
+    no device-to-host copy; the tracked step copies once."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = build_preset(TINY_WIDTH, 0).cuda()
+    probes = ChannelProbes(model, TrackConfig())
+    x = (torch.rand(3, 3, 16, 16) * 2 - 1).cuda()
+
+    def pooled_step() -> None:
+        probes.arm()
+        model(x).sample.mean().backward()
+        probes.disarm()
+        probes.fold()
+
+    probes.reset()
+    pooled_step()  # warm up the caches (columns, groups)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        pooled_step()
+        torch.cuda.synchronize()
+    copies = [e.name for e in prof.events() if "DtoH" in e.name.replace(" ", "") or "DeviceToHost" in e.name]
+    assert copies == []
+    probes.finish()
+    assert np.isfinite(probes.snapshot(2).resolve().channels["std"]).all()

@@ -135,3 +135,16 @@ def test_a_version_1_store_opens_classifies_and_reports(tmp_path: Path, cli):
     report = Path(res.stdout.strip())
     summary = json.loads((report / "summary.json").read_text())
     assert summary["schema_version"] == 1 and (report / "dormant_counts.png").is_file()
+
+
+def test_an_in_training_nudge_refuses_a_rule_its_trace_would_not_record(tmp_path: Path, cli):
+    import yaml
+
+    from tests.conftest import tiny_config_dict
+
+    cfg = tmp_path / "redo.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config_dict(tmp_path, classify={"method": "redo"}, nudge={"enabled": True, "every": 2})))
+    res = cli("train", "-c", cfg)
+    assert res.exit_code == 2 and res.stdout == ""
+    assert "track.extra_statistics=[act_mean_abs]" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()

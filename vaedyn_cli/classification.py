@@ -209,6 +209,7 @@ class Method:
 
     name: str
     statistic: Callable[[_Chunk, int, int], np.ndarray]  # (steps, channels) of one layer's segment
+    needs: tuple[str, ...]  # the trace variables it may read
     relative: bool  # score = s / layer mean of s, dormant at <= tau; else dormant at s < threshold
     dead: bool  # `dead` when s <= dead_threshold (s an activation scale)
 
@@ -216,14 +217,22 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def method(name: str, *, relative: bool = True, dead: bool = True) -> Callable[[Callable], Callable]:
+def method(name: str, needs: tuple[str, ...], *, relative: bool = True,
+           dead: bool = True) -> Callable[[Callable], Callable]:
     """Register a method by name (also list it in ClassifyConfig.method)."""
 
     def register(fn: Callable[[_Chunk, int, int], np.ndarray]) -> Callable[[_Chunk, int, int], np.ndarray]:
-        METHODS[name] = Method(name, fn, relative, dead)
+        METHODS[name] = Method(name, fn, tuple(needs), relative, dead)
         return fn
 
     return register
+
+
+def unrecorded_statistics(name: str, extra: Sequence[str]) -> list[str]:
+    """The optional statistics (store.OPTIONAL_CHANNEL_VARS) a method reads that a trace recording
+    `extra` (track.extra_statistics) would lack: checked before training, so that an in-training
+    nudge does not fail at its first step."""
+    return [v for v in get_method(name).needs if v in store_mod.OPTIONAL_CHANNEL_VARS and v not in extra]
 
 
 def get_method(name: str) -> Method:
@@ -241,24 +250,24 @@ def _as_recorded(name: str) -> Callable[[_Chunk, int, int], np.ndarray]:
     return statistic
 
 
-@method("dormancy")
+@method("dormancy", ("act_std", "std"))
 def _dormancy(c: _Chunk, start: int, end: int) -> np.ndarray:
     return c.of_h("act_std", "std", start, end)
 
 
-method("mean_abs_threshold", relative=False)(_as_recorded("mean_abs"))
+method("mean_abs_threshold", ("mean_abs",), relative=False)(_as_recorded("mean_abs"))
 
 
-@method("redo")
+@method("redo", ("act_mean_abs", "mean_abs"))
 def _redo(c: _Chunk, start: int, end: int) -> np.ndarray:
     return c.of_h("act_mean_abs", "mean_abs", start, end)
 
 
-method("grama", dead=False)(_as_recorded("gn_weight_grad"))
-method("grama_filter", dead=False)(_as_recorded("in_weight_grad"))
+method("grama", ("gn_weight_grad",), dead=False)(_as_recorded("gn_weight_grad"))
+method("grama_filter", ("in_weight_grad",), dead=False)(_as_recorded("in_weight_grad"))
 
 
-@method("cbp", dead=False)
+@method("cbp", ("act_mean_abs", "mean_abs", "out_weight_l1"), dead=False)
 def _cbp(c: _Chunk, start: int, end: int) -> np.ndarray:
     return c.of_h("act_mean_abs", "mean_abs", start, end) * c.latest("out_weight_l1", start, end)
 

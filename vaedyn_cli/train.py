@@ -74,6 +74,20 @@ def _flat_config(cfg: RunConfig) -> dict[str, Any]:
     return flat
 
 
+def _check_nudge_rule(cfg: RunConfig) -> None:
+    """An in-training nudge classifies the live trace: it must record what classify.method reads."""
+    if not cfg.nudge.enabled:
+        return
+    from vaedyn_cli.classification import unrecorded_statistics
+
+    missing = unrecorded_statistics(cfg.classify.method, cfg.track.extra_statistics)
+    if missing:
+        raise VaedynError(
+            f"classify.method {cfg.classify.method} (the in-training nudge's rule) reads {', '.join(missing)}, which "
+            f"the trace records only when asked: set track.extra_statistics=[{', '.join(missing)}]"
+        )
+
+
 def _check_output_dir(run_dir: Path) -> None:
     """The run folder can be made: no existing file stands where it or a folder above it goes."""
     for path in (run_dir, *run_dir.parents):
@@ -159,6 +173,7 @@ def train(
         )
     _check_output_dir(run_dir)
     _check_report_to(cfg.log.report_to)
+    _check_nudge_rule(cfg)
     resume_dir = _resolve_resume(cfg, resume)
     resume_step = artifacts.parse_step(resume_dir.name) if resume_dir is not None else None
     finished = (run_dir / artifacts.FINAL_DIR).is_dir() or (resume_step or 0) > (cfg.train.max_steps or 0)

@@ -13,14 +13,15 @@ import torch
 
 
 def make_tracker(model: torch.nn.Module, opt: torch.optim.Optimizer, acc: Any, run_dir: Path, *, width: float,
-                 interval: int, near_zero: bool = True) -> Any:
-    """A Tracker over `model` recording every `interval` steps into run_dir's trace store."""
+                 interval: int, near_zero: bool = True, pooling: str = "step") -> Any:
+    """A Tracker over `model` recording every `interval` steps into run_dir's trace store (with
+    `pooling` interval: every step's forwards pooled into the tracked step's)."""
     from vaedyn_cli.config import RunConfig
     from vaedyn_cli.tracker import Tracker
 
     cfg = RunConfig.model_validate({
         "model": {"width": width},
-        "track": {"interval": interval, "near_zero": {"enabled": near_zero}},
+        "track": {"interval": interval, "near_zero": {"enabled": near_zero}, "pooling": pooling},
         "log": {"report_to": "none"},
     })
     ctx = SimpleNamespace(cfg=cfg, accelerator=acc, model=model, optimizer=opt, run_dir=run_dir,

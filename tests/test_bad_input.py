@@ -566,8 +566,8 @@ def classify_missing_store(tmp: Path, base: Base) -> Bad:
 @case
 def classify_other_schema_version(tmp: Path, base: Base) -> Bad:
     store = copy_run(tmp, base) / artifacts.TRACE_DIR
-    edit_root_attrs(store, schema_version=2)
-    return Bad(["classify", store], [str(store), "schema_version 2", "reads version 1"])
+    edit_root_attrs(store, schema_version=3)
+    return Bad(["classify", store], [str(store), "schema_version 3", "reads versions 1 and 2"])
 
 
 @case

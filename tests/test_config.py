@@ -40,9 +40,63 @@ def test_original_hyperparameters_ported() -> None:
         True, "gn_scale_nudge", 1.1, 1.5, 20)
     assert (c.classify.method, c.classify.threshold) == ("mean_abs_threshold", 0.2)
     fonts = cm.load_config(ROOT / "configs" / "fonts_nudge.yaml")
-    assert (fonts.nudge.factor, fonts.nudge.every, fonts.data.resolution) == (1.2, 10, 256)
+    assert (fonts.nudge.factor, fonts.nudge.every, fonts.track.interval, fonts.data.resolution) == (1.2, 20, 20, 256)
     test = cm.load_config(ROOT / "configs" / "cifar10_test.yaml")
-    assert (test.data.max_samples, test.data.validation_max_samples, test.train.num_train_epochs) == (100, 50, 1)
+    assert (test.data.max_samples, test.data.validation_max_samples, test.train.num_train_epochs) == (100, 50, 10)
+
+
+# The original experiments as its train.py resolved them (SPEC of olegroshka/vae-channel-dynamics @
+# 60f3390): tracking interval, tracked layers, near-zero (threshold, mode, interval), nudge (factor, period).
+CONV_IN, ENC, DEC0, DEC1 = ("encoder.conv_in", "encoder.down_blocks.0.resnets.0.norm1",
+                            "decoder.up_blocks.0.resnets.0.norm1", "decoder.up_blocks.1.resnets.0.norm1")
+FAITHFUL = {
+    "cifar10_test": (10, [CONV_IN, ENC, DEC0, DEC1], (1e-3, "both", 10), (1.05, 20)),
+    "cifar10_baseline": (10, [CONV_IN, ENC, DEC1], (1e-8, "absolute", 10), None),
+    "cifar10_nudge": (20, [CONV_IN, ENC, DEC1], (1e-8, "absolute", 20), (1.10, 20)),
+    "imagenette_baseline": (20, [CONV_IN, ENC, DEC1], (1e-8, "absolute", 200), None),
+    "imagenette_nudge": (20, [CONV_IN, ENC, DEC1], (1e-8, "absolute", 200), (1.10, 20)),
+    "fonts_baseline": (10, [CONV_IN, ENC, DEC1], (1e-8, "absolute", 10), None),
+    "fonts_nudge": (20, [CONV_IN, ENC, DEC1], (1e-8, "absolute", 20), (1.20, 20)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAITHFUL))
+def test_faithful_copies_of_the_original_experiments(name: str) -> None:
+    interval, layers, (threshold, mode, nz_interval), nudge = FAITHFUL[name]
+    c = cm.load_config(ROOT / "configs" / f"{name}.yaml")
+    t = c.track
+    assert (t.interval, t.layers, t.module_types, t.capture) == (interval, layers, ["GroupNorm", "Conv2d"], "output")
+    assert (t.pooling, t.pool_validation, t.weight_interval) == ("interval", True, nz_interval)
+    assert (t.near_zero.params, t.near_zero.mode, t.near_zero.abs_threshold) == ("all", mode, threshold)
+    assert (c.data.do_validation, c.train.validation_unit, c.train.validation_interval) == (True, "epoch", 1)
+    assert c.nudge.enabled == (nudge is not None)
+    if nudge is not None:  # classified and nudged: the two resnet norm1 layers, at mean |y| < 0.2, moments kept
+        assert (c.nudge.factor, c.nudge.every, c.nudge.window, c.nudge.max_scale) == (*nudge, 1, 1.5)
+        assert c.nudge.select == ["state=dormant,dead", f"layer={ENC},{DEC1}"]
+        assert (c.classify.method, c.classify.threshold, c.classify.min_persist) == ("mean_abs_threshold", 0.2, 1)
+        assert c.nudge.reset_optimizer_state is False
+    ext = cm.load_config(ROOT / "configs" / f"{name}_all.yaml") if name != "cifar10_test" else None
+    if ext is not None:  # the extension differs in scope only
+        assert ext.track.layers == [CONV_IN, "*norm*"]
+        assert ext.nudge.select == (["state=dormant,dead"] if nudge is not None else c.nudge.select)
+        same = c.model_copy(update={"run_name": ext.run_name, "track": ext.track, "nudge": ext.nudge})
+        assert same.model_dump() == ext.model_dump()
+        assert ext.track.model_copy(update={"layers": layers}) == t
+    assert "Reproduces the original study's" in (ROOT / "configs" / f"{name}.yaml").read_text()
+
+
+def test_faithful_tracked_layers_on_the_model() -> None:
+    """On the SDXL architecture the faithful files track exactly the named modules, the extensions
+    conv_in and every GroupNorm."""
+    from tests.conftest import TINY_WIDTH
+    from vaedyn_cli.model import build_preset
+    from vaedyn_cli.probes import select_layers
+
+    model = build_preset(TINY_WIDTH, 0)
+    faithful = cm.load_config(ROOT / "configs" / "cifar10_nudge.yaml").track
+    assert [la.name for la in select_layers(model, faithful)] == [CONV_IN, ENC, DEC1]
+    every = select_layers(model, cm.load_config(ROOT / "configs" / "cifar10_nudge_all.yaml").track)
+    assert len(every) == 53 and [la.module_type for la in every].count("GroupNorm") == 52
 
 
 def test_round_trip_through_yaml(tmp_path: Path) -> None:

@@ -86,8 +86,10 @@ def test_layer_activations_shape_and_label(model: torch.nn.Module, images: torch
     assert acts.maps.shape == (2, 16, 8, 8) and acts.what == "silu(GroupNorm output)"
     attn = lens.layer_activations(model, images[:2], "encoder.mid_block.attentions.0.group_norm")
     assert attn.maps.shape == (2, 32, 2, 2) and attn.what == "GroupNorm output"
-    with pytest.raises(VaedynError, match="not a GroupNorm"):
-        lens.layer_activations(model, images[:2], "decoder.conv_out")
+    conv = lens.layer_activations(model, images[:2], "decoder.conv_out")  # any module: its raw output
+    assert conv.maps.shape == (2, 3, 16, 16) and conv.what == "Conv2d output"
+    shortcut = lens.layer_activations(model, images[:2], "encoder.down_blocks.1.resnets.0.conv_shortcut", "input")
+    assert shortcut.maps.shape == (2, 8, 8, 8) and shortcut.what == "Conv2d input"
     with pytest.raises(VaedynError, match="not a module of the model"):
         lens.layer_activations(model, images[:2], "decoder.nope")
 

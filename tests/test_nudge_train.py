@@ -85,12 +85,14 @@ def gn_weight(trace, step: int, layer: str, c: int) -> float:
 
 
 def test_original_rule_nudges_under_the_mean_abs_threshold(tmp_path, hooks) -> None:
-    """configs/cifar10_nudge.yaml's classify and nudge sections (window 1), every 2 steps: each nudge
-    touches exactly the channels whose mean |output| is under 0.2 at that step, gamma <- min(1.1 gamma,
-    1.5); the next tracked step shows the new gamma; Adam moments of those slices are zero."""
-    original = load_config(CONFIGS / "cifar10_nudge.yaml")
+    """configs/cifar10_nudge_all.yaml's classify and nudge sections (the original's rule and nudge on
+    every GroupNorm; window 1), every 2 steps: each nudge touches exactly the channels whose mean
+    |output| is under 0.2 at that step, gamma <- min(1.1 gamma, 1.5); the next tracked step shows the
+    new gamma; the Adam moments of those slices are kept, as the original kept them."""
+    original = load_config(CONFIGS / "cifar10_nudge_all.yaml")
     assert (original.nudge.window, original.classify.method, original.classify.threshold) == (1, "mean_abs_threshold", 0.2)
     assert (original.nudge.strategy, original.nudge.factor, original.nudge.max_scale) == ("gn_scale_nudge", 1.1, 1.5)
+    assert original.nudge.reset_optimizer_state is False
     cfg = nudge_cfg(tmp_path, "original", classify=original.classify.model_dump(),
                     nudge={**original.nudge.model_dump(), "every": 2}, log={"report_to": "tensorboard"})
     seen: list[Moments] = []
@@ -111,9 +113,7 @@ def test_original_rule_nudges_under_the_mean_abs_threshold(tmp_path, hooks) -> N
             if step < 4:  # the next tracked step starts from the nudged gamma
                 assert gn_weight(trace, step + 1, r["layer"], r["channel_index"]) == pytest.approx(r["after"], abs=0)
             moments = seen[0].seen[step][r["layer"]]
-            assert moments["exp_avg"][r["channel_index"]] == 0 and moments["exp_avg_sq"][r["channel_index"]] == 0
-        untouched = seen[0].seen[step]["decoder.conv_norm_out"]["exp_avg_sq"]
-        assert bool((untouched > 0).all())
+            assert moments["exp_avg_sq"][r["channel_index"]] > 0  # kept, not zeroed
     # the gentle nudge is a product: a gamma planted at 0 (moved ~lr by Adam) stays under the threshold
     zero = [r for r in rows if (r["layer"], r["channel_index"]) == ("decoder.up_blocks.2.resnets.1.norm2", 1)]
     assert [r["step"] for r in zero] == [2, 4]

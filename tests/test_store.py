@@ -230,9 +230,9 @@ def test_bad_stores_give_one_line_errors(tmp_path):
 
     path = write(tmp_path / "t.zarr", [record(1)])
     meta = json.loads((path / "zarr.json").read_text())
-    meta["attributes"]["schema_version"] = 2
+    meta["attributes"]["schema_version"] = 3
     (path / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(VaedynError, match="schema_version 2"):
+    with pytest.raises(VaedynError, match="schema_version 3.*reads versions 1 and 2"):
         store.open_trace(path)
 
     path = write(tmp_path / "t2.zarr", [record(1)])

@@ -116,11 +116,13 @@ def test_every_statistic_equals_a_direct_computation():
         attr = layer.name.rpartition(".")[2]
         if attr == "group_norm":
             reader = torch.cat([parent.to_q.weight, parent.to_k.weight, parent.to_v.weight]).detach().double()
-            want = reader.square().sum(0).sqrt()
+            want, want_l1 = reader.square().sum(0).sqrt(), reader.abs().sum(0)
         else:
             conv = {"norm1": "conv1", "norm2": "conv2", "conv_norm_out": "conv_out"}[attr]
-            want = getattr(parent, conv).weight.detach().double().square().sum((0, 2, 3)).sqrt()
+            reader = getattr(parent, conv).weight.detach().double()
+            want, want_l1 = reader.square().sum((0, 2, 3)).sqrt(), reader.abs().sum((0, 2, 3))
         np.testing.assert_allclose(rec.channels["out_weight_norm"][cols], want.numpy(), rtol=RTOL)
+        np.testing.assert_allclose(rec.channels["out_weight_l1"][cols], want_l1.numpy(), rtol=RTOL)
 
     off = next(layer.offset for layer in probes.layers if layer.module is dead) + 5
     assert rec.channels["std"][off] == 0 and rec.channels["mean"][off] == 0 and rec.channels["mean_abs"][off] == 0
@@ -169,11 +171,51 @@ def test_near_zero_modes_on_known_weights():
     absolute = near_zero_fractions([w], NearZeroConfig(mode="absolute", abs_threshold=1e-5))
     relative = near_zero_fractions([w], NearZeroConfig(mode="percent_of_mean", rel_threshold=0.01))
     both = near_zero_fractions([w], NearZeroConfig(mode="both", abs_threshold=1e-6, rel_threshold=1e-3))
-    absolute_only = near_zero_fractions([w], NearZeroConfig(mode="both", abs_threshold=1e-5, rel_threshold=1e-6))
     assert absolute.tolist() == [3 / 8]  # 0, 1e-7, -5e-6
     assert relative.tolist() == [5 / 8]  # below 4.4e-3: also 2e-4 and -1e-3
-    assert both.tolist() == [4 / 8]  # below 1e-6 or below 4.4e-4: 0, 1e-7, -5e-6, 2e-4
-    assert absolute_only.tolist() == [3 / 8]  # the absolute threshold is the larger one here
+    assert both.tolist() == [2 / 8]  # below 1e-6 AND below 4.4e-4: 0 and 1e-7 (the original project's AND)
+
+
+# The original project's settings of cifar10_test (abs 1e-3, rel 0.1) on hand-made tensors: share of
+# near-zero entries per mode, worked out by hand (SPEC: the original's deadneuron.py).
+NEAR_ZERO_VECTORS = [
+    # tensor, absolute, percent_of_mean, both
+    ([0.0, 0.0, 0.0, 0.0], 1.0, 1.0, 1.0),  # all zero: all near zero in every mode
+    ([0.0, 1e-4, 0.5, 1.0], 0.5, 0.5, 0.5),  # m = 0.375025, 0.1 m = 0.0375: 0 and 1e-4
+    ([1e-6] * 4, 1.0, 0.0, 0.0),  # 1e-6 < 1e-3, but not < 0.1 m = 1e-7: AND gives 0
+    ([0.0, 0.0, 0.0, 1e-10], 1.0, 1.0, 1.0),  # m = 2.5e-11 < 1e-9: entries < 1e-9 count
+    ([0.0, 0.0, 0.0, 2e-9], 1.0, 0.75, 0.75),  # m = 5e-10 < 1e-9: 3 entries < 1e-9 (the original: 0 for pom)
+    ([0.001, 0.002, 1.0, 1.0], 0.0, 0.5, 0.0),  # 0.001 is not < 1e-3 (strict); 0.1 m = 0.050075
+]
+
+
+@pytest.mark.parametrize(("values", "absolute", "relative", "both"), NEAR_ZERO_VECTORS)
+def test_near_zero_vectors_of_the_original_settings(values, absolute, relative, both):
+    w = torch.tensor(values)
+    got = [near_zero_fractions([w], NearZeroConfig(mode=m, abs_threshold=1e-3, rel_threshold=0.1)).item()
+           for m in ("absolute", "percent_of_mean", "both")]
+    assert got == [absolute, relative, both]
+
+
+def test_near_zero_comparisons_are_strict_at_the_threshold():
+    # thresholds exact in float32: an entry equal to the threshold is not near zero
+    assert near_zero_fractions([torch.tensor([0.5, 0.25, 1.0, 2.0])],
+                               NearZeroConfig(mode="absolute", abs_threshold=0.5)).item() == 0.25
+    # m = 1, rel 0.5: threshold 0.5; 0.5 is not below it, 0.25 is
+    pom = NearZeroConfig(mode="percent_of_mean", rel_threshold=0.5)
+    assert near_zero_fractions([torch.tensor([0.5, 1.5])], pom).item() == 0.0
+    assert near_zero_fractions([torch.tensor([0.25, 1.75])], pom).item() == 0.5
+
+
+def test_near_zero_tracks_every_parameter_or_the_weights():
+    model = tiny_model()
+    all_params = ChannelProbes(model, TrackConfig()).layout.params
+    weights = ChannelProbes(model, TrackConfig(near_zero=NearZeroConfig(params="weights"))).layout.params
+    # the SDXL VAE: 64 conv weights + 64 conv biases, 52 GroupNorm weights + biases, 8 linear weights + biases
+    assert len(all_params) == 248 and len(weights) == 72
+    assert all_params == tuple(n for n, _ in model.named_parameters())
+    assert {"decoder.conv_norm_out.weight", "decoder.conv_norm_out.bias", "encoder.conv_in.bias"} <= set(all_params)
+    assert all(n.endswith(".weight") and "norm" not in n for n in weights)
 
 
 def test_hooks_exist_only_while_armed():
@@ -262,10 +304,13 @@ def test_layer_selection():
                          "decoder.up_blocks.3.resnets.0.norm2"]
     assert len(names) == 7 and probes.n_channels == 32 + 16 + 5 * 8
     assert probes.layout.part[0] == "encoder" and probes.layout.part[-1] == "decoder"
-    with pytest.raises(VaedynError, match="match no layer"):
+    with pytest.raises(VaedynError, match="match no module"):
         ChannelProbes(model, TrackConfig(layers=["decoder.nothing.*"]))
-    with pytest.raises(VaedynError, match="not a normalisation layer"):
-        ChannelProbes(model, TrackConfig(module_types=["Conv2d"]))
+    convs = ChannelProbes(model, TrackConfig(module_types=["Conv2d"]))  # any module with channels
+    assert len(convs.layers) == 64 and {layer.module_type for layer in convs.layers} == {"Conv2d"}
+    # a SiLU shared by norm1 (8 channels) and norm2 (16 channels) of a widening resnet has no fixed width
+    with pytest.raises(VaedynError, match="no fixed channel count"):
+        ChannelProbes(model, TrackConfig(layers=["encoder.down_blocks.1.resnets.0.nonlinearity"], module_types=["SiLU"]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +334,7 @@ def test_train_run_trace_has_one_step_per_interval(trained):
     assert ds.attrs["source"] == "train" and ds.attrs["run_name"] == "tiny" and ds.attrs["committed_steps"] == 3
     assert json.loads(ds.attrs["config"])["track"]["interval"] == 2
     assert json.loads(ds.attrs["model_config"])["norm_num_groups"] == 2
-    assert ds.sizes["channel"] == 1240 and ds.sizes["param"] == 72  # every conv/linear weight
+    assert ds.sizes["channel"] == 1240 and ds.sizes["param"] == 248  # every parameter tensor
     assert ds["lr"].values.tolist() == [1e-3] * 3  # constant schedule
     assert np.isfinite(ds["loss"].values).all() and np.isfinite(ds["kl_loss"].values).all()
     for name in ("in_std", "mean", "std", "gn_weight", "gn_weight_grad"):

@@ -24,7 +24,14 @@ from vaedyn_cli.errors import VaedynError
 from vaedyn_cli.metrics import METRICS, reconstruction_metrics
 from vaedyn_cli.probes import ChannelProbes
 from vaedyn_cli.randomness import layer_rng
-from vaedyn_cli.selection import Target, check_classification_fits, parse_select, select_targets, store_classification
+from vaedyn_cli.selection import (
+    Target,
+    check_classification_fits,
+    norm_layers,
+    parse_select,
+    select_targets,
+    store_classification,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +121,7 @@ def plan_targets(plan: AblationPlan, model: torch.nn.Module, seed: int, where: s
     """Select the ablated channels and their control on this model (the labels must fit it)."""
     data = plan.classification
     check_classification_fits(data, model, f"from {plan.source}", where)
-    plan.targets = select_targets(data["channels"], plan.select, 1.0, data["layers"])
+    plan.targets = select_targets(data["channels"], plan.select, 1.0, norm_layers(data["layers"], model, "--ablate"))
     if not plan.targets:
         log.warning("--ablate %s selects no channel of %s: nothing ablated, no ablation pass run",
                     " ".join(plan.select), plan.source)

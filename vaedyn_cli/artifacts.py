@@ -40,6 +40,7 @@ MODEL_CONFIG_FILE = "config.json"  # diffusers model config
 STEP_FILE = "vaedyn_step.json"  # {"step": N} in final/ and nudged folders: the global step of the weights
 ACCELERATE_MODEL_FILE = "model.safetensors"  # accelerate.save_state's name for model 0
 TRAINING_STATE_FILE = "vaedyn_state.json"  # TrainState: global step, epoch, position in it (JSON: cannot run code)
+WINDOW_STATE_FILE = "vaedyn_window.safetensors"  # a pooled tracker's open window (tracker.Tracker.save_state)
 LEGACY_TRAINING_STATE_FILE = "custom_checkpoint_0.pkl"  # where vaedyn before 0.2 kept it (a pickle; read safely)
 CUSTOM_STATE_GLOB = "custom_checkpoint_*.pkl"  # accelerate's files of registered objects (vaedyn registers none)
 RANDOM_STATES_GLOB = "random_states_*.pkl"  # accelerate writes one per process

@@ -2,14 +2,29 @@
 
 Definitions (docs/design.md "Activity, state, trajectory, mechanism"), made exact here:
 
-State of a channel at a tracked step (method `dormancy`, the default):
-    activity = `act_std` where an activation follows the norm (`has_activation`), else `std`;
-    score    = activity / mean activity of the channel's layer at that step (ReDo's
-               normalisation on std, so a constant non-zero channel counts as inactive);
-    `dead` when activity <= dead_threshold, else `dormant` when score <= tau, else `active`.
-    Method `mean_abs_threshold` (a fixed threshold on mean |y|): `dormant` when mean_abs <
-    threshold, else `active`; score = mean_abs. A step where the statistic is NaN is not
-    observed: it neither extends nor breaks a run.
+State of a channel at a tracked step. Each method (the METHODS registry; `classify.method`)
+names a per-channel statistic s of the step; a relative method scores it against its layer:
+    score = s / mean of s over the channel's layer at that step (a silent layer scores 0);
+    `dead` when s <= dead_threshold (methods whose s is an activation scale), else `dormant`
+    when score <= tau, else `active`;
+an absolute method compares s itself: `dormant` when s < threshold, else `active`; score = s.
+A step where the statistic is NaN is not observed: it neither extends nor breaks a run. "h" below
+is the post-activation map act(y) where an activation follows the tracked output
+(`has_activation`), else the captured tensor y itself. The methods:
+    `dormancy` (default): s = std of h (`act_std`, else `std`): ReDo's normalisation on std, so a
+        constant non-zero channel counts as inactive;
+    `mean_abs_threshold` (absolute; the original project's rule): s = mean |y| (`mean_abs`);
+    `redo` (Sokar et al. 2023, the tau-dormant neuron): s = mean |h| (`act_mean_abs`, else
+        `mean_abs`);
+    `grama` (Liu et al. 2025, GraMa): s = mean |grad| of the channel's incoming parameters, here
+        its scale gamma: |d loss / d gamma| (`gn_weight_grad`); no dead state;
+    `grama_filter`: the same with the incoming filter's weights (`in_weight_grad`, recorded with
+        track.extra_statistics);
+    `cbp` (Dohare et al. 2024, Continual Backprop's contribution utility): s = mean |h| x the L1
+        norm of the outgoing weights (`out_weight_l1`, the latest recorded value at or before the
+        step within the window: weight statistics are recorded once per track.weight_interval);
+        no dead state. (CBP keeps a running average of the utility over steps; here each tracked
+        step is scored on its own and the persistence filter plays that part.)
 
 Persistence filter (a debounce on inactive = dead or dormant vs active): the filtered state
 starts as the state of the first observed step; it changes only when the raw state has differed
@@ -61,7 +76,7 @@ import fnmatch
 import json
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,34 +203,153 @@ def _read(ds: xr.Dataset, name: str, steps: slice | np.ndarray, pos: np.ndarray)
     return np.asarray(ds[name].isel(step=steps, channel=_indexer(pos)).values, dtype=np.float32)
 
 
-class _Activity:
-    """The activity of a chunk, layer by layer: act_std where an activation follows, else std.
+@dataclass(frozen=True)
+class Method:
+    """A classify method: the per-channel statistic it scores, and how (module docstring)."""
 
-    Each source is read once for the whole chunk (a store chunk spans many layers), then sliced.
-    """
+    name: str
+    statistic: Callable[[_Chunk, int, int], np.ndarray]  # (steps, channels) of one layer's segment
+    needs: tuple[str, ...]  # the trace variables it may read
+    relative: bool  # score = s / layer mean of s, dormant at <= tau; else dormant at s < threshold
+    dead: bool  # `dead` when s <= dead_threshold (s an activation scale)
 
-    def __init__(self, ds: xr.Dataset, ch: Channels, steps: slice | np.ndarray, method: str) -> None:
-        self.ch = ch
-        self.act = self.std = None
-        self.std_from = 0
-        if method == "mean_abs_threshold":
-            self.act = _read(ds, "mean_abs", steps, ch.pos)
-            self.ha = np.ones(ch.n, bool)
-            return
-        self.ha = ch.has_activation
-        if self.ha.any():
-            self.act = _read(ds, "act_std", steps, ch.pos)
-        if not self.ha.all():  # std over whole layers: a layer may mix channels with and without
-            no_act = np.flatnonzero(~self.ha)
-            self.std_from = ch.bounds[ch.seg[no_act[0]]][0]
-            self.std = _read(ds, "std", steps, ch.pos[self.std_from:ch.bounds[ch.seg[no_act[-1]]][1]])
 
-    def segment(self, start: int, end: int) -> np.ndarray:
-        ha = self.ha[start:end]
+METHODS: dict[str, Method] = {}
+
+
+def method(name: str, needs: tuple[str, ...], *, relative: bool = True,
+           dead: bool = True) -> Callable[[Callable], Callable]:
+    """Register a method by name (also list it in ClassifyConfig.method)."""
+
+    def register(fn: Callable[[_Chunk, int, int], np.ndarray]) -> Callable[[_Chunk, int, int], np.ndarray]:
+        METHODS[name] = Method(name, fn, tuple(needs), relative, dead)
+        return fn
+
+    return register
+
+
+def unrecorded_statistics(name: str, extra: Sequence[str]) -> list[str]:
+    """The optional statistics (store.OPTIONAL_CHANNEL_VARS) a method reads that a trace recording
+    `extra` (track.extra_statistics) would lack: checked before training, so that an in-training
+    nudge does not fail at its first step."""
+    return [v for v in get_method(name).needs if v in store_mod.OPTIONAL_CHANNEL_VARS and v not in extra]
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise VaedynError(f"unknown classify method '{name}': choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def _as_recorded(name: str) -> Callable[[_Chunk, int, int], np.ndarray]:
+    """A method whose statistic is one stored variable as it is."""
+
+    def statistic(c: _Chunk, start: int, end: int) -> np.ndarray:
+        return c.block(name, start, end)
+
+    return statistic
+
+
+@method("dormancy", ("act_std", "std"))
+def _dormancy(c: _Chunk, start: int, end: int) -> np.ndarray:
+    return c.of_h("act_std", "std", start, end)
+
+
+method("mean_abs_threshold", ("mean_abs",), relative=False)(_as_recorded("mean_abs"))
+
+
+@method("redo", ("act_mean_abs", "mean_abs"))
+def _redo(c: _Chunk, start: int, end: int) -> np.ndarray:
+    return c.of_h("act_mean_abs", "mean_abs", start, end)
+
+
+method("grama", ("gn_weight_grad",), dead=False)(_as_recorded("gn_weight_grad"))
+method("grama_filter", ("in_weight_grad",), dead=False)(_as_recorded("in_weight_grad"))
+
+
+@method("cbp", ("act_mean_abs", "mean_abs", "out_weight_l1"), dead=False)
+def _cbp(c: _Chunk, start: int, end: int) -> np.ndarray:
+    return c.of_h("act_mean_abs", "mean_abs", start, end) * c.latest("out_weight_l1", start, end)
+
+
+# Where a statistic a method reads comes from, for the message when a trace lacks it.
+_RECORDED_BY = {
+    "act_mean_abs": "track.extra_statistics: [act_mean_abs]",
+    "in_weight_grad": "track.extra_statistics: [in_weight_grad]",
+    "out_weight_l1": "schema version 2",
+}
+
+
+class _Chunk:
+    """The statistics a method reads for one chunk of steps, each variable read once for all the
+    selected channels (a store chunk spans many layers) and sliced layer by layer.
+
+    `carry`: for `latest`, the last finite value of each weight statistic seen in earlier chunks of
+    the same window (classify_trace); None: look back in the trace before the chunk (step_states)."""
+
+    def __init__(self, ds: xr.Dataset, ch: Channels, steps: slice | np.ndarray, method: str,
+                 carry: dict[str, np.ndarray] | None = None) -> None:
+        self.ds, self.ch, self.steps, self.method, self.carry = ds, ch, steps, method, carry
+        self._full: dict[str, np.ndarray] = {}
+        self._plain: dict[str, tuple[int, np.ndarray]] = {}
+
+    def _read(self, name: str, pos: np.ndarray) -> np.ndarray:
+        if name not in self.ds.variables:
+            how = _RECORDED_BY.get(name)
+            hint = f" (recorded with {how})" if how else ""
+            raise VaedynError(f"classify method '{self.method}' needs '{name}', which this trace does not hold{hint}; "
+                              "choose another --method or re-record the trace")
+        return _read(self.ds, name, self.steps, pos)
+
+    def block(self, name: str, start: int, end: int) -> np.ndarray:
+        if name not in self._full:
+            self._full[name] = self._read(name, self.ch.pos)
+        return self._full[name][:, start:end]
+
+    def of_h(self, act: str, plain: str, start: int, end: int) -> np.ndarray:
+        """The statistic of h: `act` where an activation follows, `plain` elsewhere. `plain` is read
+        only over the layers that hold channels without an activation."""
+        ha = self.ch.has_activation[start:end]
         if ha.all():
-            return self.act[:, start:end]
-        std = self.std[:, start - self.std_from:end - self.std_from]
-        return std if not ha.any() else np.where(ha, self.act[:, start:end], std)
+            return self.block(act, start, end)
+        if plain not in self._plain:
+            no_act = np.flatnonzero(~self.ch.has_activation)
+            lo, hi = self.ch.bounds[self.ch.seg[no_act[0]]][0], self.ch.bounds[self.ch.seg[no_act[-1]]][1]
+            self._plain[plain] = (lo, self._read(plain, self.ch.pos[lo:hi]))
+        lo, values = self._plain[plain]
+        other = values[:, start - lo:end - lo]
+        return other if not ha.any() else np.where(ha, self.block(act, start, end), other)
+
+    def latest(self, name: str, start: int, end: int) -> np.ndarray:
+        """A weight statistic (NaN on steps that did not record it) as its latest recorded value at or
+        before each step."""
+        key = f"latest:{name}"
+        if key not in self._full:
+            self._full[key] = self._forward_filled(name)
+        return self._full[key][:, start:end]
+
+    def _forward_filled(self, name: str) -> np.ndarray:
+        if name not in self.ds.variables:
+            self._read(name, self.ch.pos)  # says which method needs it
+        n_total = self.ds.sizes["step"]
+        rows = np.arange(n_total)[self.steps]
+        if self.carry is not None:  # a window read chunk by chunk, in order
+            block = self._read(name, self.ch.pos).copy()
+            prev = self.carry.get(name)
+        elif isinstance(self.steps, slice):
+            block = self._read(name, self.ch.pos).copy()
+            prev = _last(self.ds, name, 0, int(rows[0]), self.ch.pos) if len(rows) else None
+        else:  # arbitrary positions: each from the trace up to it
+            return np.stack([_last(self.ds, name, 0, int(r) + 1, self.ch.pos) for r in rows]) if len(rows) else \
+                np.zeros((0, self.ch.n), np.float32)
+        for i in range(block.shape[0]):
+            row = block[i]
+            if prev is not None:
+                np.copyto(row, prev, where=~np.isfinite(row))
+            prev = row
+        if self.carry is not None and prev is not None:
+            self.carry[name] = prev.copy()
+        return block
 
 
 def _last_observed_rows(finite: np.ndarray) -> np.ndarray:
@@ -228,11 +362,12 @@ def _last_observed_rows(finite: np.ndarray) -> np.ndarray:
 
 def _layer_codes(a: np.ndarray, p: ClassifyConfig, out: np.ndarray) -> np.ndarray:
     """Write the state codes of one layer's activity block `a` (steps, channels) into `out`; return
-    the per-step normaliser of the score (the layer's mean finite activity; 1 for mean_abs_threshold).
+    the per-step normaliser of the score (the layer's mean finite statistic; 1 for an absolute method).
 
-    Compares the activity with tau x layer mean rather than dividing first: no (steps, channels)
+    Compares the statistic with tau x layer mean rather than dividing first: no (steps, channels)
     temporary for the classification's hot loop. Unobserved (NaN) entries are left to the caller."""
-    if p.method == "mean_abs_threshold":
+    m = get_method(p.method)
+    if not m.relative:
         np.less(a, p.threshold, out=out, casting="unsafe")
         return np.ones(a.shape[0], np.float64)
     norm = a.mean(axis=1, dtype=np.float64)  # NaN in any row when a value is missing
@@ -242,6 +377,8 @@ def _layer_codes(a: np.ndarray, p: ClassifyConfig, out: np.ndarray) -> np.ndarra
             norm = np.nanmean(a, axis=1, dtype=np.float64)
     limit = (p.tau * norm).astype(np.float32)[:, None]
     np.less_equal(a, limit, out=out, casting="unsafe")
+    if not m.dead:
+        return norm
     dead = a <= p.dead_threshold
     if (limit >= p.dead_threshold).all():  # then dead implies dormant: 1 + 1 = 2
         out += dead
@@ -261,16 +398,17 @@ def layer_states(activity: np.ndarray, params: ClassifyConfig) -> np.ndarray:
 
 
 def _chunk_states(ds: xr.Dataset, ch: Channels, p: ClassifyConfig, steps: slice | np.ndarray, n_steps: int,
-                  all_scores: bool) -> tuple[np.ndarray, np.ndarray]:
+                  all_scores: bool, carry: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """State codes (steps, channels) at the step positions `steps` (`n_steps` of them), and the
     scores: (steps, channels) when `all_scores`, else each channel's score at its last observed
     step among them (NaN when it has none), which is all the classification keeps."""
-    source = _Activity(ds, ch, steps, p.method)
+    statistic = get_method(p.method).statistic
+    source = _Chunk(ds, ch, steps, p.method, carry)
     codes = np.empty((n_steps, ch.n), np.int8)
     shape = (n_steps, ch.n) if all_scores else (ch.n,)
     score = np.full(shape, np.nan, np.float32)
     for start, end in ch.bounds:
-        a = source.segment(start, end)
+        a = statistic(source, start, end)
         out = codes[:, start:end]
         norm = _layer_codes(a, p, out)
         finite = np.isfinite(a)
@@ -431,9 +569,10 @@ def classify_trace(
     ch = select_channels(ds, layers)
     machine = Debounce(ch.n, params.min_persist)
     score = np.full(ch.n, np.nan, np.float32)  # at each channel's last observed step
+    carry: dict[str, np.ndarray] = {}  # weight statistics carried from chunk to chunk (cbp)
     for a in range(lo, hi, params.chunk_steps):
         b = min(hi, a + params.chunk_steps)
-        codes, chunk_score = _chunk_states(ds, ch, params, slice(a, b), b - a, all_scores=False)
+        codes, chunk_score = _chunk_states(ds, ch, params, slice(a, b), b - a, all_scores=False, carry=carry)
         machine.update(steps[a:b], codes)
         np.copyto(score, chunk_score, where=~np.isnan(chunk_score))
         del codes

@@ -330,7 +330,8 @@ def eval_cmd(
         list[str] | None,
         typer.Option(
             "--grids",
-            help="Activation grid and linear lens of this GroupNorm layer (module path or glob; repeatable): "
+            help="Activation grid and linear lens of this layer (a module path: any module with feature maps, "
+            "e.g. a GroupNorm or a conv_shortcut; or a glob over track.module_types; repeatable): "
             "grid-LAYER.png, lens-LAYER.png and a `grids` section in metrics.json.",
         ),
     ] = None,
@@ -366,7 +367,8 @@ def classify_cmd(
         str, typer.Argument(help="Trace store, run folder (its trace.zarr), or - to read the path from stdin.")
     ],
     method: Annotated[
-        str | None, typer.Option("--method", help="dormancy or mean_abs_threshold (default: the store's config).")
+        str | None, typer.Option("--method", help="dormancy, mean_abs_threshold, redo, grama, grama_filter or cbp "
+                                 "(default: the store's config; see `vaedyn config show --comments`).")
     ] = None,
     tau: Annotated[float | None, typer.Option("--tau", help="dormancy: dormant when score <= tau.")] = None,
     threshold: Annotated[

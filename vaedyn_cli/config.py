@@ -176,16 +176,25 @@ class TrainConfig(Section):
 
 
 class NearZeroConfig(Section):
-    """The near-zero ("dead") weight tracker: share of near-zero weights per conv/linear weight."""
+    """The near-zero ("dead") weight tracker: share of near-zero entries per parameter tensor."""
 
-    enabled: bool = Field(True, description="Record `near_zero_frac` per conv/linear weight.")
+    enabled: bool = Field(True, description="Record `near_zero_frac` per parameter tensor.")
+    params: Literal["all", "weights"] = Field(
+        "all",
+        description="Which tensors: `all`: every parameter of the model (weights and biases of convs, linears and "
+        "norms: 248 tensors in the SDXL VAE, as the original project tracked); `weights`: conv/linear weights only "
+        "(72 in the SDXL VAE; vaedyn's choice before schema version 2).",
+    )
     mode: Literal["absolute", "percent_of_mean", "both"] = Field(
         "absolute",
-        description="`absolute`: |w| < abs_threshold; `percent_of_mean`: |w| < rel_threshold * mean|w| of "
-        "the tensor; `both`: either.",
+        description="`absolute`: |w| < abs_threshold; `percent_of_mean`: |w| < rel_threshold * m, m = mean |w| of "
+        "the tensor, except that a tensor with m < 1e-9 (numerically zero, e.g. all zeros) counts its entries with "
+        "|w| < 1e-9; `both`: both tests hold (AND). Comparisons are strict, in the tensor's precision.",
     )
-    abs_threshold: float = Field(1e-5, gt=0, description="Absolute threshold of `absolute` mode.")
-    rel_threshold: float = Field(0.01, gt=0, description="Fraction of the tensor's mean |w| in `percent_of_mean` mode.")
+    abs_threshold: float = Field(1e-5, gt=0, description="Absolute threshold of `absolute` and `both` modes.")
+    rel_threshold: float = Field(
+        0.01, gt=0, description="Fraction of the tensor's mean |w| in `percent_of_mean` and `both` modes."
+    )
 
 
 class TrackConfig(Section):
@@ -197,12 +206,37 @@ class TrackConfig(Section):
         default_factory=lambda: ["*"], description="Glob patterns on module names selecting the layers to track."
     )
     module_types: list[str] = Field(
-        default_factory=lambda: ["GroupNorm"], description="Module class names that can be tracked."
+        default_factory=lambda: ["GroupNorm"],
+        description="Class names of the modules to track among those track.layers matches (any module whose "
+        "captured tensor has a fixed channel count: GroupNorm, Conv2d, Linear, ResnetBlock2D, ...).",
+    )
+    capture: Literal["output", "input"] = Field(
+        "output",
+        description="Which tensor of each tracked module is measured: its output (a norm's y, a conv's feature "
+        "maps; then in_std is the norm's input std and act_* describe the activation after it) or its input.",
     )
     source: Literal["batch", "probe"] = Field(
         "batch",
         description="`batch`: statistics of the tracked step's training batch (no extra forward); "
         "`probe`: a fixed probe batch in eval mode, no grad.",
+    )
+    pooling: Literal["step", "interval"] = Field(
+        "step",
+        description="`step`: a tracked step k records the forwards of step k (all its micro-batches); `interval`: "
+        "every forward of steps k-interval+1 .. k, pooled on the device (the original project's hooks averaged "
+        "every forward since the previous read). Costs about as much as tracking every step (source batch only).",
+    )
+    pool_validation: bool = Field(
+        False,
+        description="With pooling interval: also pool the validation forwards run since the previous tracked step "
+        "(the original project's did: at epoch ends they outnumbered the training forwards). Off: a tracked step "
+        "describes training forwards only.",
+    )
+    extra_statistics: list[Literal["act_mean_abs", "in_weight_grad"]] = Field(
+        default_factory=list,
+        description="Statistics recorded besides the default set, each a pass per tracked step: `act_mean_abs` "
+        "(mean |act(y)|, for classify methods redo and cbp), `in_weight_grad` (mean |grad| of each channel's "
+        "incoming filter, for grama_filter).",
     )
     probe_samples: int = Field(16, ge=1, description="Images in the probe set (`track` command and source=probe).")
     probe_split: str | None = Field(None, description="Split of the probe set (default: the validation split).")
@@ -226,16 +260,27 @@ class TrackConfig(Section):
         "at once). Each such commit rewrites the open chunk of every variable (about 0.2 s of CPU at width 1).",
     )
 
+    @model_validator(mode="after")
+    def _pooling_fits(self) -> TrackConfig:
+        if self.pooling == "interval" and self.source != "batch":
+            raise ValueError("track.pooling interval pools training forwards: it needs track.source batch")
+        if self.pool_validation and self.pooling != "interval":
+            raise ValueError("track.pool_validation needs track.pooling interval")
+        return self
+
 
 class ClassifyConfig(Section):
     """How channels are labelled from a trace (docs/design.md: activity, state, trajectory, mechanism)."""
 
-    method: Literal["dormancy", "mean_abs_threshold"] = Field(
+    method: Literal["dormancy", "mean_abs_threshold", "redo", "grama", "grama_filter", "cbp"] = Field(
         "dormancy",
-        description="`dormancy`: ReDo-style score = activity / mean activity of its layer; "
-        "`mean_abs_threshold`: the original project's rule, mean |output| < threshold.",
+        description="`dormancy`: std of the activation / its layer's mean; `mean_abs_threshold`: the original "
+        "project's rule, mean |output| < threshold; `redo` (Sokar et al. 2023): mean |activation| / its layer's mean; "
+        "`grama` (Liu et al. 2025): |grad gamma| / its layer's mean; `grama_filter`: the same with the incoming "
+        "filter's mean |grad|; `cbp` (Dohare et al. 2024): mean |activation| x L1 norm of the outgoing weights / "
+        "its layer's mean. Relative scores are dormant at <= tau (see vaedyn_cli/classification.py).",
     )
-    tau: float = Field(0.1, ge=0, description="Dormant when the dormancy score is at most tau.")
+    tau: float = Field(0.1, ge=0, description="Dormant when a relative method's score is at most tau.")
     dead_threshold: float = Field(1e-6, ge=0, description="Dead when activity is at most this, in absolute terms.")
     threshold: float = Field(0.2, ge=0, description="Threshold of `mean_abs_threshold` on mean |output|.")
     min_persist: int = Field(

@@ -56,7 +56,7 @@ def evaluate(
     Inputs (checkpoint, config, data, labels) are checked before anything is written. With `ablate`
     (select expressions as `vaedyn nudge --select`), metrics.json also gets an `ablation` section:
     the selected channels mean-ablated, and a control of as many random active channels. With
-    `grids` (GroupNorm module paths or globs), an activation grid and a linear lens per layer
+    `grids` (module paths, or globs over track.module_types), an activation grid and a linear lens per layer
     (grid-<layer>.png, lens-<layer>.png) and a `grids` section (see `grids_section`).
     """
     from vaedyn_cli import data as data_mod
@@ -95,7 +95,7 @@ def evaluate(
     grid_plan = None
     if grids:
         grid_plan = grids_plan(list(grids), store, ckpt, vae, f"checkpoint {checkpoint}",
-                               plan.classification if plan is not None else None)
+                               plan.classification if plan is not None else None, cfg.track)
     # debug only: the summary printed at the end says the same, and an image that fails to decode
     # during the pass should leave one error line on stderr
     log.debug("evaluating %s (step %d) on split %s of %s", checkpoint, ckpt.step, split, cfg.data.dataset_name)

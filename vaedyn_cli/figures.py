@@ -74,9 +74,10 @@ FIGURES: dict[str, tuple[str, str]] = {
         "channels whose scale collapses stay inside the bands; the smallest shows them).",
     ),
     "near_zero_weights.png": (
-        "Share of near-zero weights per layer",
-        "Share of each conv/linear weight tensor below the near-zero threshold at the steps where it was recorded "
-        "(the original study's Figure 1).",
+        "Share of near-zero weights per parameter tensor",
+        "Share of each tracked parameter tensor (every weight and bias, norms included, or the conv/linear "
+        "weights: track.near_zero.params) below the near-zero threshold at the steps where it was recorded; the "
+        "10 with the highest peak labelled (the original study's Figure 1).",
     ),
     "class_counts.png": (
         "Channels by state, trajectory, mechanism and flag",
@@ -465,13 +466,12 @@ def fig_near_zero(d: ReportData):  # noqa: ANN201
         [f"param {i}" for i in range(values.shape[1])]
     x = d.steps[d.line_idx]
     peak = np.nan_to_num(np.nanmax(np.where(np.isfinite(values), values, np.nan), axis=0), nan=-1)
-    top = list(np.argsort(-peak, kind="stable")[: min(8, len(params))])
+    top = list(np.argsort(-peak, kind="stable")[: min(10, len(params))])  # the original's Figure 1: top 10 by peak
     fig, ax = plt.subplots(figsize=(9, 4.8))
     for j in [j for j in range(len(params)) if j not in top] + top:  # steps without a record are left out
         ok = np.isfinite(values[:, j])
         if j in top:
-            ax.plot(x[ok], values[ok, j], linewidth=1.4, marker=_marker(int(ok.sum())),
-                    label=params[j].removesuffix(".weight"))
+            ax.plot(x[ok], values[ok, j], linewidth=1.4, marker=_marker(int(ok.sum())), label=params[j])
         else:
             ax.plot(x[ok], values[ok, j], color="#999999", linewidth=0.6, alpha=0.6)
     ax.set_xlabel(_step_xlabel(d))
@@ -483,7 +483,8 @@ def fig_near_zero(d: ReportData):  # noqa: ANN201
     how = _near_zero_rule(stored_config(d).get("track", {}).get("near_zero", {}))
     recorded = int(np.isfinite(values).any(axis=1).sum())
     when = f", recorded at {recorded} of {len(x)} steps" if recorded < len(x) else ""
-    ax.set_title(f"Share of near-zero weights per layer{how}{when}\n{len(top)} highest labelled, rest grey", fontsize=10)
+    ax.set_title(f"Share of near-zero entries per parameter tensor{how}{when}\n{len(top)} highest labelled, rest grey",
+                 fontsize=10)
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -10,7 +10,7 @@ has no outlines and the lens splits channels by their activity on the lens image
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import torch
 
 from vaedyn_cli import anatomy, lens
 from vaedyn_cli.ablation import labels_store
+from vaedyn_cli.config import TrackConfig
 from vaedyn_cli.errors import VaedynError
 from vaedyn_cli.selection import check_classification_fits, store_classification
 
@@ -35,42 +36,54 @@ class GridPlan:
     layers: list[str]
     source: str | None  # the trace store the labels come from (None: unlabelled)
     states: dict[str, dict[int, str]] = field(default_factory=dict)  # layer -> channel -> state
+    capture: str = "output"  # which tensor of each layer is drawn (track.capture)
 
 
-def grid_layers(patterns: Iterable[str], model: torch.nn.Module) -> list[str]:
-    """The GroupNorm layers matched by module paths or fnmatch globs, in module order."""
+def grid_layers(patterns: Iterable[str], model: torch.nn.Module, module_types: Sequence[str] = ("GroupNorm",),
+                capture: str = "output") -> list[str]:
+    """The layers named by module paths (any module with feature maps: a norm, a conv such as
+    conv_shortcut, a block) or matched by fnmatch globs (among the modules of `module_types`, as
+    track.layers selects them), in module order."""
     import fnmatch
 
-    names = [n for n, _ in anatomy.groupnorm_layers(model)]
+    modules = dict(model.named_modules())
+    names = [n for n, m in modules.items() if n and type(m).__name__ in set(module_types)]
     chosen: set[str] = set()
     for pattern in patterns:
-        hit = {n for n in names if fnmatch.fnmatchcase(n, pattern)}
+        hit = {pattern} if pattern in modules and pattern else {n for n in names if fnmatch.fnmatchcase(n, pattern)}
         if not hit:
             some = ", ".join(names[:2] + ["...", names[-1]]) if len(names) > 3 else ", ".join(names)
+            kinds = "/".join(module_types)
             raise VaedynError(
-                f"--grids {pattern!r} matches no GroupNorm layer of the model ({len(names)} layers: {some}); "
-                "pass a module path or a glob such as 'decoder.up_blocks.*.norm2'"
+                f"--grids {pattern!r} matches no {kinds} layer of the model ({len(names)} layers: {some}); "
+                "pass a module path (any module, e.g. a conv_shortcut) or a glob such as 'decoder.up_blocks.*.norm2'"
             )
+        for name in hit:
+            if anatomy.captured_channels(model, name, capture) is None:
+                raise VaedynError(f"--grids {name!r}: its {capture} has no fixed channel count to draw; pass a norm, "
+                                  "a conv or a block")
         chosen |= hit
-    return [n for n in names if n in chosen]
+    return [n for n in modules if n in chosen]
 
 
 def grids_plan(patterns: list[str], store: str | Path | None, ckpt: Any, model: torch.nn.Module, where: str,
-               classification: dict[str, Any] | None = None) -> GridPlan:
-    """Resolve --grids on this model and read the labels (`classification` when --ablate read it already)."""
-    layers = grid_layers(patterns, model)
+               classification: dict[str, Any] | None = None, track: TrackConfig | None = None) -> GridPlan:
+    """Resolve --grids on this model (globs among track.module_types) and read the labels
+    (`classification` when --ablate read it already)."""
+    track = track or TrackConfig()
+    layers = grid_layers(patterns, model, track.module_types, track.capture)
     if classification is None:
         source = labels_store(store, ckpt)
         if source is None:
             log.info("--grids: no trace store for %s, so no channel labels (pass --store to outline tiles)", ckpt.source)
-            return GridPlan(layers, None)
+            return GridPlan(layers, None, capture=track.capture)
         classification = store_classification(source)
     check_classification_fits(classification, model, f"from {classification['store']}", where)
     states: dict[str, dict[int, str]] = {}
     for rec in classification["channels"]:
         if rec["layer"] in layers:
             states.setdefault(rec["layer"], {})[int(rec["channel_index"])] = str(rec["state"])
-    return GridPlan(layers, str(classification["store"]), states)
+    return GridPlan(layers, str(classification["store"]), states, track.capture)
 
 
 def _first_images(dataset: Any, n: int) -> torch.Tensor:
@@ -97,8 +110,9 @@ def grids_section(plan: GridPlan, model: torch.nn.Module, dataset: Any, grid_sam
         labels = plan.states.get(layer)
         grid_file, lens_file = f"grid-{layer}.png", f"lens-{layer}.png"
         grid = lens.grid_figure(model, images[:grid_samples], layer, labels=labels, out_png=folder / grid_file,
-                                scale=scale)
-        fit = lens.lens_figure(model, images[:LENS_IMAGES], layer, labels=labels, out_png=folder / lens_file)
+                                scale=scale, capture=plan.capture)
+        fit = lens.lens_figure(model, images[:LENS_IMAGES], layer, labels=labels, out_png=folder / lens_file,
+                               capture=plan.capture)
         section[layer] = {
             "grid": grid_file,
             "lens": lens_file,

@@ -38,6 +38,17 @@ class TrainHook:
         """After optimizer.step, scheduler.step and zero_grad. `scalars` (loss, rec_loss, kl_loss, lr:
         this process's means over the step's micro-batches) is computed on first access (one device sync)."""
 
+    def save_state(self, folder: Path) -> None:
+        """While the checkpoint of the current step is written into `folder` (every process: a hook may
+        gather over them; the main process writes): what the hook itself must carry across a resume, in
+        a format that cannot run code (JSON, safetensors)."""
+
+    def load_state(self, folder: Path) -> None:
+        """Read back what `save_state` wrote, on every process, right after the checkpoint loaded."""
+
+    def before_validation(self, step: int) -> None:
+        """Before a validation pass (after end_step of `step`)."""
+
     def on_validation(self, step: int, metrics: dict[str, float]) -> None:
         """After a validation pass (metrics: val_rec_loss, val_kl_loss, over all processes)."""
 

@@ -90,21 +90,35 @@ def dense(t: torch.Tensor) -> bool:
     return True
 
 
+# Below this mean |w| a tensor counts as numerically zero, and its relative threshold as this value
+# (the original project's rule): a tensor of zeros is all near zero, not none of it.
+ZERO_MEAN = 1e-9
+
+
 @torch.no_grad()
 def near_zero_fractions(weights: Sequence[torch.Tensor], cfg: NearZeroConfig, scratch: Scratch | None = None) -> torch.Tensor:
-    """Share of entries with |w| < threshold per weight, on the weights' device (no sync).
-    absolute: abs_threshold; percent_of_mean: rel_threshold * mean|w|; both: either holds.
-    (|w| is compared in place, 1/0, and counted: two passes fewer than a boolean mask.)"""
+    """Share of near-zero entries per tensor (float64), on the tensors' device (no sync).
+
+    absolute: |w| < abs_threshold. percent_of_mean: |w| < rel_threshold * m with m = mean |w| (in the
+    tensor's precision), where a tensor with m < ZERO_MEAN uses |w| < ZERO_MEAN instead (all zeros:
+    1; the original project returned all-or-nothing there). both: both tests (AND). Every
+    comparison strict, in the tensor's dtype: the threshold rel * m is formed in float64 and
+    rounded once to it, as a Python-float threshold would be. (|w| is compared in place, 1/0, and
+    counted: two passes fewer than a boolean mask; `both` takes one mask more.)"""
     scratch = scratch or Scratch()
     out = []
     for w in weights:
         a = torch.abs(w.detach(), out=scratch.take("work", w))
         if cfg.mode == "absolute":
-            thr: torch.Tensor | float = cfg.abs_threshold
+            hit = a.lt_(cfg.abs_threshold)
         else:
-            rel = a.mean() * cfg.rel_threshold
-            thr = rel if cfg.mode == "percent_of_mean" else torch.clamp(rel, min=cfg.abs_threshold)
-        out.append(torch.count_nonzero(a.lt_(thr)).to(torch.float64) / a.numel())
+            m = a.mean(dtype=a.dtype).to(torch.float64)
+            rel = torch.where(m < ZERO_MEAN, ZERO_MEAN, m * cfg.rel_threshold)
+            if cfg.mode == "percent_of_mean":
+                hit = a.lt_(rel)
+            else:
+                hit = torch.lt(a, cfg.abs_threshold).logical_and_(a.lt_(rel))
+        out.append(torch.count_nonzero(hit).to(torch.float64) / a.numel())
     if not out:
         return torch.zeros(0, dtype=torch.float64)
     return torch.stack(out)
@@ -113,8 +127,22 @@ def near_zero_fractions(weights: Sequence[torch.Tensor], cfg: NearZeroConfig, sc
 @torch.no_grad()
 def out_weight_norm(readers: Sequence[nn.Module], channels: int, scratch: Scratch | None = None) -> torch.Tensor | None:
     """Per input channel, the L2 norm of the readers' weights taken together (dim 1 of a conv or
-    linear weight is its input channel); None without readers. Squares summed over the output
-    channels (the outer dimension, a vectorised reduction; a norm over dims (0, 2, 3) is 2.5x slower)."""
+    linear weight is its input channel); None without readers."""
+    return _reader_sums(readers, channels, scratch, lambda w, out: torch.mul(w, w, out=out), torch.sqrt)
+
+
+@torch.no_grad()
+def out_weight_l1(readers: Sequence[nn.Module], channels: int, scratch: Scratch | None = None) -> torch.Tensor | None:
+    """Per input channel, the L1 norm (sum of |w|) of the readers' weights taken together; None without readers."""
+    return _reader_sums(readers, channels, scratch, lambda w, out: torch.abs(w, out=out), None)
+
+
+def _reader_sums(readers: Sequence[nn.Module], channels: int, scratch: Scratch | None,
+                 elementwise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 finish: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor | None:
+    """Sum over the readers' weights of elementwise(w) per input channel: summed over the output
+    channels first (the outer dimension, a vectorised reduction; a norm over dims (0, 2, 3) is 2.5x
+    slower), the temporary in scratch."""
     scratch = scratch or Scratch()
     total = None
     for r in readers:
@@ -122,10 +150,12 @@ def out_weight_norm(readers: Sequence[nn.Module], channels: int, scratch: Scratc
         if w is None or w.ndim < 2 or w.shape[1] != channels:
             return None
         w = w.detach() if w.dtype in (torch.float32, torch.float64) else w.detach().float()
-        sq = torch.mul(w, w, out=scratch.take("work", w)).reshape(w.shape[0], -1).sum(0)
+        sq = elementwise(w, scratch.take("work", w)).reshape(w.shape[0], -1).sum(0)
         sq = sq.view(channels, -1).sum(1)
         total = sq if total is None else total + sq
-    return None if total is None else total.sqrt()
+    if total is None:
+        return None
+    return finish(total) if finish is not None else total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +170,20 @@ def per_sample_view(t: torch.Tensor, exact: bool = False) -> torch.Tensor:
     elif t.dtype not in (torch.float32, torch.float64):
         t = t.float()
     return t if t.ndim == 3 else t.flatten(2)
+
+
+def capture_view(t: torch.Tensor, last: bool, exact: bool = False) -> torch.Tensor:
+    """A captured tensor as (B, C, L) like `per_sample_view`; `last`: its channels are its last dim
+    (a linear's (B, ..., C)), viewed without a copy as a channels-last (B, C, L)."""
+    if not last:
+        return per_sample_view(t, exact)
+    if exact:
+        t = t.double()
+    elif t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    if t.ndim == 2:
+        return t.unsqueeze(-1)
+    return t.flatten(1, -2).transpose(1, 2)
 
 
 def channels_last(t: torch.Tensor) -> bool:

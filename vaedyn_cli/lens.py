@@ -9,9 +9,11 @@ image downsampled to that layer's resolution. Fitted on the probe images, it say
 the image each channel set can still express: all channels, only the active ones, only the
 dormant ones, each with its R^2.
 
-What a layer shows: the output of the GroupNorm, passed through the activation that follows it
+What a layer shows: the output of a GroupNorm, passed through the activation that follows it
 where one does (SiLU after `norm1`, `norm2` and `conv_norm_out`), i.e. what the next
-convolution reads; attention `group_norm` outputs are shown as they are. Figures say which.
+convolution reads; attention `group_norm` outputs are shown as they are; any other module (a
+conv such as `conv_shortcut`, a block) its raw output, or with capture "input" its input (the
+original project's grids showed raw outputs). Figures say which.
 """
 
 from __future__ import annotations
@@ -44,14 +46,13 @@ MAX_LENS_ROWS = 200_000  # pixels used to fit the lens (a seeded subsample beyon
 Labels = Sequence[str] | Mapping[int, str] | None
 
 
-def _groupnorm(model: torch.nn.Module, layer: str) -> torch.nn.GroupNorm:
+def _module(model: torch.nn.Module, layer: str) -> torch.nn.Module:
     modules = dict(model.named_modules())
-    module = modules.get(layer)
-    if not isinstance(module, torch.nn.GroupNorm):
+    module = modules.get(layer) if layer else None
+    if module is None:
         names = [n for n, m in modules.items() if isinstance(m, torch.nn.GroupNorm)]
         hint = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        what = "not a module of the model" if module is None else f"a {type(module).__name__}, not a GroupNorm"
-        raise VaedynError(f"layer '{layer}' is {what}; pass a GroupNorm path such as {hint}")
+        raise VaedynError(f"layer '{layer}' is not a module of the model; pass a module path such as {hint}")
     return module
 
 
@@ -65,33 +66,42 @@ class LayerActivations:
 
 
 @torch.no_grad()
-def layer_activations(model: torch.nn.Module, images: torch.Tensor, layer: str) -> LayerActivations:
-    """Run images (N, 3, H, W in [-1, 1]) through the VAE (posterior mode) and capture one layer."""
-    norm = _groupnorm(model, layer)
-    act = anatomy.activation(model, layer)
+def layer_activations(model: torch.nn.Module, images: torch.Tensor, layer: str,
+                      capture: str = "output") -> LayerActivations:
+    """Run images (N, 3, H, W in [-1, 1]) through the VAE (posterior mode) and capture one module's
+    output (through the activation that follows it, where one does) or input."""
+    module = _module(model, layer)
+    act = anatomy.activation(model, layer) if capture == "output" else None
     act_name = str(getattr(getattr(model, "config", None), "act_fn", type(act).__name__.lower()))
     captured: list[torch.Tensor] = []
 
-    def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-        captured.append(output.detach())
+    def hook(_module: torch.nn.Module, inputs: Any, output: Any = None) -> None:
+        t = inputs[0] if capture == "input" else output
+        if not captured and isinstance(t, torch.Tensor):
+            captured.append(t.detach())
 
     was_training = model.training
     model.eval()
-    handle = norm.register_forward_hook(hook)
+    handle = (module.register_forward_pre_hook(hook) if capture == "input" else module.register_forward_hook(hook))
     try:
         param = next(model.parameters())
         model(images.to(param.device, param.dtype), sample_posterior=False)
     finally:
         handle.remove()
         model.train(was_training)
+    if not captured or captured[0].ndim < 3:
+        raise VaedynError(f"layer '{layer}' has no {capture} feature maps to draw (got no tensor of 3+ dims)")
     maps = captured[0]
-    if maps.ndim == 3:  # attention's group_norm reads (N, C, h*w): back to maps of the image's aspect
+    if anatomy.channel_last(module):  # a linear's (N, ..., C)
+        maps = maps.flatten(1, -2).transpose(1, 2)
+    if maps.ndim == 3:  # (N, C, length), e.g. attention's group_norm: back to maps of the image's aspect
         n, c, length = maps.shape
-        h = round(math.sqrt(length * images.shape[-2] / images.shape[-1]))
+        h = max(1, round(math.sqrt(length * images.shape[-2] / images.shape[-1])))
         maps = maps.reshape(n, c, h, length // h)
     if act is not None:
         maps = act(maps)
-    what = f"{act_name}(GroupNorm output)" if act is not None else "GroupNorm output"
+    kind = type(module).__name__
+    what = f"{act_name}({kind} {capture})" if act is not None else f"{kind} {capture}"
     return LayerActivations(layer, maps.float().cpu(), what)
 
 
@@ -201,11 +211,12 @@ def grid_figure(
     labels: Labels = None,
     out_png: Path | str = "grid.png",
     scale: str = "layer",
+    capture: str = "output",
 ) -> dict[str, Any]:
-    """`activation_grid`, returning a JSON-able summary of what it drew: layer, what was read, images,
-    tiles per image, the scale, channels flat in every image, channels quiet in every image, outlines per
-    label, png."""
-    acts = layer_activations(model, images, layer)
+    """`activation_grid`, returning a JSON-able summary of what it drew: layer, what was read (`capture`:
+    the module's output or input), images, tiles per image, the scale, channels flat in every image,
+    channels quiet in every image, outlines per label, png."""
+    acts = layer_activations(model, images, layer, capture)
     tiles, flat = normalise_tiles(acts.maps, scale)
     spread = tile_spread(acts.maps)
     n, c = tiles.shape[:2]
@@ -387,13 +398,14 @@ def lens_figure(
     out_png: Path | str = "lens.png",
     show: int = 2,
     params: ClassifyConfig | None = None,
+    capture: str = "output",
 ) -> dict[str, Any]:
     """Fit the linear lens of `layer` on `images` and draw what each channel set reconstructs.
 
     labels: state per channel (`active`/`dormant`/`dead`, e.g. from the classification); when None,
     states come from the probe images themselves (`probe_states`). Returns a JSON-able summary:
     layer, what was read, resolution, channel counts, R^2 per set and where it was measured, png."""
-    acts = layer_activations(model, images, layer)
+    acts = layer_activations(model, images, layer, capture)
     c = acts.maps.shape[1]
     given = labels_list(labels, c)
     states = [s or "active" for s in given] if labels is not None else probe_states(acts.maps, params)

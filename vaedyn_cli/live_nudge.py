@@ -61,7 +61,8 @@ class TrainingNudge(TrainHook):
     def targets(self, step: int) -> list[Target]:
         """Classify the window and select the channels to nudge (main process)."""
         labels = classify_trace(self.tracker.window(step, self.cfg.nudge.window), self.cfg.classify)
-        layers = {name: self.sizes[name] for name in dict.fromkeys(labels["layer"].values.tolist())}
+        layers = {name: self.sizes[name] for name in dict.fromkeys(labels["layer"].values.tolist())
+                  if name in self.sizes}  # GroupNorms: a tracked conv is observed, not nudged
         return select_targets(to_records(labels), self.cfg.nudge.select, self.cfg.nudge.max_fraction, layers)
 
     def _share(self, targets: list[Target] | None) -> list[Target]:

@@ -15,7 +15,13 @@ from typing import Any
 
 from vaedyn_cli import artifacts, inputs, settings
 from vaedyn_cli.errors import VaedynError
-from vaedyn_cli.selection import check_classification_fits, parse_classification, parse_select, select_targets
+from vaedyn_cli.selection import (
+    check_classification_fits,
+    norm_layers,
+    parse_classification,
+    parse_select,
+    select_targets,
+)
 from vaedyn_cli.strategies import apply, get_strategy
 
 log = logging.getLogger(__name__)
@@ -88,7 +94,8 @@ def nudge_checkpoint(
 
     model = ckpt.load()
     check_classification_fits(data, model, where, f"checkpoint {checkpoint}")
-    chosen = select_targets(data["channels"], cfg.nudge.select, cfg.nudge.max_fraction, data["layers"])
+    chosen = select_targets(data["channels"], cfg.nudge.select, cfg.nudge.max_fraction,
+                            norm_layers(data["layers"], model, "vaedyn nudge"))
     if not chosen:
         log.warning("no channel matches --select %s: writing an unchanged copy", " ".join(cfg.nudge.select))
     seed = cfg.seed if seed is None else seed

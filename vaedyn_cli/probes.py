@@ -1,30 +1,36 @@
-"""The per-channel statistics engine: forward hooks on chosen layers, on-device sums, one host copy.
+"""The per-channel statistics engine: forward hooks on chosen modules, on-device sums, one host copy.
 
-What is measured, per tracked channel and tracked step (docs/design.md "Trace store"):
-`in_std` of the norm's input x; `mean`, `mean_abs`, `std` of its output y; `act_mean`, `act_std`
-of act(y) where a nonlinearity follows (read from that activation module's own output, so
-nothing is recomputed); gamma, beta, |grad gamma|; `out_weight_norm`, the L2 norm of the weights
-of the layer(s) reading the channel; `near_zero_frac` per conv/linear weight. Every std is the
-population std (ddof=0) over batch and spatial positions (the length axis for the attention
-norm's (batch, channel, length) input), pooled over all micro-batches of the step and, under
-several processes, over all processes: the numbers equal one process seeing the global batch.
+What is measured, per tracked channel and tracked step (docs/design.md "Trace store"), on the
+captured tensor of each tracked module (its output, or with track.capture input its input):
+`mean`, `mean_abs`, `std`; for a norm's output also `in_std` of its input x; `act_mean`,
+`act_std` (and with track.extra_statistics `act_mean_abs`) of act(y) where a nonlinearity follows
+(read from that activation module's own output, so nothing is recomputed); the module's
+per-channel scale and shift (a norm's gamma and beta, a conv's bias) and |grad gamma|;
+`out_weight_norm` and `out_weight_l1`, the L2 and L1 norms of the weights of the layer(s) reading
+the channel; optionally `in_weight_grad`, the mean |grad| of the channel's incoming filter; and
+`near_zero_frac` per parameter tensor. Every std is the population std (ddof=0) over batch and
+spatial positions (the length axis for (batch, channel, length) tensors; a linear's tensors hold
+their channels last), pooled over all micro-batches of the step (with track.pooling interval: of
+every step since the previous tracked one) and, under several processes, over all processes: the
+numbers equal one process seeing the global batch.
 
-How. Hooks exist only on tracked steps (registered at `begin_step`, removed after the step's last
-backward, before the optimizer step). Each hook only reduces its tensors per (sample, channel)
-over the spatial axes and keeps the small (batch, channel) results: the input's sum and sum of
-squared deviations (var_mean on GPU; on CPU, where var_mean is slow, two-pass for small maps and a
-sum and a sum of squares per row for large ones, with ill-conditioned rows recomputed two-pass; in
-the tensor's own memory layout), sum |y|, and the same two sums of the activation. On CPU every
-temporary lives in reused scratch memory (`Scratch`), so a tracked step allocates nothing
-activation-sized. A plain GroupNorm's output moments are not measured but derived from its
-input's (its normalisation is affine per sample and group): one pass over y fewer. After the
-step's last backward they are folded, all layers at once, into one preallocated float64 device
-buffer as per-channel sums (of means, variances and squared means, weighted by the spatial size;
-squares in float64 so that the between-sample variance does not cancel); the buffer (sums,
-counts, parameter statistics) is all-reduced when needed and copied to the host once
-(asynchronously into pinned memory on CUDA); turning sums into statistics happens on the store's
-writer thread. Hooks fire only inside the forward of the model's top-level parts, so gradient
-checkpointing's recomputation during backward is not counted twice.
+How. Hooks exist only while forwards are measured (registered at `begin_step`, removed after the
+step's last backward, before the optimizer step). Each hook only reduces its tensors per (sample,
+channel) over the spatial axes and keeps the small (batch, channel) results: the input's sum and
+sum of squared deviations (var_mean on GPU; on CPU, where var_mean is slow, two-pass for small maps
+and a sum and a sum of squares per row for large ones, with ill-conditioned rows recomputed
+two-pass; in the tensor's own memory layout), sum |y|, and the same two sums of the activation. On
+CPU every temporary lives in reused scratch memory (`Scratch`), so a tracked step allocates nothing
+activation-sized. A plain GroupNorm's output moments are not measured but derived from its input's
+(its normalisation is affine per sample and group): one pass over y fewer. After the step's last
+backward they are folded, all layers at once, into one preallocated float64 device buffer as
+per-channel sums (of means, variances and squared means, weighted by the spatial size; squares in
+float64 so that the between-sample variance does not cancel); the sums are additive, so a pooled
+interval folds each step into the same buffer. The buffer (sums, counts, parameter statistics) is
+all-reduced when needed and copied to the host once per tracked step (asynchronously into pinned
+memory on CUDA); turning sums into statistics happens on the store's writer thread. Hooks fire
+only inside the forward of the model's top-level parts, so gradient checkpointing's recomputation
+during backward is not counted twice.
 """
 
 from __future__ import annotations
@@ -45,18 +51,27 @@ from torch import nn
 from vaedyn_cli import anatomy
 from vaedyn_cli.config import RunConfig, TrackConfig
 from vaedyn_cli.errors import VaedynError
-from vaedyn_cli.kernels import Scratch, abs_sum, moments, near_zero_fractions, out_weight_norm, per_sample_view
+from vaedyn_cli.kernels import (
+    Scratch,
+    abs_sum,
+    capture_view,
+    moments,
+    near_zero_fractions,
+    out_weight_l1,
+    out_weight_norm,
+    per_sample_view,
+)
 from vaedyn_cli.store import ChannelLayout, TraceRecord
 
 log = logging.getLogger(__name__)
 
 # (sample, channel) of spatial means, spatial variances and squared spatial means, each times the
-# spatial size; plus sum |y|. Statistics: mean = S_m / N; var = S_v / N + S_m2 / N - mean^2.
-X_M, X_V, X_M2, Y_M, Y_V, Y_M2, Y_ABS, A_M, A_V, A_M2 = range(10)
-N_ROWS = 10
+# spatial size; plus sum |y| and sum |act(y)|. Statistics: mean = S_m / N; var = S_v / N + S_m2 / N - mean^2.
+X_M, X_V, X_M2, Y_M, Y_V, Y_M2, Y_ABS, A_M, A_V, A_M2, A_ABS = range(11)
+N_ROWS = 11
 # Rows of the parameter block.
-P_WEIGHT, P_BIAS, P_GRAD, P_OUT_NORM = range(4)
-N_PARAM_ROWS = 4
+P_WEIGHT, P_BIAS, P_GRAD, P_OUT_NORM, P_OUT_L1, P_IN_GRAD = range(6)
+N_PARAM_ROWS = 6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,45 +80,64 @@ N_PARAM_ROWS = 4
 
 @dataclass
 class ProbeLayer:
-    """A tracked layer, where its channels sit in the store, and its neighbours."""
+    """A tracked module, where its channels sit in the store, and its neighbours."""
 
     name: str
     module: nn.Module
     offset: int
     channels: int
     part: str
-    activation: nn.Module | None  # the nonlinearity applied to this layer's output
-    readers: list[nn.Module]  # modules whose weights read this layer's output channels
+    activation: nn.Module | None  # the nonlinearity applied to the captured output
+    readers: list[nn.Module]  # modules whose weights read the captured channels
+    capture: str = "output"
+    norm: bool = True  # a normalisation layer's output: its input x is measured too (in_std)
+    channel_last: bool = False  # the module's tensors hold channels last (a linear)
+    producer: nn.Module | None = None  # the conv/linear whose weight[c] makes channel c (incoming filter)
+
+    @property
+    def module_type(self) -> str:
+        return type(self.module).__name__
 
 
 def select_layers(model: nn.Module, cfg: TrackConfig) -> list[ProbeLayer]:
-    """The layers matched by track.layers (globs on module names) and track.module_types, in module order."""
+    """The modules matched by track.layers (globs on module names) and track.module_types, in module order."""
     layers: list[ProbeLayer] = []
     offset = 0
     types = set(cfg.module_types)
     for name, module in model.named_modules():
-        if type(module).__name__ not in types or not any(fnmatch.fnmatchcase(name, p) for p in cfg.layers):
+        if not name or type(module).__name__ not in types or not any(fnmatch.fnmatchcase(name, p) for p in cfg.layers):
             continue
-        channels = anatomy.channel_count(module)
+        channels = anatomy.captured_channels(model, name, cfg.capture)
         if channels is None:
             raise VaedynError(
-                f"track.module_types includes {type(module).__name__} ({name}), which is not a normalisation layer "
-                "with per-channel input and output; track GroupNorm (or BatchNorm/InstanceNorm) layers"
+                f"track.layers matches {name} ({type(module).__name__}), whose {cfg.capture} has no fixed channel "
+                "count (not a tensor of 2+ dims, or called with different widths); track its parts instead, e.g. "
+                "its norms or convs"
             )
-        readers = [model.get_submodule(r) for r in anatomy.readers(model, name)]
-        layers.append(ProbeLayer(name, module, offset, channels, anatomy.part_of(name), anatomy.activation(model, name),
-                                 readers))
+        readers = [model.get_submodule(r) for r in anatomy.readers(model, name, cfg.capture)]
+        filt = anatomy.incoming_filter(model, name, cfg.capture) if "in_weight_grad" in cfg.extra_statistics else None
+        output = cfg.capture == "output"
+        layers.append(ProbeLayer(
+            name, module, offset, channels, anatomy.part_of(name),
+            anatomy.activation(model, name) if output else None, readers, cfg.capture,
+            norm=output and anatomy.is_norm(module), channel_last=anatomy.channel_last(module),
+            producer=model.get_submodule(filt) if filt is not None else None,
+        ))
         offset += channels
     if not layers:
         raise VaedynError(
-            f"track.layers {cfg.layers} with track.module_types {cfg.module_types} match no layer of the model; "
-            "use module names such as 'decoder.*' or 'encoder.down_blocks.0.*' (see `vaedyn store info`)"
+            f"track.layers {cfg.layers} with track.module_types {cfg.module_types} match no module of the model; "
+            "use module names such as 'decoder.*' or 'encoder.conv_in' and class names such as GroupNorm or "
+            "Conv2d (see `vaedyn store info`)"
         )
     return layers
 
 
-def weight_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Every conv/linear weight (what the near-zero weight tracker covers)."""
+def weight_params(model: nn.Module, which: str = "all") -> list[tuple[str, torch.Tensor]]:
+    """The parameter tensors the near-zero tracker covers: `all` (every parameter, by its
+    named_parameters name) or `weights` (every conv/linear weight)."""
+    if which == "all":
+        return list(model.named_parameters())
     found = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose2d | nn.Linear):
@@ -141,11 +175,14 @@ class ChannelProbes:
         self.cfg = cfg
         self.exact = exact
         self.layers = select_layers(model, cfg)
-        self.weights = weight_params(model) if cfg.near_zero.enabled else []
+        self.weights = weight_params(model, cfg.near_zero.params) if cfg.near_zero.enabled else []
+        self.extra = tuple(v for v in ("act_mean_abs", "in_weight_grad") if v in cfg.extra_statistics)
         self.n_channels = sum(layer.channels for layer in self.layers)
         self.layout = ChannelLayout.from_layers(
-            ((layer.name, layer.channels, layer.part, layer.activation is not None) for layer in self.layers),
+            ((layer.name, layer.channels, layer.part, layer.activation is not None, layer.module_type, layer.capture)
+             for layer in self.layers),
             [name for name, _ in self.weights],
+            extra=self.extra,
         )
         first = next(iter(model.parameters()), None)
         self.device = first.device if first is not None else torch.device("cpu")
@@ -169,7 +206,9 @@ class ChannelProbes:
         self._xy: list[tuple[int, int, tuple[torch.Tensor, ...]]] = []
         self._act: list[tuple[int, int, tuple[torch.Tensor, ...]]] = []
         self._gn: list[tuple[int, int, tuple[torch.Tensor, ...]]] = []  # norms whose output moments are derived
-        self._derivable = [not exact and _plain_group_norm(layer.module) for layer in self.layers]
+        self._cap: list[tuple[int, int, tuple[torch.Tensor, ...]]] = []  # other modules: the captured tensor only
+        self._act_abs = "act_mean_abs" in self.extra
+        self._derivable = [not exact and layer.norm and _plain_group_norm(layer.module) for layer in self.layers]
         self._affine = torch.zeros(2, self.n_channels, dtype=self._dtype(), device=self.device)  # gamma, beta at arm
         self._group_cache: dict[tuple[tuple[int, int], ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._col_cache: dict[tuple[tuple[int, int], ...], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -193,9 +232,8 @@ class ChannelProbes:
         self.near_zero.fill_(math.nan)
         self._host_counts[:] = 0
         self._pending = None
-        self._xy.clear()
-        self._gn.clear()
-        self._act.clear()
+        for entries in (self._xy, self._gn, self._cap, self._act):
+            entries.clear()
 
     def arm(self) -> None:
         """Register the hooks (statistics hooks first, so they run before a part's gate closes) and
@@ -204,15 +242,20 @@ class ChannelProbes:
             return
         self._snapshot_affine()
         for i, layer in enumerate(self.layers):
-            self._handles.append(layer.module.register_forward_hook(self._make_norm_hook(i)))
+            if layer.norm:
+                self._handles.append(layer.module.register_forward_hook(self._make_norm_hook(i)))
+            elif layer.capture == "input":
+                self._handles.append(layer.module.register_forward_pre_hook(self._make_capture_hook(i)))
+            else:
+                self._handles.append(layer.module.register_forward_hook(self._make_capture_hook(i)))
         seen: set[int] = set()
         for layer in self.layers:
             act = layer.activation
             if act is not None and id(act) not in seen:
                 seen.add(id(act))
                 self._handles.append(act.register_forward_hook(self._act_hook))
-        for part in self._parts():
-            self._handles.append(part.register_forward_pre_hook(self._open_gate))
+        for part in self._parts():  # the gate opens before any pre-hook of a tracked part itself
+            self._handles.append(part.register_forward_pre_hook(self._open_gate, prepend=True))
             self._handles.append(part.register_forward_hook(self._close_gate))
 
     def disarm(self) -> None:
@@ -266,6 +309,24 @@ class ChannelProbes:
 
         return hook
 
+    def _make_capture_hook(self, i: int) -> Callable[..., None]:
+        """The hook of a module other than a norm's output: the captured tensor's moments and sum |.|."""
+        layer = self.layers[i]
+        has_act, from_input, last = layer.activation is not None, layer.capture == "input", layer.channel_last
+
+        def hook(_module: nn.Module, inputs: tuple[Any, ...], output: Any = None) -> None:
+            t = (inputs[0] if inputs else None) if from_input else output
+            if self._depth <= 0 or not isinstance(t, torch.Tensor) or t.ndim < 2:
+                return
+            with torch.no_grad():
+                c = capture_view(t, last, self.exact)
+                cs, cm2 = moments(c, self.scratch)
+                self._cap.append((i, c.shape[-1], (cs, cm2, abs_sum(c, self.scratch))))
+            self._host_counts[0, i] += c.shape[0] * c.shape[-1]
+            self._pending = (i, output) if has_act else None
+
+        return hook
+
     def _act_hook(self, _module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         pending = self._pending
         if pending is None or self._depth <= 0 or not inputs or inputs[0] is not pending[1]:
@@ -273,17 +334,19 @@ class ChannelProbes:
         self._pending = None
         i = pending[0]
         with torch.no_grad():
-            a = per_sample_view(output, self.exact)
+            a = capture_view(output, self.layers[i].channel_last, self.exact)
             a_s, a_m2 = moments(a, self.scratch)
-        self._act.append((i, a.shape[-1], (a_s, a_m2)))
+            stats = (a_s, a_m2, abs_sum(a, self.scratch)) if self._act_abs else (a_s, a_m2)
+        self._act.append((i, a.shape[-1], stats))
         self._host_counts[1, i] += a.shape[0] * a.shape[-1]
 
-    def _fold(self, entries: list[tuple[int, int, tuple[torch.Tensor, ...]]], first_row: int, derive: bool = False) -> None:
+    def _fold(self, entries: list[tuple[int, int, tuple[torch.Tensor, ...]]], first_row: int, derive: bool = False,
+              abs_row: int = Y_ABS) -> None:
         """Add the per-(sample, channel) statistics collected by the hooks into the sums, all layers
         at once: moment triplets (sum of means, variances, squared means, times the spatial size)
         and, for the norm outputs, sum |y|. A few kernels per step instead of a few per layer: every
         statistic of every call goes side by side into one float64 block (one cat), and each
-        moment pair is added with two index_adds."""
+        moment pair is added with two index_adds. An odd last statistic is a sum |.|, added to `abs_row`."""
         groups: dict[int, list[tuple[int, int, tuple[torch.Tensor, ...]]]] = {}
         for entry in entries:
             groups.setdefault(entry[2][0].shape[0], []).append(entry)
@@ -311,7 +374,7 @@ class ChannelProbes:
                 rows[:2].index_add_(1, cols, mv.sum(0).mul_(spatial))
                 rows[2].index_add_(0, cols, torch.mul(mv[:, 0], mv[:, 0]).sum(0).mul_(spatial))
             if k % 2:
-                self.sums[Y_ABS].index_add_(0, cols, stats[:, -1].sum(0))
+                self.sums[abs_row].index_add_(0, cols, stats[:, -1].sum(0))
         entries.clear()
 
     def _snapshot_affine(self) -> None:
@@ -321,12 +384,14 @@ class ChannelProbes:
             self._affine[1].copy_(self._per_channel("bias", 0.0, self._derivable))
 
     def _per_channel(self, attr: str, fill: float, where: Sequence[bool] | None = None) -> torch.Tensor:
-        """A norm parameter (weight or bias) of every tracked layer side by side, `fill` for layers
-        without it (or not in `where`)."""
+        """A per-channel parameter (a 1-D `weight` or `bias` with one entry per captured output
+        channel: a norm's gamma or beta, a conv's bias) of every tracked layer side by side, `fill`
+        for layers without it (or not in `where`)."""
         vals = []
         for k, layer in enumerate(self.layers):
-            p = getattr(layer.module, attr, None) if where is None or where[k] else None
-            vals.append(p.detach().reshape(-1) if isinstance(p, torch.Tensor) else
+            p = getattr(layer.module, attr, None) if (where is None or where[k]) and layer.capture == "output" else None
+            per_channel = isinstance(p, torch.Tensor) and p.ndim == 1 and p.numel() == layer.channels
+            vals.append(p.detach() if per_channel else
                         torch.full((layer.channels,), fill, dtype=self._flat.dtype, device=self.device))
         return torch.cat(vals)
 
@@ -395,45 +460,83 @@ class ChannelProbes:
 
     @torch.no_grad()
     def capture_params(self, weights: bool = True) -> None:
-        """gamma and beta (and, with `weights`, out_weight_norm and near_zero_frac) as they are now."""
+        """gamma and beta (and, with `weights`, out_weight_norm, out_weight_l1 and near_zero_frac) as they are now."""
         self.params[P_WEIGHT].copy_(self._per_channel("weight", math.nan))
         self.params[P_BIAS].copy_(self._per_channel("bias", math.nan))
         if not weights:
             return
-        norms = []
-        for layer in self.layers:
-            v = out_weight_norm(layer.readers, layer.channels, self.scratch)
-            norms.append(v if v is not None else self._nan(layer.channels))
-        self.params[P_OUT_NORM].copy_(torch.cat(norms))
+        for row, stat in ((P_OUT_NORM, out_weight_norm), (P_OUT_L1, out_weight_l1)):
+            norms = []
+            for layer in self.layers:
+                v = stat(layer.readers, layer.channels, self.scratch)
+                norms.append(v if v is not None else self._nan(layer.channels))
+            self.params[row].copy_(torch.cat(norms))
         if self.weights:
             self.near_zero.copy_(near_zero_fractions([w for _, w in self.weights], self.cfg.near_zero, self.scratch))
 
     @torch.no_grad()
     def capture_grads(self) -> None:
-        """|d loss / d gamma| (NaN where gamma has no gradient)."""
+        """|d loss / d gamma| (NaN where gamma has no gradient) and, when recorded, each channel's
+        mean |grad| over its incoming filter."""
         vals = []
         for layer in self.layers:
-            w = getattr(layer.module, "weight", None)
-            g = w.grad if isinstance(w, torch.Tensor) else None
-            vals.append(g.detach().reshape(-1) if g is not None else self._nan(layer.channels))
+            w = getattr(layer.module, "weight", None) if layer.capture == "output" else None
+            g = w.grad if isinstance(w, torch.Tensor) and w.ndim == 1 and w.numel() == layer.channels else None
+            vals.append(g.detach() if g is not None else self._nan(layer.channels))
         self.params[P_GRAD].copy_(torch.cat(vals).abs())
+        if "in_weight_grad" not in self.extra:
+            return
+        vals = []
+        for layer in self.layers:
+            w = getattr(layer.producer, "weight", None)
+            g = w.grad if isinstance(w, torch.Tensor) else None
+            if g is None or g.shape[0] != layer.channels:
+                vals.append(self._nan(layer.channels))
+                continue
+            g = g.detach()
+            vals.append(torch.abs(g, out=self.scratch.take("work", g)).view(layer.channels, -1).mean(1))
+        self.params[P_IN_GRAD].copy_(torch.cat(vals))
 
     def _nan(self, n: int) -> torch.Tensor:
         return torch.full((n,), math.nan, dtype=self._flat.dtype, device=self.device)
 
     # -- end of a tracked step ----------------------------------------------------------------
 
-    def finish(self, accelerator: Any = None) -> None:
-        """Close the step's sums: fold in what the hooks collected, put the element counts into the
-        buffer and, under several processes, sum sums and counts over them (as if one process had
-        seen the global batch)."""
+    def fold(self) -> None:
+        """Add what the hooks collected since the last fold into the sums (with the gamma and beta
+        of the last `arm`, which the derived norm moments use). The sums are additive: a pooled
+        interval folds each step's forwards into the same sums."""
         with torch.no_grad():
             self._fold(self._xy, X_M)
             self._fold(self._gn, X_M, derive=True)
-            self._fold(self._act, A_M)
+            self._fold(self._cap, Y_M)
+            self._fold(self._act, A_M, abs_row=A_ABS)
+
+    def finish(self, accelerator: Any = None) -> None:
+        """Close the tracked step's sums: fold in what the hooks collected, put the element counts
+        into the buffer and, under several processes, sum sums and counts over them (as if one
+        process had seen the global batch)."""
+        self.fold()
         self._stage_counts()
         if accelerator is not None and int(accelerator.num_processes) > 1:
             self.reduced.copy_(accelerator.reduce(self.reduced, reduction="sum"))
+
+    @property
+    def host_counts(self) -> np.ndarray:
+        """Element counts (2, layers) of the forwards measured since `reset`, not yet in the buffer."""
+        return self._host_counts
+
+    def collect(self, accelerator: Any) -> None:
+        """Sum the sums and counts measured so far over the processes onto the main process (the
+        others start again from zero): an open pooled window as one process would hold it."""
+        self._stage_counts()
+        self.reduced.copy_(accelerator.reduce(self.reduced, reduction="sum"))
+        if accelerator.is_main_process:
+            self._host_counts[:] = self.counts.cpu().numpy()
+        else:
+            self.reduced.zero_()
+            self._host_counts[:] = 0
+        self.counts.zero_()
 
     def _stage_counts(self) -> None:
         """Host counts -> device buffer; on CUDA through pinned memory without a host sync."""
@@ -492,8 +595,10 @@ class ChannelProbes:
         act_mean, act_std = moments(A_M, n_act)
         with np.errstate(invalid="ignore", divide="ignore"):
             mean_abs = sums[Y_ABS] / n_xy
+            act_mean_abs = sums[A_ABS] / n_act
+        norm = np.repeat([layer.norm for layer in self.layers], sizes)
         channels = {
-            "in_std": in_std,
+            "in_std": np.where(norm, in_std, np.nan),
             "mean": mean,
             "mean_abs": mean_abs,
             "std": std,
@@ -503,11 +608,17 @@ class ChannelProbes:
             "gn_bias": params[P_BIAS],
             "gn_weight_grad": params[P_GRAD],
             "out_weight_norm": params[P_OUT_NORM],
+            "out_weight_l1": params[P_OUT_L1],
         }
+        if self._act_abs:
+            channels["act_mean_abs"] = act_mean_abs
+        if "in_weight_grad" in self.extra:
+            channels["in_weight_grad"] = params[P_IN_GRAD]
         for key in ("in_std", "mean", "mean_abs", "std"):
             channels[key] = np.where(n_xy > 0, channels[key], np.nan)
-        for key in ("act_mean", "act_std"):
-            channels[key] = np.where(n_act > 0, channels[key], np.nan)
+        for key in ("act_mean", "act_std", "act_mean_abs"):
+            if key in channels:
+                channels[key] = np.where(n_act > 0, channels[key], np.nan)
         return TraceRecord(step, channels, dict(scalars), flat[d:].copy() if self.weights else None)
 
 

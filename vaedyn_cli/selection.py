@@ -149,22 +149,27 @@ def parse_classification(text: str, where: str) -> dict[str, Any]:
 
 
 def check_classification_fits(data: dict[str, Any], model: nn.Module, where: str, model_name: str) -> None:
-    """The classification was made on this architecture: same GroupNorms, same channel counts, indices in range."""
+    """The classification was made on this architecture: its layers are modules of the model with the
+    same channel counts (a GroupNorm's, or the output's or input's of any other tracked module), and
+    its channel indices are in range."""
     norms = anatomy.channel_counts(model)
+    modules = dict(model.named_modules())
     layers: dict[str, int] = data["layers"]
     fix = "classify a trace recorded from this model"
-    if layers and not set(layers) & set(norms):
+    if layers and not set(layers) & set(modules):
         raise VaedynError(
             f"targets {where} come from another architecture: none of their {len(layers)} layers is a "
-            f"GroupNorm of {model_name} (e.g. '{next(iter(layers))}'); {fix}"
+            f"module of {model_name} (e.g. '{next(iter(layers))}'); {fix}"
         )
     for layer, n in layers.items():
-        if layer not in norms:
-            raise VaedynError(f"targets {where}: unknown layer '{layer}' (not a GroupNorm of {model_name}); {fix}")
-        if n != norms[layer]:
+        if layer not in modules:
+            raise VaedynError(f"targets {where}: unknown layer '{layer}' (not a module of {model_name}); {fix}")
+        counts = [norms[layer]] if layer in norms else \
+            [c for cap in ("output", "input") if (c := anatomy.captured_channels(model, layer, cap)) is not None]
+        if n not in counts:
             raise VaedynError(
                 f"targets {where} come from another architecture: {layer} has {n} channels there and "
-                f"{norms[layer]} in {model_name}; {fix}"
+                f"{' or '.join(map(str, counts)) or 'no fixed count'} in {model_name}; {fix}"
             )
     for i, rec in enumerate(data["channels"]):
         layer, idx = rec["layer"], rec["channel_index"]
@@ -175,6 +180,18 @@ def check_classification_fits(data: dict[str, Any], model: nn.Module, where: str
                 f"targets {where}: channels[{i}] has channel_index {idx}, out of range for {layer} "
                 f"({layers[layer]} channels); {fix}"
             )
+
+
+def norm_layers(layers: dict[str, int], model: nn.Module, purpose: str) -> dict[str, int]:
+    """The GroupNorm layers among classified `layers` (nudges and ablations act on GroupNorm scales);
+    the others (a tracked conv, say) are observed only, which is logged once."""
+    norms = anatomy.channel_counts(model)
+    kept = {k: v for k, v in layers.items() if k in norms}
+    left = [k for k in layers if k not in norms]
+    if left:
+        log.info("%s acts on GroupNorm channels: the %d other classified layer(s) (%s) are left out",
+                 purpose, len(left), ", ".join(left[:3]) + (", ..." if len(left) > 3 else ""))
+    return kept
 
 
 def store_classification(store: str | Path) -> dict[str, Any]:

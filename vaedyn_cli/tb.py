@@ -22,8 +22,9 @@ import xarray as xr
 from vaedyn_cli.anatomy import groupnorm_layers
 from vaedyn_cli.classification import select_channels, step_states
 from vaedyn_cli.config import ClassifyConfig, NearZeroConfig, TrackConfig
+from vaedyn_cli.errors import VaedynError
 from vaedyn_cli.hooks import TrainContext, TrainHook
-from vaedyn_cli.labels import DEAD, DORMANT, PARTS
+from vaedyn_cli.labels import DEAD, DORMANT, PARTS, UNOBSERVED
 from vaedyn_cli.metrics import reconstruct, to_unit
 from vaedyn_cli.probes import ChannelProbes
 from vaedyn_cli.store import records_to_dataset
@@ -38,8 +39,10 @@ class ChannelActivity:
     one-step trace and counted with the classification's per-step rule."""
 
     def __init__(self, model: torch.nn.Module):
-        track = TrackConfig(layers=["*"], module_types=["GroupNorm"], near_zero=NearZeroConfig(enabled=False))
+        track = TrackConfig(layers=["*"], module_types=["GroupNorm"], near_zero=NearZeroConfig(enabled=False),
+                            extra_statistics=["act_mean_abs"])
         self.probes = ChannelProbes(model, track, exact=True)
+        self.unavailable: str | None = None  # why the counts cannot be made (said once)
         self.seen = False
 
     @property
@@ -71,9 +74,19 @@ class ChannelActivity:
         if ds is None:
             return None
         ch = select_channels(ds)
-        codes, _ = step_states(ds, params, [0], channels=ch)
+        try:
+            codes, _ = step_states(ds, params, [0], channels=ch)
+        except VaedynError as e:
+            return self._off(str(e))
+        if (codes == UNOBSERVED).all():  # a method reading what this live view does not measure (weights, gradients)
+            return self._off(f"classify method '{params.method}' reads statistics the live view does not measure")
         return {p: {"inactive": int((codes[0, ch.part == p] >= DORMANT).sum()),
                     "dead": int((codes[0, ch.part == p] == DEAD).sum())} for p in PARTS}
+
+    def _off(self, why: str) -> None:
+        if self.unavailable is None:
+            self.unavailable = why
+            log.warning("TensorBoard channel counts off: %s", why)
 
 
 def gamma_by_part(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -4,6 +4,12 @@ It owns the run's store writer (main process) and the probes (every process); un
 processes the probes' sums are all-reduced, so the trace equals one process seeing the global
 batch. Other hooks talk to it through `window` (the recent tracked steps as a trace) and
 `add_events` (intervention rows for the store), never through its writer.
+
+With `track.pooling: interval` the probes measure every step's forwards (and, with
+`track.pool_validation`, the validation forwards in between) and fold them into the same on-device
+sums; only the tracked step copies them to the host. The open window's sums are part of a
+checkpoint (`artifacts.WINDOW_STATE_FILE`, safetensors), so a resumed run records the same steps as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -39,11 +45,14 @@ class Tracker(TrainHook):
         self.probes = ChannelProbes(self.model, cfg.track, ring=cfg.track.queue_size + 2)
         self.probe_batch = load_probe_batch(cfg) if cfg.track.source == "probe" and self.main else None
         self.tracked = False
+        self.pooled = cfg.track.pooling == "interval"
+        self.window_open = False  # pooled: sums of the next tracked step under way
         self.writer: TraceWriter | None = None
         self._store_attrs: dict[str, Any] | None = None
         if self.main:
             path = Path(ctx.run_dir) / artifacts.TRACE_DIR
-            attrs = store_mod.store_attrs("train", cfg.run_name, cfg.to_json(), model_config_json(self.model))
+            attrs = store_mod.store_attrs("train", cfg.run_name, cfg.to_json(), model_config_json(self.model),
+                                          pooling=cfg.track.pooling)
             resume = ctx.resume_step
             self.writer = TraceWriter(
                 path,
@@ -63,12 +72,24 @@ class Tracker(TrainHook):
 
     def begin_step(self, step: int) -> None:
         self.tracked = step % self.cfg.track.interval == 0
+        if self.pooled:
+            self._open_window()
+            if self.tracked:
+                self.probes.capture_params(weights=self._weights_due(step))
+            self.probes.arm()
+            return
         if not self.tracked:
             return
         self.probes.reset()
         if self.cfg.track.source == "batch":
             self.probes.capture_params(weights=self._weights_due(step))
             self.probes.arm()
+
+    def _open_window(self) -> None:
+        """Start the sums of the next tracked step, unless they are under way (or restored from a checkpoint)."""
+        if not self.window_open:
+            self.probes.reset()
+            self.window_open = True
 
     def _weights_due(self, step: int) -> bool:
         """Weight statistics on the first tracked step (step `interval`) and then on the first tracked step
@@ -80,6 +101,15 @@ class Tracker(TrainHook):
     def after_backward(self, step: int) -> None:
         """The step's forwards are over: |grad gamma|, and the hooks' results folded now, before the
         optimizer allocates its temporaries (see `ChannelProbes.finish`)."""
+        if self.pooled:
+            if self.tracked and self.cfg.track.gradients:
+                self.probes.capture_grads()
+            self.probes.disarm()
+            if self.tracked:
+                self.probes.finish(self.acc)
+            else:
+                self.probes.fold()
+            return
         if not self.tracked:
             return
         if self.cfg.track.gradients:
@@ -87,6 +117,17 @@ class Tracker(TrainHook):
         if self.cfg.track.source == "batch":
             self.probes.disarm()
             self.probes.finish(self.acc)
+
+    def before_validation(self, step: int) -> None:
+        if self.pooled and self.cfg.track.pool_validation:
+            self._open_window()
+            self.probes.arm()
+
+    def on_validation(self, step: int, metrics: dict[str, float]) -> None:
+        """The validation forwards are folded before any later hook runs a forward of its own."""
+        if self.pooled and self.probes.armed:
+            self.probes.disarm()
+            self.probes.fold()
 
     def end_step(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.tracked:
@@ -105,6 +146,7 @@ class Tracker(TrainHook):
             finally:
                 self.probes.disarm()
             self.probes.finish()
+        self.window_open = False  # the next step's forwards (or a validation in between) start new sums
         values = self._global_scalars(scalars)
         if not math.isfinite(values.get("loss", 0.0)):
             # the forward (and, unless skipped, the update) went non-finite: its statistics are no
@@ -154,6 +196,38 @@ class Tracker(TrainHook):
         """Commit the trace up to the checkpoint's step: a run resumed from it continues a complete trace."""
         if self.writer is not None:
             self.writer.flush()
+
+    def save_state(self, folder: Path) -> None:
+        """A pooled tracker's open window (its sums and counts), so that a run resumed mid-window records
+        the same tracked steps as an uninterrupted one: under several processes summed onto the main
+        process first (every process saves at the same step, so an uninterrupted run does the same)."""
+        if not self.pooled:
+            return
+        probes = self.probes
+        if int(self.acc.num_processes) > 1:
+            probes.collect(self.acc)
+        if self.main:
+            from safetensors.torch import save_file
+
+            save_file({"sums": probes.reduced.detach().cpu().contiguous(),
+                       "host_counts": torch.from_numpy(probes.host_counts.copy())},
+                      str(Path(folder) / artifacts.WINDOW_STATE_FILE), metadata={"open": str(int(self.window_open))})
+
+    def load_state(self, folder: Path) -> None:
+        """The open window of the checkpoint (a loading process other than the main starts from zeros)."""
+        file = Path(folder) / artifacts.WINDOW_STATE_FILE
+        if not self.pooled or not file.is_file():
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            self.window_open = f.metadata().get("open") == "1"
+            if not self.window_open:
+                return
+            self.probes.reset()
+            if self.main:
+                self.probes.reduced.copy_(f.get_tensor("sums").to(self.probes.reduced.device))
+                self.probes.host_counts[:] = f.get_tensor("host_counts").numpy()
 
     def close(self) -> None:
         self.probes.disarm()

@@ -64,6 +64,20 @@ def _flat_config(cfg: RunConfig) -> dict[str, Any]:
             for k, v in flatten(cfg.model_dump(mode="json")).items()}
 
 
+def _check_nudge_rule(cfg: RunConfig) -> None:
+    """An in-training nudge classifies the live trace: it must record what classify.method reads."""
+    if not cfg.nudge.enabled:
+        return
+    from vaedyn_cli.classification import unrecorded_statistics
+
+    missing = unrecorded_statistics(cfg.classify.method, cfg.track.extra_statistics)
+    if missing:
+        raise VaedynError(
+            f"classify.method {cfg.classify.method} (the in-training nudge's rule) reads {', '.join(missing)}, which "
+            f"the trace records only when asked: set track.extra_statistics=[{', '.join(missing)}]"
+        )
+
+
 def _settings_changes(cfg: RunConfig, resume_dir: Path) -> dict[str, tuple[Any, Any]]:
     """The settings that differ from those the checkpoint was trained with: refused (VaedynError)
     where they change the trajectory, else returned to be applied and recorded (config.RESUME_MAY_CHANGE)."""
@@ -208,6 +222,7 @@ def train(
     run_dir = cfg.run_dir
     _check_run_dir(run_dir, resume, overwrite)
     _check_report_to(cfg.log.report_to)
+    _check_nudge_rule(cfg)
     resume_dir = _resolve_resume(cfg, resume)
     resume_step = artifacts.parse_step(resume_dir.name) if resume_dir is not None else None
     finished = (run_dir / artifacts.FINAL_DIR).is_dir() or (resume_step or 0) > (cfg.train.max_steps or 0)

@@ -298,6 +298,8 @@ class Trainer:
                 self.hooks.append(hook)
         if resume_dir is not None:
             self._load(resume_dir, resume_step)
+            for hook in self.hooks:
+                hook.load_state(resume_dir)
             self._resumed(self.state.global_step)
 
     def _resumed(self, step: int) -> None:
@@ -393,6 +395,8 @@ class Trainer:
             tmp.mkdir(parents=True)
         self.acc.wait_for_everyone()
         self.acc.save_state(str(tmp))
+        for hook in self.hooks:
+            hook.save_state(tmp)
         self.acc.wait_for_everyone()
         target = root / name
         if self.main:
@@ -414,6 +418,8 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Mean reconstruction MSE and KL over the validation split (posterior mode, all processes)."""
         self.check_finite()
+        for hook in self.hooks:
+            hook.before_validation(self.state.global_step)
         self.vae.eval()
         recs, kls = [], []
         try:

@@ -1,4 +1,4 @@
-"""The trace store (schema "vaedyn.trace", version 1): Zarr v3, readable by plain xarray.
+"""The trace store (schema "vaedyn.trace", version 2; reads version 1): Zarr v3, readable by plain xarray.
 
 The store owns every read and write of its groups: `schema` (what it holds), `metadata` (the
 commit point), `writer` (the background TraceWriter, whole stores and groups), `reader` (checks,
@@ -17,7 +17,9 @@ from vaedyn_cli.store.schema import (
     EVENT_FIELDS,
     EVENTS_GROUP,
     LOCK_FILE,
+    OPTIONAL_CHANNEL_VARS,
     PARAM_VARS,
+    READABLE_VERSIONS,
     SCALAR_VARS,
     SCHEMA,
     SCHEMA_VERSION,
@@ -38,7 +40,9 @@ __all__ = [
     "EVENTS_GROUP",
     "EVENT_FIELDS",
     "LOCK_FILE",
+    "OPTIONAL_CHANNEL_VARS",
     "PARAM_VARS",
+    "READABLE_VERSIONS",
     "SCALAR_VARS",
     "SCHEMA",
     "SCHEMA_VERSION",

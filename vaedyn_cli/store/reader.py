@@ -15,7 +15,7 @@ from vaedyn_cli import __version__, artifacts, inputs
 from vaedyn_cli.errors import VaedynError
 from vaedyn_cli.store.chunks import FIX, check_chunks
 from vaedyn_cli.store.metadata import read_json
-from vaedyn_cli.store.schema import EVENT_FIELDS, EVENTS_GROUP, SCHEMA, SCHEMA_VERSION, ZARR_JSON
+from vaedyn_cli.store.schema import EVENT_FIELDS, EVENTS_GROUP, READABLE_VERSIONS, SCHEMA, ZARR_JSON
 
 
 def missing_store(path: Path) -> VaedynError:
@@ -44,10 +44,11 @@ def check_store(path: str | Path) -> dict[str, Any]:
             "`vaedyn train` or `vaedyn track`"
         )
     version = attrs.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
+        readable = " and ".join(str(v) for v in READABLE_VERSIONS)
         raise VaedynError(
-            f"{root} has {SCHEMA} schema_version {version!r}; this vaedyn ({__version__}) reads version "
-            f"{SCHEMA_VERSION}: use the vaedyn that wrote it, or re-create the trace with `vaedyn track`"
+            f"{root} has {SCHEMA} schema_version {version!r}; this vaedyn ({__version__}) reads versions "
+            f"{readable}: use the vaedyn that wrote it, or re-create the trace with `vaedyn track`"
         )
     return dict(attrs)
 
@@ -103,7 +104,17 @@ def open_trace(path: str | Path) -> xr.Dataset:
     _check_complete(root, ds, attrs, committed)
     if ds.sizes.get("step", 0) > committed:
         ds = ds.isel(step=slice(0, committed))
-    return ds
+    return fill_v1(ds)
+
+
+def fill_v1(ds: xr.Dataset) -> xr.Dataset:
+    """A version 1 root group with the channel coordinates version 2 added: `module_type` "" (not
+    recorded) and `capture` "output" (version 1 measured outputs only). Variables it lacks stay
+    missing: a method that needs one says so."""
+    n = ds.sizes.get("channel", 0)
+    fill = {k: ("channel", np.full(n, v, dtype=object)) for k, v in (("module_type", ""), ("capture", "output"))
+            if k not in ds.variables and "layer" in ds.variables}
+    return ds.assign_coords(fill) if fill else ds
 
 
 def committed_count(root: Path, attrs: Mapping[str, Any], name: str, rows: int) -> int:

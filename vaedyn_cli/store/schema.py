@@ -1,10 +1,17 @@
-"""What a trace store holds (schema "vaedyn.trace", version 1): names, layout, records, attributes.
+"""What a trace store holds (schema "vaedyn.trace", version 2; version 1 stores are read too):
+names, layout, records, attributes.
 
 The root group has dims `step` (appendable) and `channel` (every tracked channel, in module
 order), per-step-per-channel statistics, training scalars and `near_zero_frac` (step, param);
 group `events` (dim `event`) holds interventions; group `classification` is written by `vaedyn
 classify`. docs/design.md "Trace store" is the contract; the descriptions below are stored with
 the arrays.
+
+Version 2 added: any module can be tracked (channel coordinates `module_type` and `capture`: the
+module's class and whether its output or its input is measured), `out_weight_l1` (always), and
+the optional statistics `act_mean_abs` and `in_weight_grad`, present only when recorded
+(`track.extra_statistics`). A version 1 store lacks all of these: readers fill the coordinates
+(`module_type` "", `capture` "output") and a method that needs a missing variable says so.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import xarray as xr
 from vaedyn_cli import __version__
 
 SCHEMA = "vaedyn.trace"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # what the readers open; writers write SCHEMA_VERSION only
 EVENTS_GROUP = "events"
 CLASSIFICATION_GROUP = "classification"
 ZARR_JSON = "zarr.json"
@@ -29,19 +37,33 @@ EVENT_CHUNK = 1024
 
 STD_NOTE = "population std (ddof=0) over batch and spatial positions"
 
-# Per-step, per-channel statistics (float32), with what they mean.
+# Per-step, per-channel statistics (float32), with what they mean. "The captured tensor" is the
+# module's output (capture "output"; for a norm y = gamma * xhat + beta) or its input ("input").
 CHANNEL_VARS: dict[str, str] = {
-    "in_std": f"std of the norm's input channel, {STD_NOTE}",
-    "mean": "mean of the norm's output y = gamma * xhat + beta over batch and spatial positions",
-    "mean_abs": "mean |y| over batch and spatial positions (the original project's activity metric)",
-    "std": f"std of y, {STD_NOTE}",
-    "act_mean": "mean of act(y) where an activation follows the norm, else NaN",
+    "in_std": f"std of a norm's input channel, {STD_NOTE} (NaN for other modules and for capture=input)",
+    "mean": "mean of the captured tensor's channel over batch and spatial positions",
+    "mean_abs": "mean |.| of the captured tensor's channel (the original project's activity metric)",
+    "std": f"std of the captured tensor's channel, {STD_NOTE}",
+    "act_mean": "mean of act(y) where an activation follows the captured output, else NaN",
     "act_std": f"std of act(y), {STD_NOTE}; NaN where no activation follows",
-    "gn_weight": "GroupNorm gamma used by this step's forward",
-    "gn_bias": "GroupNorm beta used by this step's forward",
-    "gn_weight_grad": "|d loss / d gamma| of this step (NaN when tracked without gradients)",
+    "gn_weight": "the module's per-channel scale used by this step's forward (a norm's gamma; NaN where the "
+    "module has none, and for capture=input)",
+    "gn_bias": "the module's per-channel shift used by this step's forward (a norm's beta, a conv's or linear's "
+    "bias; NaN where the module has none, and for capture=input)",
+    "gn_weight_grad": "|d loss / d gamma| of this step (NaN when tracked without gradients or without a "
+    "per-channel scale)",
     "out_weight_norm": "L2 norm of the weights of the next layer(s) that read this channel (NaN when unknown; "
     "in training traces recorded once per track.weight_interval steps, NaN in between)",
+    "out_weight_l1": "L1 norm of the same weights (Continual Backprop's outgoing-weight factor; recorded with "
+    "out_weight_norm)",
+}
+# Per-step, per-channel statistics recorded only when asked for (track.extra_statistics): each costs
+# a pass per tracked step, so a store holds the variable only when it was recorded.
+OPTIONAL_CHANNEL_VARS: dict[str, str] = {
+    "act_mean_abs": "mean |act(y)| where an activation follows the captured output (ReDo's activity), else NaN",
+    "in_weight_grad": "mean |d loss / d w| over the incoming filter of the channel (the weights of the conv or "
+    "linear that produces it: the module itself for a tracked conv/linear, a norm's producer; GraMa's "
+    "gradient magnitude); NaN without one",
 }
 SCALAR_VARS: dict[str, str] = {
     "loss": "training loss of the step (NaN when not training)",
@@ -50,11 +72,12 @@ SCALAR_VARS: dict[str, str] = {
     "lr": "learning rate of the step (NaN when not training)",
 }
 PARAM_VARS: dict[str, str] = {
-    "near_zero_frac": "share of near-zero weights of each conv/linear weight (track.near_zero; in training "
+    "near_zero_frac": "share of near-zero entries of each tracked parameter tensor (track.near_zero; in training "
     "traces recorded once per track.weight_interval steps, NaN in between)",
 }
-STEP_VARS = ("step", *CHANNEL_VARS, *SCALAR_VARS, *PARAM_VARS)
-CHANNEL_COORDS = ("layer", "channel_index", "part", "has_activation")
+STEP_VARS = ("step", *CHANNEL_VARS, *SCALAR_VARS, *PARAM_VARS)  # in every version 2 store
+CHANNEL_COORDS = ("layer", "channel_index", "part", "has_activation", "module_type", "capture")
+CAPTURES = ("output", "input")
 EVENT_FIELDS: dict[str, type] = {
     "step": np.int64,
     "layer": str,
@@ -73,30 +96,46 @@ REQUIRED_ATTRS = ("schema", "schema_version", "committed_steps")
 
 @dataclass(frozen=True)
 class ChannelLayout:
-    """The fixed `channel` and `param` axes of a store: which channels of which layers are tracked."""
+    """The fixed `channel` and `param` axes of a store: which channels of which modules are tracked,
+    and which optional statistics it records (`extra`, names of OPTIONAL_CHANNEL_VARS)."""
 
     layer: tuple[str, ...]
     channel_index: tuple[int, ...]
     part: tuple[str, ...]
     has_activation: tuple[bool, ...]
     params: tuple[str, ...] = ()
+    module_type: tuple[str, ...] | None = None  # None: every channel "GroupNorm"
+    capture: tuple[str, ...] | None = None  # None: every channel "output"
+    extra: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.layer)
-        if not (len(self.channel_index) == len(self.part) == len(self.has_activation) == n):
+        if self.module_type is None:
+            object.__setattr__(self, "module_type", ("GroupNorm",) * n)
+        if self.capture is None:
+            object.__setattr__(self, "capture", ("output",) * n)
+        columns = (self.channel_index, self.part, self.has_activation, self.module_type, self.capture)
+        if any(len(c) != n for c in columns):
             raise ValueError("layout columns differ in length")
+        unknown = [v for v in self.extra if v not in OPTIONAL_CHANNEL_VARS]
+        if unknown:
+            raise ValueError(f"unknown optional statistics {unknown}; known: {', '.join(OPTIONAL_CHANNEL_VARS)}")
 
     @classmethod
     def from_layers(
-        cls, layers: Iterable[tuple[str, int, str, bool]], params: Iterable[str] = ()
+        cls, layers: Iterable[tuple[Any, ...]], params: Iterable[str] = (), extra: Iterable[str] = ()
     ) -> ChannelLayout:
-        """From (layer name, channel count, part, has_activation) per layer, in module order."""
-        cols: tuple[list, list, list, list] = ([], [], [], [])
-        for name, channels, part, has_act in layers:
+        """From (layer name, channel count, part, has_activation[, module_type, capture]) per layer,
+        in module order (module_type defaults to "GroupNorm", capture to "output")."""
+        cols: tuple[list, ...] = ([], [], [], [], [], [])
+        for entry in layers:
+            name, channels, part, has_act, *kind = entry
+            module_type, capture = (*kind, *("GroupNorm", "output")[len(kind):])
             for c in range(channels):
-                for col, v in zip(cols, (name, c, part, bool(has_act)), strict=True):
+                for col, v in zip(cols, (name, c, part, bool(has_act), str(module_type), str(capture)), strict=True):
                     col.append(v)
-        return cls(*(tuple(c) for c in cols), params=tuple(params))
+        return cls(*(tuple(c) for c in cols[:4]), params=tuple(params), module_type=tuple(cols[4]),
+                   capture=tuple(cols[5]), extra=tuple(extra))
 
     @property
     def n_channels(self) -> int:
@@ -107,15 +146,32 @@ class ChannelLayout:
         """Layer names in store order."""
         return list(dict.fromkeys(self.layer))
 
+    @property
+    def channel_vars(self) -> tuple[str, ...]:
+        """The (step, channel) variables this layout's store holds."""
+        return (*CHANNEL_VARS, *(v for v in OPTIONAL_CHANNEL_VARS if v in self.extra))
+
+    @property
+    def step_vars(self) -> tuple[str, ...]:
+        """Every array along `step` of this layout's store (the `step` coordinate first)."""
+        return ("step", *self.channel_vars, *SCALAR_VARS, *PARAM_VARS)
+
     @classmethod
     def from_dataset(cls, ds: xr.Dataset) -> ChannelLayout:
+        """The layout of a store's root group (a version 1 store: module types "", captures "output")."""
         params = tuple(str(p) for p in ds["param"].values) if "param" in ds.coords else ()
+        n = ds.sizes.get("channel", 0)
+        kinds = {k: tuple(str(v) for v in ds[k].values) if k in ds.variables else (default,) * n
+                 for k, default in (("module_type", ""), ("capture", "output"))}
         return cls(
             tuple(str(v) for v in ds["layer"].values),
             tuple(int(v) for v in ds["channel_index"].values),
             tuple(str(v) for v in ds["part"].values),
             tuple(bool(v) for v in ds["has_activation"].values),
             params,
+            module_type=kinds["module_type"],
+            capture=kinds["capture"],
+            extra=tuple(v for v in OPTIONAL_CHANNEL_VARS if v in ds.variables),
         )
 
 
@@ -142,7 +198,7 @@ class PendingRecord(Protocol):
 
 
 def record_row(record: TraceRecord, name: str, layout: ChannelLayout) -> np.ndarray:
-    if name in CHANNEL_VARS:
+    if name in CHANNEL_VARS or name in OPTIONAL_CHANNEL_VARS:
         v = record.channels.get(name)
         if v is None:
             return np.full(layout.n_channels, np.nan, np.float32)
@@ -170,7 +226,8 @@ def records_to_dataset(
     """Records as an in-memory Dataset with the store's schema (also the skeleton of a new store)."""
     n = len(records)
     data: dict[str, Any] = {}
-    for name, doc in CHANNEL_VARS.items():
+    for name in layout.channel_vars:
+        doc = CHANNEL_VARS.get(name) or OPTIONAL_CHANNEL_VARS[name]
         rows = [record_row(r, name, layout) for r in records]
         arr = np.stack(rows) if rows else np.zeros((0, layout.n_channels), np.float32)
         data[name] = (("step", "channel"), arr, {"description": doc})
@@ -182,13 +239,17 @@ def records_to_dataset(
     data["near_zero_frac"] = (("step", "param"), arr, {"description": PARAM_VARS["near_zero_frac"]})
     coords = {
         "step": ("step", np.array([r.step for r in records], dtype=np.int64), {"description": "global optimizer step"}),
-        "layer": ("channel", np.array(layout.layer, dtype=object), {"description": "module path of the norm"}),
+        "layer": ("channel", np.array(layout.layer, dtype=object), {"description": "module path of the tracked module"}),
         "channel_index": ("channel", np.array(layout.channel_index, dtype=np.int64),
                           {"description": "index of the channel inside its layer"}),
         "part": ("channel", np.array(layout.part, dtype=object), {"description": "encoder or decoder"}),
         "has_activation": ("channel", np.array(layout.has_activation, dtype=bool),
-                           {"description": "whether a nonlinearity follows this norm"}),
-        "param": ("param", np.array(layout.params, dtype=object), {"description": "conv/linear weight name"}),
+                           {"description": "whether a nonlinearity follows the captured output"}),
+        "module_type": ("channel", np.array(layout.module_type, dtype=object),
+                        {"description": "class name of the tracked module (e.g. GroupNorm, Conv2d)"}),
+        "capture": ("channel", np.array(layout.capture, dtype=object),
+                    {"description": "which tensor of the module is measured: output or input"}),
+        "param": ("param", np.array(layout.params, dtype=object), {"description": "parameter tensor name"}),
     }
     ds = xr.Dataset(data, coords=coords, attrs=dict(attrs or {}))
     steps = ds["step"].values
@@ -198,9 +259,15 @@ def records_to_dataset(
 
 
 def store_attrs(
-    source: Literal["train", "track"], run_name: str, config_json: str, model_config_json: str
+    source: Literal["train", "track"], run_name: str, config_json: str, model_config_json: str,
+    pooling: Literal["step", "interval"] = "step",
 ) -> dict[str, Any]:
     """The root attributes of a new store (docs/design.md)."""
+    pooled = (
+        "the forwards of optimizer steps k-interval+1 .. k, every micro-batch pooled (with track.pool_validation "
+        "also the validation forwards run in between); its weight statistics, gamma and beta those of step k"
+        if pooling == "interval" else "the forward pass of optimizer step k"
+    )
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -212,9 +279,8 @@ def store_attrs(
         "committed_steps": 0,
         "std_definition": STD_NOTE,
         "step_definition": (
-            "source=train: step k holds the forward pass of optimizer step k (weights after k-1 updates), "
-            "as the loss does (with track.source=probe: the probe after update k); "
-            "source=track: the weights saved at global step k"
+            f"source=train: step k holds {pooled} (weights after k-1 updates), as the loss does "
+            "(with track.source=probe: the probe after update k); source=track: the weights saved at global step k"
         ),
     }
 

@@ -44,7 +44,7 @@ from vaedyn_cli.store.reader import check_store, committed_events, open_group
 from vaedyn_cli.store.schema import (
     EVENT_FIELDS,
     EVENTS_GROUP,
-    STEP_VARS,
+    SCHEMA_VERSION,
     ZARR_JSON,
     ChannelLayout,
     PendingRecord,
@@ -122,9 +122,14 @@ class TraceWriter:
         if exists and not (self.path / ZARR_JSON).is_file() and any(self.path.iterdir()):
             raise VaedynError(f"{self.path} exists and is not a trace store; choose another path or remove it")
         if exists and (self.path / ZARR_JSON).is_file():
-            check_store(self.path)
+            version = check_store(self.path).get("schema_version")
             if mode == "w":  # a vaedyn.trace store (checked above), and nothing else in it
                 artifacts.check_replaceable(self.path, artifacts.TRACE, "trace store", legacy=lambda _: True)
+            elif version != SCHEMA_VERSION:
+                raise VaedynError(
+                    f"trace store {self.path} has schema_version {version}; this vaedyn appends to version "
+                    f"{SCHEMA_VERSION} only: finish the run with the vaedyn that started it, or start it over"
+                )
             if mode == "a":
                 check_chunks(self.path, root_attrs(self.path))  # never append to (or rewrite) damaged data
                 stored = stored_layout(self.path)
@@ -153,7 +158,7 @@ class TraceWriter:
             )
 
         group = zarr.open_group(str(self.path), mode="r+", use_consolidated=False)
-        self._arrays = {name: group[name].with_config(WRITE_CONFIG) for name in STEP_VARS}
+        self._arrays = {name: group[name].with_config(WRITE_CONFIG) for name in self.layout.step_vars}
         chunk = self._arrays["step"].chunks[0]
         if chunk != self.chunk_steps:
             log.info("store %s has chunks of %d steps; using that instead of %d", self.path, chunk, self.chunk_steps)
@@ -314,7 +319,7 @@ class TraceWriter:
     def _add_row(self, record: TraceRecord) -> None:
         self._touched = True
         i = self._n + self._pending - self._start
-        for name in STEP_VARS:
+        for name in self.layout.step_vars:
             self._cache[name][i] = record_row(record, name, self.layout)
         self._pending += 1
         if self._recent.maxlen:

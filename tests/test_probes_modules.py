@@ -1,0 +1,341 @@
+"""Probes on any module (convs, linears, inputs), the optional statistics, and interval pooling:
+statistics against torch computed directly on the tensors the modules saw."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import TINY_WIDTH, Crash, crash_at, tiny_config_dict
+from vaedyn_cli import artifacts, store
+from vaedyn_cli import train as train_mod
+from vaedyn_cli.config import NearZeroConfig, RunConfig, TrackConfig
+from vaedyn_cli.model import build_preset
+from vaedyn_cli.probes import ChannelProbes
+from vaedyn_cli.tracker import Tracker
+
+RTOL, ATOL = 1e-5, 1e-6
+OFF = NearZeroConfig(enabled=False)
+
+
+class Net(nn.Module):
+    """conv (3 -> 4, 1x1, hand-set) -> SiLU -> conv2 (4 -> 2, 1x1): conv's channels 0-2 copy the
+    input's, channel 3 is the constant 2 (its bias)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential()
+        self.body.add_module("conv", nn.Conv2d(3, 4, 1))
+        self.body.add_module("act", nn.SiLU())
+        self.body.add_module("conv2", nn.Conv2d(4, 2, 1))
+        with torch.no_grad():
+            self.body.conv.weight.zero_()
+            for c in range(3):
+                self.body.conv.weight[c, c] = 1.0
+            self.body.conv.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 2.0]))
+            self.body.conv2.weight.copy_(torch.tensor([[1.0, -2.0, 0.0, 0.5], [3.0, 0.0, 0.0, 0.0]]).view(2, 4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def measure(model: nn.Module, cfg: TrackConfig, *batches: torch.Tensor, backward: bool = False):  # noqa: ANN201
+    probes = ChannelProbes(model, cfg)
+    probes.reset()
+    probes.capture_params()
+    probes.arm()
+    for x in batches:
+        out = model(x)
+        if backward:
+            (out.sample if hasattr(out, "sample") else out).square().mean().backward()
+    probes.disarm()
+    if backward:
+        probes.capture_grads()
+    probes.finish()
+    return probes, probes.snapshot(1).resolve()
+
+
+def per_channel(t: torch.Tensor) -> torch.Tensor:
+    """(C, everything) of a (B, C, H, W) tensor."""
+    return t.double().transpose(0, 1).reshape(t.shape[1], -1)
+
+
+def test_a_conv_output_its_activation_and_its_readers():
+    torch.manual_seed(0)
+    model = Net()
+    x1, x2 = torch.randn(2, 3, 4, 5), torch.randn(3, 3, 4, 5)
+    probes, rec = measure(model, TrackConfig(layers=["body.conv"], module_types=["Conv2d"], near_zero=OFF,
+                                             extra_statistics=["act_mean_abs"]), x1, x2)
+    (layer,) = probes.layers
+    assert (layer.module_type, layer.channels, layer.capture, layer.norm) == ("Conv2d", 4, "output", False)
+    assert layer.activation is model.body.act and layer.readers == [model.body.conv2]
+    assert probes.layout.module_type == ("Conv2d",) * 4 and probes.layout.has_activation == (True,) * 4
+    # the conv output is the input's channels 0-2 and a constant 2: its statistics by hand
+    x = torch.cat([per_channel(x1), per_channel(x2)], dim=1)
+    y = torch.cat([x, torch.full((1, x.shape[1]), 2.0, dtype=torch.float64)])
+    a = nn.functional.silu(y)
+    np.testing.assert_allclose(rec.channels["mean"], y.mean(1).numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(rec.channels["mean_abs"], y.abs().mean(1).numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(rec.channels["std"], y.std(1, unbiased=False).numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(rec.channels["act_std"], a.std(1, unbiased=False).numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(rec.channels["act_mean_abs"], a.abs().mean(1).numpy(), rtol=RTOL, atol=ATOL)
+    assert rec.channels["std"][3] == 0.0 and rec.channels["act_mean_abs"][3] == pytest.approx(2 / (1 + np.exp(-2.0)))
+    assert np.isnan(rec.channels["in_std"]).all()  # not a norm: no input statistics
+    assert np.isnan(rec.channels["gn_weight"]).all()  # a 4-D weight is no per-channel scale
+    assert rec.channels["gn_bias"].tolist() == [0.0, 0.0, 0.0, 2.0]  # its bias is a per-channel shift
+    # conv2 reads conv's channels through the SiLU: L2 and L1 of its weight columns
+    assert rec.channels["out_weight_norm"].tolist() == pytest.approx([np.sqrt(10.0), 2.0, 0.0, 0.5])
+    assert rec.channels["out_weight_l1"].tolist() == [4.0, 2.0, 0.0, 0.5]
+
+
+def test_an_input_capture():
+    torch.manual_seed(1)
+    model = Net()
+    x = torch.randn(2, 3, 4, 4)
+    probes, rec = measure(model, TrackConfig(layers=["body.conv2"], module_types=["Conv2d"], capture="input",
+                                             near_zero=OFF), x)
+    (layer,) = probes.layers
+    assert (layer.channels, layer.activation, probes.layout.capture) == (4, None, ("input",) * 4)
+    a = nn.functional.silu(torch.cat([per_channel(x), torch.full((1, 32), 2.0, dtype=torch.float64)]))
+    np.testing.assert_allclose(rec.channels["mean_abs"], a.abs().mean(1).numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(rec.channels["std"], a.std(1, unbiased=False).numpy(), rtol=RTOL, atol=ATOL)
+    for key in ("in_std", "act_std", "gn_weight", "gn_bias"):
+        assert np.isnan(rec.channels[key]).all(), key
+    # the input channels of a conv are read by the conv itself
+    assert rec.channels["out_weight_l1"].tolist() == [4.0, 2.0, 0.0, 0.5]
+
+
+def test_conv_in_conv_shortcut_and_a_linear_of_the_vae():
+    """The original project's extra hooks (conv_in; conv_shortcut in its grids) and a linear's
+    channels-last (batch, length, channels) output, pooled over two micro-batches."""
+    model = build_preset(TINY_WIDTH, 0)
+    names = ["encoder.conv_in", "encoder.down_blocks.1.resnets.0.conv_shortcut", "decoder.mid_block.attentions.0.to_q"]
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = [model.get_submodule(n).register_forward_hook(
+        lambda _m, _i, out, n=n: seen.setdefault(n, []).append(out.detach().double())) for n in names]
+    x1, x2 = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(1, 3, 16, 16) * 2 - 1
+    probes, rec = measure(model, TrackConfig(layers=names, module_types=["Conv2d", "Linear"], near_zero=OFF,
+                                             extra_statistics=["in_weight_grad"]), x1, x2, backward=True)
+    for h in handles:
+        h.remove()
+    assert [(la.name, la.channels, la.part) for la in probes.layers] == [
+        (names[0], 8, "encoder"), (names[1], 16, "encoder"), (names[2], 32, "decoder")]
+    for layer in probes.layers:
+        outs = seen[layer.name]
+        if layer.channel_last:  # (B, L, C) -> (C, B * L)
+            flat = torch.cat([o.reshape(-1, o.shape[-1]).T for o in outs], dim=1)
+        else:
+            flat = torch.cat([per_channel(o) for o in outs], dim=1)
+        cols = slice(layer.offset, layer.offset + layer.channels)
+        np.testing.assert_allclose(rec.channels["mean_abs"][cols], flat.abs().mean(1).numpy(), rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(rec.channels["std"][cols], flat.std(1, unbiased=False).numpy(), rtol=RTOL, atol=ATOL)
+        # GraMa's incoming filter of a conv's or linear's channel c is its own weight[c]
+        g = layer.module.weight.grad.detach().double()
+        np.testing.assert_allclose(rec.channels["in_weight_grad"][cols], g.abs().reshape(g.shape[0], -1).mean(1).numpy(),
+                                   rtol=1e-6)
+        np.testing.assert_array_equal(rec.channels["gn_bias"][cols], layer.module.bias.detach().double().numpy())
+    assert probes.layout.extra == ("in_weight_grad",)
+
+
+def test_in_weight_grad_of_a_norm_is_its_producers_filter():
+    model = build_preset(TINY_WIDTH, 0)
+    names = ["encoder.down_blocks.0.resnets.0.norm2", "encoder.down_blocks.0.resnets.1.norm1"]
+    probes, rec = measure(model, TrackConfig(layers=names, near_zero=OFF, extra_statistics=["in_weight_grad"]),
+                          torch.rand(2, 3, 16, 16) * 2 - 1, backward=True)
+    first, second = probes.layers
+    g = model.get_submodule("encoder.down_blocks.0.resnets.0.conv1").weight.grad.double()  # norm2 reads conv1
+    np.testing.assert_allclose(rec.channels["in_weight_grad"][: first.channels], g.abs().mean((1, 2, 3)).numpy(),
+                               rtol=1e-6)
+    assert np.isnan(rec.channels["in_weight_grad"][second.offset:]).all()  # reads a residual sum: no filter
+
+
+# ---------------------------------------------------------------------------------------------
+# interval pooling
+
+
+class Loop:
+    """The Tracker driven as vaedyn's loop drives it, with every forward's GroupNorm outputs kept."""
+
+    def __init__(self, tmp_path: Path, **track) -> None:
+        cfg = RunConfig.model_validate(tiny_config_dict(tmp_path, track={"interval": 2, **track}))
+        self.model = build_preset(TINY_WIDTH, 0)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.5)
+        from accelerate import Accelerator
+
+        ctx = SimpleNamespace(cfg=cfg, accelerator=Accelerator(cpu=True), model=self.model, optimizer=self.opt,
+                              run_dir=tmp_path / "run", resume_step=None, train_loader=None)
+        self.tracker = Tracker(ctx)
+        self.layer = "decoder.up_blocks.3.resnets.0.norm2"
+        self.seen: list[tuple[str, torch.Tensor]] = []
+        self.phase = "train"
+        self.model.get_submodule(self.layer).register_forward_hook(
+            lambda _m, _i, out: self.seen.append((self.phase, out.detach().double())))
+
+    def step(self, step: int, *batches: torch.Tensor) -> None:
+        t = self.tracker
+        t.begin_step(step)
+        for x in batches:
+            self.model(x).sample.square().mean().backward()
+        t.after_backward(step)
+        self.opt.step()
+        self.opt.zero_grad()
+        t.end_step(step, {"loss": 0.0, "rec_loss": 0.0, "kl_loss": 0.0, "lr": 0.5})
+
+    def validate(self, step: int, x: torch.Tensor) -> None:
+        self.phase = "validation"
+        self.tracker.before_validation(step)
+        with torch.no_grad():
+            self.model(x, sample_posterior=False)
+        self.tracker.on_validation(step, {})
+        self.phase = "train"
+
+    def trace(self) -> tuple[list[int], np.ndarray, np.ndarray]:
+        path = self.tracker.writer.path
+        self.tracker.close()
+        ds = store.open_trace(path)
+        cols = ds["layer"].values == self.layer
+        return ds["step"].values.tolist(), ds["mean_abs"].values[:, cols], ds["std"].values[:, cols]
+
+
+def batches(n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(n, 3, 16, 16, generator=g) * 2 - 1 for _ in range(2)]
+
+
+@pytest.mark.parametrize("pool_validation", [False, True])
+def test_interval_pooling_averages_every_forward_since_the_last_tracked_step(tmp_path, pool_validation):
+    loop = Loop(tmp_path, pooling="interval", pool_validation=pool_validation)
+    calls = []
+    real = loop.tracker.probes.snapshot
+    loop.tracker.probes.snapshot = lambda *a, **k: calls.append(a[0]) or real(*a, **k)
+    b = batches(2, 0)
+    loop.step(1, b[0], b[1][:1])  # two micro-batches of different sizes
+    loop.step(2, b[1])
+    loop.validate(2, b[0][:1])  # after tracked step 2: part of step 4's window (if pooled)
+    loop.step(3, b[0])
+    loop.step(4, b[1][:1])
+    steps, mean_abs, std = loop.trace()
+    assert steps == [2, 4] and calls == [2, 4]  # one host copy per tracked step
+    windows = [[0, 1, 2], [4, 5]]  # indices into loop.seen: steps 1-2; steps 3-4 (3 is the validation)
+    if pool_validation:
+        windows[1] = [3, 4, 5]
+    assert [p for p, _ in loop.seen] == ["train"] * 3 + ["validation"] + ["train"] * 2
+    for row, idx in enumerate(windows):  # every element of every forward in the window counts once
+        y = torch.cat([per_channel(loop.seen[i][1]) for i in idx], dim=1)
+        np.testing.assert_allclose(mean_abs[row], y.abs().mean(1).numpy(), rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(std[row], y.std(1, unbiased=False).numpy(), rtol=RTOL, atol=ATOL)
+
+
+def test_step_pooling_records_the_tracked_steps_forward_only(tmp_path):
+    loop = Loop(tmp_path)
+    b = batches(2, 0)
+    loop.step(1, b[0])
+    loop.step(2, b[1], b[0][:1])
+    loop.validate(2, b[0])
+    steps, mean_abs, _ = loop.trace()
+    y = torch.cat([per_channel(loop.seen[i][1]) for i in (1, 2)], dim=1)
+    assert steps == [2]
+    np.testing.assert_allclose(mean_abs[0], y.abs().mean(1).numpy(), rtol=RTOL, atol=ATOL)
+
+
+def test_a_pooled_run_resumed_mid_window_records_the_same_trace(tmp_path):
+    """Checkpoint at step 3, inside the window of step 4 (its validation pooled too): the resumed
+    run's trace equals the uninterrupted run's bit for bit."""
+    track = {"interval": 2, "pooling": "interval", "pool_validation": True}
+
+    def cfg(name: str) -> RunConfig:
+        return RunConfig.model_validate(tiny_config_dict(tmp_path, run_name=name, track=track))
+
+    whole = train_mod.train(cfg("whole"))
+    crashed = cfg("crashed")
+    with pytest.raises(Crash):
+        train_mod.train(crashed, hooks=(*train_mod.DEFAULT_HOOKS, crash_at(5)))
+    resumed = train_mod.train(crashed, resume="latest")
+    a, b = store.open_trace(whole / artifacts.TRACE_DIR), store.open_trace(resumed / artifacts.TRACE_DIR)
+    assert a["step"].values.tolist() == b["step"].values.tolist() == [2, 4, 6]
+    for name in ("mean", "mean_abs", "std", "in_std", "act_std", "gn_weight", "gn_weight_grad"):
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+    assert "every micro-batch pooled" in a.attrs["step_definition"]
+
+
+class _TwoProcesses:
+    """Stands in for accelerate under 2 processes: `reduce` returns the all-reduced sum (computed by
+    the test from both processes' buffers, as the collective would)."""
+
+    num_processes = 2
+
+    def __init__(self, total: torch.Tensor, rank: int) -> None:
+        self.total, self.is_main_process = total, rank == 0
+
+    def reduce(self, t: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        assert reduction == "sum" and t.shape == self.total.shape
+        return self.total.clone()
+
+
+def test_a_window_collected_at_a_checkpoint_sums_the_processes_onto_the_main_one():
+    """A pooled window under several processes: at a checkpoint the open window is summed onto the main
+    process (the others restart from zero), so the tracked step still holds all processes' forwards."""
+    model = build_preset(TINY_WIDTH, 0)
+    cfg = TrackConfig(layers=["decoder.up_blocks.3.*"], near_zero=OFF)
+    single, ranks = ChannelProbes(model, cfg), [ChannelProbes(model, cfg), ChannelProbes(model, cfg)]
+    xs = batches(2, 3) + batches(2, 4)  # forwards of process 0, 1 before the checkpoint, 0, 1 after it
+    for p in (single, *ranks):
+        p.reset()
+
+    def forward(p: ChannelProbes, x: torch.Tensor) -> None:
+        p.arm()
+        with torch.no_grad():
+            model(x)
+        p.disarm()
+        p.fold()
+
+    for x in xs:
+        forward(single, x)
+    forward(ranks[0], xs[0])
+    forward(ranks[1], xs[1])
+    for p in ranks:  # what the all-reduce sums: both processes' sums and counts
+        p._stage_counts()
+    total = sum(p.reduced.clone() for p in ranks)
+    for rank, p in enumerate(ranks):
+        p.collect(_TwoProcesses(total, rank))
+    assert ranks[1].host_counts.sum() == 0 and not ranks[1].sums.any()
+    forward(ranks[0], xs[2])
+    forward(ranks[1], xs[3])
+    for p in ranks:
+        p._stage_counts()
+    summed = sum(p.reduced.clone() for p in ranks)
+    single.finish()
+    np.testing.assert_allclose(summed.numpy(), single.reduced.numpy(), rtol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_pooled_steps_copy_nothing_to_the_host_between_tracked_steps():
+    """An untracked step of a pooled interval (arm, forward, backward, disarm, fold) on the GPU makes
+    no device-to-host copy; the tracked step copies once."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = build_preset(TINY_WIDTH, 0).cuda()
+    probes = ChannelProbes(model, TrackConfig())
+    x = (torch.rand(3, 3, 16, 16) * 2 - 1).cuda()
+
+    def pooled_step() -> None:
+        probes.arm()
+        model(x).sample.mean().backward()
+        probes.disarm()
+        probes.fold()
+
+    probes.reset()
+    pooled_step()  # warm up the caches (columns, groups)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        pooled_step()
+        torch.cuda.synchronize()
+    copies = [e.name for e in prof.events() if "DtoH" in e.name.replace(" ", "") or "DeviceToHost" in e.name]
+    assert copies == []
+    probes.finish()
+    assert np.isfinite(probes.snapshot(2).resolve().channels["std"]).all()

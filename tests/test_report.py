@@ -173,6 +173,38 @@ def test_report_of_run_writes_every_file_with_known_counts(run_report: tuple[Pat
     assert '"run_name": "tiny"' in html.unescape(page)  # the run's config is on the page
 
 
+def test_the_page_opens_with_the_channels_that_died_and_how(run_report: tuple[Path, Any]) -> None:
+    """The planted encoder channels 0 and 1 die at step 10 by their GroupNorm scale: the summary, the
+    page's first sentence and its first figure (before the summary table) say so."""
+    run, result = run_report
+    out = run / artifacts.REPORT_DIR
+    died = json.loads((out / SUMMARY_FILE).read_text())["died"]
+    assert died == {"total": 2, "channels": 32, "by_mechanism": {"gn_scale": 2, "saturated": 0, "input_collapse": 0,
+                                                                 "other": 0},
+                    "onsets": {"gn_scale": [10, 10], "saturated": [], "input_collapse": [], "other": []},
+                    "first_onset": 10, "median_onset": 10.0, "last_onset": 10}
+    page = (out / INDEX_FILE).read_text()
+    lead = re.search(r'<p class="lead">(.*?)</p>', page).group(1)
+    assert lead == ("2 of 32 channels (6.2 %) died during training: active at first, inactive for good from step 10 "
+                    "to 10 (median 10) by the classification; by mechanism: 2 gn scale.")
+    assert page.index('<p class="lead">') < page.index('src="died_over_training.png"') < page.index('id="summary"')
+    assert page.count('src="died_over_training.png"') == 1
+
+
+def test_the_died_figure_stacks_onsets_by_mechanism(tmp_path: Path) -> None:
+    from vaedyn_cli import figures, report_data, store
+
+    path = write_store(tmp_path / "t.zarr", tmp_path)
+    fig = figures.fig_died(report_data.gather(path, store.open_trace(path)))
+    ax = fig.axes[0]
+    assert ax.get_title() == "2 of 32 channels (6.2 %) died during training, onsets at steps 10-10"
+    (band,) = ax.collections  # one mechanism: gn_scale, red
+    top = band.get_paths()[0].vertices
+    assert {(x, y) for x, y in top if y > 0} >= {(10.0, 2.0), (38.0, 2.0)}  # 2 channels from step 10 on
+    assert max(y for x, y in top if x < 10) == 0.0
+    assert [t.get_text() for t in ax.get_legend().get_texts()][0] == "gn scale (2)"
+
+
 def test_stored_classification_replacing_an_old_report_and_subsampled_steps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

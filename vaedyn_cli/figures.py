@@ -21,6 +21,7 @@ from vaedyn_cli.labels import ACTIVE, DORMANT, PARTS, UNOBSERVED
 from vaedyn_cli.report_data import (
     ReportData,
     class_counts,
+    died,
     event_steps,
     has,
     label_columns,
@@ -45,6 +46,14 @@ SCALARS = ("loss", "rec_loss", "kl_loss", "lr")
 
 # file -> (title, caption); the order of the page
 FIGURES: dict[str, tuple[str, str]] = {
+    "died_over_training.png": (
+        "Channels that died during training, by mechanism",
+        "Channels the classification calls `died` (active first, then inactive for good) counted from the step "
+        "their inactivity began (onset), stacked by how they were silenced: gn_scale (their GroupNorm scale "
+        "|gamma| fell to a tenth of the layer's median or less), saturated (the activation after them is flat "
+        "where their output lies), input_collapse (their input stopped varying), other. The grey line is every "
+        "channel inactive at each tracked step by the per-step rule (died or not, e.g. flickering ones).",
+    ),
     "dormancy_heatmap.png": (
         "Dormancy over training: which channels are inactive, and when",
         "Columns are tracked steps; colour is the dormancy score (activity / mean activity of its layer): red at or "
@@ -345,6 +354,43 @@ def _rule(d: ReportData) -> str:
     return f"per-step rule: score <= {d.params.tau:g} at that step, no persistence filter"
 
 
+MECHANISM_COLOURS = {"gn_scale": "#d62728", "saturated": "#9467bd", "input_collapse": "#ff7f0e", "other": "#7f7f7f"}
+
+
+def fig_died(d: ReportData):  # noqa: ANN201
+    info = died(d)
+    if info is None:
+        raise Skip("no classification")
+    from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
+    x = d.steps[d.line_idx]
+    fig, ax = plt.subplots(figsize=(9, 4.6))
+    order = [m for m in MECHANISM_COLOURS if info["by_mechanism"][m]]
+    stacked = [np.searchsorted(np.asarray(info["onsets"][m]), x, side="right") for m in order]
+    if order:
+        ax.stackplot(x, *stacked, colors=[MECHANISM_COLOURS[m] for m in order], step="post", alpha=0.85,
+                     labels=[f"{m.replace('_', ' ')} ({info['by_mechanism'][m]})" for m in order])
+    per_step = sum(d.inactive[p] for p in PARTS)
+    ax.plot(x, per_step, color="#444444", linewidth=1.0, label="inactive at the step (per-step rule)")
+    ev, n_events = event_steps(d)
+    if len(ev):
+        ax.vlines(ev, 0, 0.06, transform=ax.get_xaxis_transform(), color="black", linewidth=0.8,
+                  label=f"intervention ({len(ev)} steps, {n_events} events)")
+    ax.set_xlabel(_step_xlabel(d))
+    ax.set_ylabel("channels (count)")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(bottom=0)
+    share = 100 * info["total"] / max(info["channels"], 1)
+    ax.set_title(f"{info['total']} of {info['channels']} channels ({share:.1f} %) died during training"
+                 + (f", onsets at steps {info['first_onset']}-{info['last_onset']}" if info["total"] else ""),
+                 fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def fig_counts(d: ReportData):  # noqa: ANN201
     from matplotlib.ticker import MaxNLocator
 
@@ -451,7 +497,7 @@ def _near_zero_rule(nz: dict[str, Any]) -> str:
     mode = nz.get("mode")
     absolute = f"|w| < {nz.get('abs_threshold')}"
     relative = f"|w| < {nz.get('rel_threshold')} x mean |w| of the tensor"
-    rule = {"absolute": absolute, "percent_of_mean": relative, "both": f"{absolute} or {relative}"}.get(mode)
+    rule = {"absolute": absolute, "percent_of_mean": relative, "both": f"{absolute} and {relative}"}.get(mode)
     return f" ({rule})" if rule else ""
 
 
@@ -609,6 +655,7 @@ def fig_losses(d: ReportData):  # noqa: ANN201
 
 
 FIGURE_FUNCS: dict[str, Callable[[ReportData], Any]] = {
+    "died_over_training.png": fig_died,
     "dormancy_heatmap.png": fig_heatmap,
     "dormant_counts.png": fig_counts,
     "dormant_by_layer.png": fig_by_layer,

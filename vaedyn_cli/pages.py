@@ -11,7 +11,8 @@ body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;m
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f3f3f3}td.l,th.l{text-align:left}figure{margin:1.2em 0}img{max-width:100%;border:1px solid #eee}
-figcaption{font-size:.9em;color:#444;margin-top:.3em}.note{background:#fff8e0;border-left:4px solid #e0b000;padding:.5em 1em}
+figcaption{font-size:.9em;color:#444;margin-top:.3em}.lead{font-size:1.1em;margin:.8em 0}
+.note{background:#fff8e0;border-left:4px solid #e0b000;padding:.5em 1em}
 pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:.8em}nav a{margin-right:1em}
 """
 

@@ -28,6 +28,7 @@ from vaedyn_cli.pages import CSS, esc, figures_html, fmt, table
 from vaedyn_cli.report_data import (
     ReportData,
     class_counts,
+    died,
     event_steps,
     gather,
     layer_table,
@@ -145,11 +146,28 @@ def build_summary(d: ReportData, figures: dict[str, str | None]) -> dict[str, An
         "classification": {"from": d.labels_from, **({"counts": class_counts(d.labels),
                                                       "rule": classification_rule(d)} if d.labels is not None else {})},
         "reconciliation": reconcile(d),
+        "died": died(d),
         "most_affected_layers": [r for r in ranked if r["dormant"] + r["dead"] > 0][:TOP_LAYERS],
         "events": _events_summary(d),
         "validation_records": len(d.validation),
         "figures": {k: ("written" if v is None else f"skipped: {v}") for k, v in figures.items()},
     }
+
+
+LEAD_FIGURE = "died_over_training.png"  # shown first, under the page's opening sentence
+
+
+def died_text(info: dict[str, Any] | None, last_step: int) -> str:
+    """The page's opening sentence: how many channels died during the trace and how."""
+    if info is None:
+        return "No classification: which channels died cannot be told (run `vaedyn classify` on the store)."
+    if not info["total"]:
+        return f"No channel died during the trace (none went from active to inactive for good by step {last_step})."
+    share = 100 * info["total"] / max(info["channels"], 1)
+    how = ", ".join(f"{n} {m.replace('_', ' ')}" for m, n in info["by_mechanism"].items() if n)
+    return (f"{info['total']} of {info['channels']} channels ({share:.1f} %) died during training: active at first, "
+            f"inactive for good from step {info['first_onset']} to {info['last_onset']} (median "
+            f"{info['median_onset']:g}) by the classification; by mechanism: {how}.")
 
 
 def render_html(d: ReportData, summary: dict[str, Any], figures: dict[str, str | None]) -> str:
@@ -183,8 +201,11 @@ def render_html(d: ReportData, summary: dict[str, Any], figures: dict[str, str |
         ["interventions", _events_text(s["events"])],
         ["validation records", s["validation_records"]],
     ]
+    lead = {LEAD_FIGURE: figures[LEAD_FIGURE]} if LEAD_FIGURE in figures else {}
+    parts.append(f'<p class="lead">{esc(died_text(s["died"], st["last"]))}</p>' + figures_html(lead, FIGURES))
     parts.append('<h2 id="summary">Summary</h2>' + table(None, rows, left=2))
-    parts.append('<h2 id="figures">Figures</h2>' + figures_html(figures, FIGURES))
+    rest = {k: v for k, v in figures.items() if k not in lead}
+    parts.append('<h2 id="figures">Figures</h2>' + figures_html(rest, FIGURES))
     layers = s["most_affected_layers"]
     parts.append(f'<h2 id="layers">Most affected layers at step {st["last"]} (per-step rule)</h2>')
     parts.append(f'<p>Counted by the {esc(s["last_step_rule"])}.</p>')

@@ -177,6 +177,24 @@ def event_steps(d: ReportData) -> tuple[np.ndarray, int]:
 
 
 
+def died(d: ReportData) -> dict[str, Any] | None:
+    """The channels the classification says died during the trace (trajectory `died`: active first,
+    then inactive for good from `onset_step`), by mechanism: how many, and their onset steps in
+    order. None without a classification."""
+    if d.labels is None:
+        return None
+    cols = label_columns(d, "trajectory", "mechanism", "onset_step")
+    sel = (cols["trajectory"] == "died") & (cols["onset_step"] >= 0)
+    onsets = {m: np.sort(cols["onset_step"][sel & (cols["mechanism"] == m)]).astype(np.int64) for m in MECHANISMS}
+    all_onsets = np.sort(np.concatenate(list(onsets.values())))
+    return {"total": int(sel.sum()), "channels": int(d.channels.n),
+            "by_mechanism": {m: int(len(v)) for m, v in onsets.items()},
+            "onsets": {m: v.tolist() for m, v in onsets.items()},
+            "first_onset": int(all_onsets[0]) if len(all_onsets) else None,
+            "median_onset": float(np.median(all_onsets)) if len(all_onsets) else None,
+            "last_onset": int(all_onsets[-1]) if len(all_onsets) else None}
+
+
 def layer_table(d: ReportData) -> list[dict[str, Any]]:
     """Per layer at the last step: channels, dormant, dead, inactive share, median |gamma|."""
     ch, codes = d.channels, d.last_codes

@@ -114,7 +114,8 @@ def fig_over_steps(study: Study, stats: dict[str, Any], results: dict[str, Any])
     plt = run_figures.pyplot()
     series = _series(study)
     colours = _colours(list(series))
-    fig, axes = plt.subplots(1, len(PARTS), figsize=(12, 4.6), squeeze=False, sharey=True)
+    # one y scale per part (their channel counts differ); each axis scaled after all its data are drawn
+    fig, axes = plt.subplots(1, len(PARTS), figsize=(12, 4.6), squeeze=False)
     for ax, p in zip(axes[0], PARTS, strict=True):
         for k, (cond, s) in enumerate(series.items()):
             grid = s["parts"][p]

@@ -305,6 +305,16 @@ def test_shipped_study_file_is_valid() -> None:
                             ("glyphs-baseline", "natural-baseline")]
 
 
+def test_shipped_hub_study_asks_the_question_of_the_real_model_on_six_seeds() -> None:
+    s = study_plan.load_study(Path(__file__).resolve().parent.parent / "configs" / "study-cifar10.yaml")
+    assert s.seeds == [0, 1, 2, 3, 4, 5] and len(s.runs) == 12
+    base, nudged = s.config_of("baseline"), s.config_of("nudge")
+    assert base.model.pretrained == "stabilityai/sdxl-vae" and base.data.dataset_name == "uoft-cs/cifar10"
+    assert not base.nudge.enabled and nudged.nudge.enabled and nudged.nudge.every % nudged.track.interval == 0
+    assert base.track.layers == ["encoder.conv_in", "*norm*"]  # every GroupNorm, not the original's two
+    assert s.spec.pairs == [("nudge", "baseline")]
+
+
 @pytest.mark.parametrize(("fields", "message"), [
     ({"seed": [0, 1]}, "invalid study file in {spec}: unknown key 'seed' (did you mean 'seeds'?)"),
     ({"seeds": [3]}, "invalid study file in {spec}: seeds: a study needs at least 2 seeds"),

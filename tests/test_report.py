@@ -268,6 +268,9 @@ def test_counts_say_their_rule_and_one_sentence_reconciles_them(tmp_path: Path) 
     assert "inactive at step 38, per-step rule</td><td class=\"l\">encoder 4 of 16 (0 dead), decoder 1 of 16" in page
     assert "inactive at step 38, classification</td><td class=\"l\">encoder 3, decoder 2 [classification" in page
     assert "Most affected layers at step 38 (per-step rule)" in page and "Class counts (classification)" in page
+    import torch
+
+    assert f"({s['source']}), torch {torch.__version__}, {torch.get_num_threads()} threads</td>" in page
     # where both rules agree, the page says so in as many words
     s, _ = _summary_and_page(write_store(tmp_path / "same.zarr", tmp_path))
     assert reconciliation_text(s["reconciliation"]) == (

@@ -285,3 +285,20 @@ def test_store_info_and_cli(tmp_path, cli):
     assert result.exit_code == 0 and "steps" in result.stdout and "3 (3 .. 9)" in result.stdout
     result = cli("store", "info", tmp_path / "nope.zarr")
     assert result.exit_code == 2 and "not found" in result.stderr and result.stdout == ""
+
+
+def test_a_store_records_the_torch_threads_that_wrote_it(tmp_path, cli):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        attrs = store.store_attrs("train", "unit", json.dumps({"run_name": "unit"}), "{}")
+    finally:
+        torch.set_num_threads(before)
+    assert (attrs["torch_threads"], attrs["torch_version"]) == (3, torch.__version__)
+    path = store.write_records(tmp_path / "t.zarr", [record(1)], LAYOUT, attrs)
+    info = store.store_info(path)
+    assert info["torch_threads"] == 3
+    result = cli("store", "info", path)
+    assert f"torch {torch.__version__}, 3 threads" in result.stdout

@@ -132,7 +132,8 @@ def build_summary(d: ReportData, figures: dict[str, str | None]) -> dict[str, An
                 "channels": int((ch.part == p).sum())} for p in PARTS}
     return {
         "store": info["path"],
-        **{k: info[k] for k in ("schema", "schema_version", "vaedyn_version", "source", "run_name", "size_bytes")},
+        **{k: info[k] for k in ("schema", "schema_version", "vaedyn_version", "source", "run_name", "size_bytes",
+                                     "torch_version", "torch_threads")},
         "steps": {"count": info["steps"], "first": info["first_step"], "last": info["last_step"],
                   "shown_in_lines": len(d.line_idx), "shown_in_heatmap": len(d.heat_idx)},
         "channels": {"total": info["channels"],
@@ -181,7 +182,8 @@ def render_html(d: ReportData, summary: dict[str, Any], figures: dict[str, str |
     st, chs = s["steps"], s["channels"]
     rows = [
         ["store", f"{s['store']} ({s['size_bytes'] / 2**20:.1f} MiB)"], ["schema", f"{s['schema']} v{s['schema_version']}"],
-        ["written by", f"vaedyn {s['vaedyn_version']} ({s['source']})"],
+        ["written by", f"vaedyn {s['vaedyn_version']} ({s['source']})"
+                       + (f", torch {s['torch_version']}, {s['torch_threads']} threads" if s.get("torch_threads") else "")],
         ["steps", f"{st['count']} tracked, {st['first']} .. {st['last']}"],
         ["channels", f"{chs['total']} in {s['layers']} layers (encoder {chs['encoder']}, decoder {chs['decoder']})"],
         ["weights tracked for near-zero share", s["params"]],

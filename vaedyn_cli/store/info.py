@@ -50,6 +50,8 @@ def store_info(path: str | Path, ds: xr.Dataset | None = None) -> dict[str, Any]
         "vaedyn_version": attrs.get("vaedyn_version"),
         "source": attrs.get("source"),
         "run_name": attrs.get("run_name"),
+        "torch_version": attrs.get("torch_version"),
+        "torch_threads": attrs.get("torch_threads"),
         "steps": int(steps.size),
         "first_step": int(steps[0]) if steps.size else None,
         "last_step": int(steps[-1]) if steps.size else None,
@@ -102,6 +104,8 @@ def info_table(info: Mapping[str, Any]) -> Any:
     span = f" ({info['first_step']} .. {info['last_step']})" if steps else ""
     table.add_row("schema", f"{info['schema']} v{info['schema_version']} (vaedyn {info['vaedyn_version']})")
     table.add_row("source", f"{info['source']}, run {info['run_name']}")
+    if info["torch_threads"] is not None:
+        table.add_row("written with", f"torch {info['torch_version']}, {info['torch_threads']} threads")
     table.add_row("steps", f"{steps}{span}")
     table.add_row("channels", f"{info['channels']} in {info['layers']} layers")
     for p, v in info["layers_by_part"].items():

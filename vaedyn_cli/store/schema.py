@@ -263,6 +263,8 @@ def store_attrs(
     pooling: Literal["step", "interval"] = "step",
 ) -> dict[str, Any]:
     """The root attributes of a new store (docs/design.md)."""
+    import torch  # the writers run beside a model; readers never import torch through here
+
     pooled = (
         "the forwards of optimizer steps k-interval+1 .. k, every micro-batch pooled (with track.pool_validation "
         "also the validation forwards run in between); its weight statistics, gamma and beta those of step k"
@@ -277,6 +279,9 @@ def store_attrs(
         "config": config_json,
         "model_config": model_config_json,
         "committed_steps": 0,
+        # on a CPU the thread count orders float sums, and a long run amplifies that as a seed would
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
         "std_definition": STD_NOTE,
         "step_definition": (
             f"source=train: step k holds {pooled} (weights after k-1 updates), as the loss does "

@@ -361,7 +361,6 @@ def fig_died(d: ReportData):  # noqa: ANN201
     info = died(d)
     if info is None:
         raise Skip("no classification")
-    from matplotlib.ticker import MaxNLocator
 
     plt = pyplot()
     x = d.steps[d.line_idx]
@@ -373,14 +372,7 @@ def fig_died(d: ReportData):  # noqa: ANN201
                      labels=[f"{m.replace('_', ' ')} ({info['by_mechanism'][m]})" for m in order])
     per_step = sum(d.inactive[p] for p in PARTS)
     ax.plot(x, per_step, color="#444444", linewidth=1.0, label="inactive at the step (per-step rule)")
-    ev, n_events = event_steps(d)
-    if len(ev):
-        ax.vlines(ev, 0, 0.06, transform=ax.get_xaxis_transform(), color="black", linewidth=0.8,
-                  label=f"intervention ({len(ev)} steps, {n_events} events)")
-    ax.set_xlabel(_step_xlabel(d))
-    ax.set_ylabel("channels (count)")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylim(bottom=0)
+    _over_steps_axes(ax, d, "channels (count)")
     share = 100 * info["total"] / max(info["channels"], 1)
     ax.set_title(f"{info['total']} of {info['channels']} channels ({share:.1f} %) died during training"
                  + (f", onsets at steps {info['first_onset']}-{info['last_onset']}" if info["total"] else ""),
@@ -391,8 +383,23 @@ def fig_died(d: ReportData):  # noqa: ANN201
     return fig
 
 
-def fig_counts(d: ReportData):  # noqa: ANN201
+def _over_steps_axes(ax, d: ReportData, ylabel: str) -> np.ndarray:  # noqa: ANN001
+    """A count-over-steps panel's marks of the interventions, step axis and integer count axis from 0;
+    returns the intervention steps."""
     from matplotlib.ticker import MaxNLocator
+
+    ev, n_events = event_steps(d)
+    if len(ev):
+        ax.vlines(ev, 0, 0.06, transform=ax.get_xaxis_transform(), color="black", linewidth=0.8,
+                  label=f"intervention ({len(ev)} steps, {n_events} events)")
+    ax.set_xlabel(_step_xlabel(d))
+    ax.set_ylabel(ylabel)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(bottom=0)
+    return ev
+
+
+def fig_counts(d: ReportData):  # noqa: ANN201
 
     plt = pyplot()
     ch = d.channels
@@ -409,14 +416,7 @@ def fig_counts(d: ReportData):  # noqa: ANN201
                 n = int((np.isin(state, ("dormant", "dead")) & (ch.part == p)).sum())
                 ax.plot([x[-1]], [n], linestyle="none", marker="D", markersize=8, markerfacecolor="none", clip_on=False,
                         markeredgecolor=PART_COLOURS[p], label=f"{p}: classification at the end ({n})")
-    ev, n_events = event_steps(d)
-    if len(ev):
-        ax.vlines(ev, 0, 0.06, transform=ax.get_xaxis_transform(), color="black", linewidth=0.8,
-                  label=f"intervention ({len(ev)} steps, {n_events} events)")
-    ax.set_xlabel(_step_xlabel(d))
-    ax.set_ylabel("inactive channels (dormant + dead, count)")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylim(bottom=0)
+    ev = _over_steps_axes(ax, d, "inactive channels (dormant + dead, count)")
     ax.set_title("Inactive channels over training" + ("" if len(ev) else " (no interventions recorded)")
                  + f"\n{_rule(d)}", fontsize=10)
     ax.legend(fontsize=8)

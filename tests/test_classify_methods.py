@@ -103,6 +103,33 @@ def test_a_method_needs_its_statistic():
         classify(make_trace(LAYERS, [0, 10]), "redo")
 
 
+def test_cbp_carries_the_latest_outgoing_weights_across_chunk_boundaries():
+    """Outgoing weights recorded at steps 0 and 30 only (track.weight_interval): every step uses the
+    latest record at or before it, also when the trace is classified a step or two at a time."""
+    ds = trace(6, act_mean_abs=[1, 1, 1, 1, np.nan, np.nan], mean_abs=[1] * 6, out_weight_l1=[1] * 6)
+    l1 = np.full((6, 6), np.nan, np.float32)
+    l1[0] = [2, 8, 0, 1, 4, 1]
+    l1[3] = [1, 1, 4, 2, 1, 4]
+    ds = ds.assign(out_weight_l1=(("step", "channel"), l1))
+    # step 20 (row 2) uses step 0's weights: L utility [2, 8, 0, 1], mean 2.75; A [4, 1], mean 2.5
+    _, per_step = classification.step_states(ds, ClassifyConfig(method="cbp"), [2, 5])
+    assert per_step[0].tolist() == pytest.approx([2 / 2.75, 8 / 2.75, 0, 1 / 2.75, 4 / 2.5, 1 / 2.5], rel=1e-6)
+    # step 50 (row 5) uses step 30's: L [1, 1, 4, 2], mean 2; A [1, 4], mean 2.5
+    assert per_step[1].tolist() == pytest.approx([0.5, 0.5, 2, 1, 0.4, 1.6], rel=1e-6)
+    for chunk in (None, 1, 2, 4):
+        labels = classify(ds, "cbp", **({} if chunk is None else {"chunk_steps": chunk}))
+        assert scores(labels, L) == pytest.approx([0.5, 0.5, 2, 1], rel=1e-6), chunk
+        assert scores(labels, A) == pytest.approx([0.4, 1.6], rel=1e-6), chunk
+        two = labels_of(labels, L, 2)  # utility 0 until step 20, 4 from step 30: dormant, then revived
+        assert (two["state"], two["trajectory"], two["revival_step"]) == ("active", "revived", 30), chunk
+
+
+def test_cbp_without_outgoing_weights_says_which_statistic_is_missing():
+    ds = trace(2, act_mean_abs=[1, 1, 1, 1, np.nan, np.nan], mean_abs=[1] * 6)
+    with pytest.raises(VaedynError, match="'cbp' needs 'out_weight_l1', which this trace does not hold"):
+        classify(ds, "cbp")
+
+
 # ---------------------------------------------------------------------------------------------
 # version 1 stores
 

@@ -624,3 +624,22 @@ def test_planted_gn_scale_channels_are_active_after_gn_scale_reset(cli, tmp_path
     for key in SILENCED:
         assert (after[key]["state"], after[key]["trajectory"], after[key]["revival_step"]) == ("active", "revived", 4)
         assert after[key]["mechanism"] is None
+
+
+def test_reset_moments_zeroes_the_touched_slices_of_every_adam_moment_only():
+    """A slice of a parameter the optimizer has not stepped yet is skipped, and the next one is still
+    reset; with amsgrad the running maximum goes too; other entries keep their values."""
+    from vaedyn_cli.strategies import reset_moments
+
+    fresh, gamma = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.AdamW([fresh, gamma], lr=0.1, amsgrad=True)
+    gamma.grad = torch.tensor([1.0, 2.0, 3.0, 4.0])  # `fresh` gets no gradient: no state
+    opt.step()
+    before = {k: opt.state[gamma][k].clone() for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")}
+    assert all(bool((v != 0).all()) for v in before.values())
+    reset_moments(opt, [(fresh, [0]), (gamma, [1, 3])])
+    for key, was in before.items():
+        now = opt.state[gamma][key]
+        assert now[[1, 3]].tolist() == [0.0, 0.0], key
+        assert now[[0, 2]].tolist() == was[[0, 2]].tolist(), key
+    assert fresh not in opt.state or not opt.state[fresh]

@@ -259,16 +259,6 @@ def test_resolve_store_path(tmp_path, monkeypatch):
         store.resolve_store_path("-")
 
 
-def test_write_group_is_visible_to_consolidated_readers(tmp_path):
-    path = write(tmp_path / "t.zarr", [record(1), record(2)])
-    labels = xr.Dataset({"state": ("channel", np.array(["active", "dormant", "dead", "active", "active"], dtype=object))})
-    store.write_group(path, store.CLASSIFICATION_GROUP, labels)
-    tree = xr.open_datatree(path, engine="zarr")
-    assert tree["classification"]["state"].values.tolist()[1:3] == ["dormant", "dead"]
-    assert tree.to_dataset().sizes["step"] == 2
-    assert store.store_info(path)["classification"] is True
-
-
 def test_store_info_and_cli(tmp_path, cli):
     path = write(tmp_path / "t.zarr", [record(s) for s in (3, 6, 9)])
     info = store.store_info(path)

@@ -75,3 +75,34 @@ def test_truncating_to_a_recorded_step_keeps_it_and_its_events(tmp_path: Path) -
         w.truncate(1)
     assert store.open_trace(path)["step"].values.tolist() == []
     assert store.read_events(path) is None
+
+
+def _nudge(step: int, channel: int, before: float) -> dict:
+    return {"step": step, "layer": "decoder.mid.attentions.0.group_norm", "channel_index": channel,
+            "strategy": "gn_scale_nudge", "param": "decoder.mid.attentions.0.group_norm.weight",
+            "before": before, "after": min(before * 1.1, 1.5)}
+
+
+def test_events_added_in_batches_follow_each_other_across_writers(tmp_path: Path) -> None:
+    """The first batch creates the events group, later ones grow it in place (also from a writer that
+    reopened the store): every row keeps its values and order, and `committed_events` counts them all."""
+    path = tmp_path / "t.zarr"
+    batches = [[_event(2), _event(2)], [_nudge(4, 1, 0.25)], [_nudge(6, 0, 0.5), _nudge(6, 1, 1.4), _event(6)]]
+    with TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=2) as w:
+        for s in (2, 4, 6):
+            w.append(record(s))
+        w.add_events(batches[0])
+        w.add_events(batches[1])
+    with TraceWriter(path, LAYOUT, ATTRS, mode="a", chunk_steps=2) as w:
+        w.add_events(batches[2])
+    rows = [row for batch in batches for row in batch]
+    events = store.read_events(path)
+    assert events.sizes["event"] == 6
+    for name in ("step", "layer", "channel_index", "strategy", "param", "before", "after"):
+        assert events[name].values.tolist() == [r[name] for r in rows], name
+    root = zarr.open_group(str(path), mode="r", use_consolidated=False)
+    assert root.attrs["committed_events"] == 6
+    assert zarr.open_group(str(path / "events"), mode="r", use_consolidated=False)["step"].shape == (6,)
+    from vaedyn_cli import artifacts
+
+    assert not [p.name for p in path.iterdir() if artifacts.is_temp(p.name)]  # no temporary group left beside it

@@ -225,9 +225,8 @@ def check_targets_fit(model: nn.Module, targets: Iterable[Target], where: str = 
             )
 
 
-def reset_moments(optimizer: torch.optim.Optimizer, touched: Iterable[tuple[nn.Parameter, Index]]) -> int:
-    """Zero Adam's moments (exp_avg, exp_avg_sq, max_exp_avg_sq) of the given slices; returns how many."""
-    count = 0
+def reset_moments(optimizer: torch.optim.Optimizer, touched: Iterable[tuple[nn.Parameter, Index]]) -> None:
+    """Zero Adam's moments (exp_avg, exp_avg_sq, max_exp_avg_sq) of the given slices."""
     for param, index in touched:
         state = optimizer.state.get(param)
         if not state:
@@ -236,8 +235,6 @@ def reset_moments(optimizer: torch.optim.Optimizer, touched: Iterable[tuple[nn.P
             moment = state.get(key)
             if torch.is_tensor(moment) and moment.shape == param.shape:
                 moment[index] = 0
-                count += 1
-    return count
 
 
 def apply(

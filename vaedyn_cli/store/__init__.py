@@ -31,7 +31,7 @@ from vaedyn_cli.store.schema import (
     records_to_dataset,
     store_attrs,
 )
-from vaedyn_cli.store.writer import TraceWriter, write_group, write_records
+from vaedyn_cli.store.writer import TraceWriter, write_records
 
 __all__ = [
     "CHANNEL_COORDS",
@@ -65,6 +65,5 @@ __all__ = [
     "stored_config",
     "verify_store",
     "write_classification",
-    "write_group",
     "write_records",
 ]

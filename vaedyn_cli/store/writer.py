@@ -39,7 +39,7 @@ import xarray as xr
 from vaedyn_cli import artifacts, faults, inputs
 from vaedyn_cli.errors import RuntimeFailure, VaedynError
 from vaedyn_cli.store.chunks import ALL_CHUNKS, WRITE_CONFIG, check_chunks
-from vaedyn_cli.store.metadata import commit_root, consolidate, root_attrs
+from vaedyn_cli.store.metadata import commit_root, root_attrs
 from vaedyn_cli.store.reader import check_store, committed_events, open_group
 from vaedyn_cli.store.schema import (
     EVENT_FIELDS,
@@ -77,7 +77,9 @@ def stored_layout(path: Path) -> ChannelLayout:
         return ChannelLayout.from_dataset(ds)
 
 
-_CLOSE = object()
+# the writer thread's operations (identities, not strings: an op is compared with `is`)
+_RECORD, _TICK, _EVENTS, _TRUNCATE, _FLUSH, _CLOSE = (object() for _ in range(6))
+_WAITED_FOR = (_TRUNCATE, _FLUSH)  # their caller waits on an Event the thread sets when done
 
 
 class TraceWriter:
@@ -178,22 +180,22 @@ class TraceWriter:
                 "(steps must be strictly increasing; truncate first when resuming)"
             )
         self._last_step = step
-        self._put(("record", record))
+        self._put((_RECORD, record))
 
     def add_events(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Queue intervention rows (fields: step, layer, channel_index, strategy, param, before, after)."""
         if rows:
-            self._put(("events", events_dataset(rows)))
+            self._put((_EVENTS, events_dataset(rows)))
 
     def truncate(self, step: int) -> None:
         """Drop every step after `step` (and the events after it), e.g. when resuming from a checkpoint."""
-        self._call("truncate", int(step))
+        self._call(_TRUNCATE, int(step))
         steps = self._arrays_steps()
         self._last_step = int(steps[-1]) if steps.size else None
 
     def flush(self) -> None:
         """Write and commit everything queued so far."""
-        self._call("flush", None)
+        self._call(_FLUSH, None)
 
     def close(self) -> None:
         """Flush, trim the arrays to the committed steps, stop the thread; raises the thread's error."""
@@ -231,7 +233,7 @@ class TraceWriter:
                     self._raise_if_failed()
                     raise RuntimeFailure(f"trace writer for {self.path} stopped") from None
 
-    def _call(self, op: str, arg: Any) -> None:
+    def _call(self, op: object, arg: Any) -> None:
         if self._closed:
             raise RuntimeError("TraceWriter is closed")
         done = threading.Event()
@@ -257,29 +259,29 @@ class TraceWriter:
             try:
                 op, arg = self._queue.get(timeout=timeout)
             except queue.Empty:
-                op, arg = "tick", None
+                op, arg = _TICK, None
             if self._error is not None:  # failed: keep draining so producers never block
                 self._release(op, arg)
                 if op is _CLOSE:
                     return
                 continue
             try:
-                if op == "record":
+                if op is _RECORD:
                     self._add_row(arg.resolve())
                     if self._pending == 0:
                         deadline = None
                     elif deadline is None:
                         deadline = time.monotonic() + self.commit_interval_s
                     continue
-                if op == "tick":
+                if op is _TICK:
                     self._commit_pending()
-                elif op == "events":
+                elif op is _EVENTS:
                     self._commit_pending()
                     self._append_events(arg)
-                elif op == "truncate":
+                elif op is _TRUNCATE:
                     self._commit_pending()
                     self._truncate(arg[0])
-                elif op == "flush":
+                elif op is _FLUSH:
                     self._commit_pending()
                 elif op is _CLOSE:
                     if self._touched:
@@ -293,12 +295,12 @@ class TraceWriter:
                 if op is _CLOSE:
                     return  # close() is waiting for this thread to end
             finally:
-                if op not in ("record", "tick") or self._error is not None:
+                if op is not _RECORD and op is not _TICK or self._error is not None:
                     self._release(op, arg)
 
     @staticmethod
     def _release(op: Any, arg: Any) -> None:
-        if op in ("truncate", "flush") and arg is not None:
+        if op in _WAITED_FOR and arg is not None:
             arg[1].set()
 
     def _load_cache(self) -> None:
@@ -428,11 +430,3 @@ def write_records(
         for record in records:
             writer.append(record)
     return Path(path)
-
-
-def write_group(path: str | Path, name: str, ds: xr.Dataset) -> None:
-    """Write (replace) a child group of a store and refresh the consolidated metadata."""
-    root = Path(path)
-    check_store(root)
-    ds.to_zarr(root, group=name, mode="w", zarr_format=3, consolidated=False, write_empty_chunks=True)
-    consolidate(root)

@@ -175,3 +175,11 @@ def test_an_in_training_nudge_refuses_a_rule_its_trace_would_not_record(tmp_path
     assert res.exit_code == 2 and res.stdout == ""
     assert "track.extra_statistics=[act_mean_abs]" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_summary_counts_a_one_channel_layer_by_its_part():
+    ds = make_trace([("encoder.conv_norm_out", 1, True), (L, 4, True)], [0, 10])
+    rows = classification.summary(classification.classify_trace(ds, ClassifyConfig(min_persist=1)))
+    assert [(r["layer"], r["part"], r["channels"]) for r in rows] == [
+        ("encoder.conv_norm_out", "encoder", 1), (L, "decoder", 4)]
+    assert sum(rows[0]["state"].values()) == 1 and sum(rows[1]["trajectory"].values()) == 4

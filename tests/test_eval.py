@@ -414,3 +414,40 @@ def test_compare_reads_older_metrics_files(tmp_path, cli):
     (tmp_path / "partial.json").write_text(json.dumps({"metrics": {"mse": 1.0, "kl": 1.0, "psnr": 20.0}}))
     with pytest.raises(VaedynError, match="lacks metrics ssim"):
         compare.compare([new, tmp_path / "partial.json"])
+
+
+GOOD = {"mse": 0.01, "kl": 3.5, "psnr_pooled": 20.0, "psnr_per_image_mean": 21.0, "ssim": 0.8}
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{not json", "it is not a metrics file written by `vaedyn eval`; rerun `vaedyn eval`"),
+    ('{"metrics": [1, 2]}', "is not a metrics file written by `vaedyn eval` (no 'metrics' mapping); rerun `vaedyn eval`"),
+    ('[{"metrics": {}}]', "(no 'metrics' mapping); rerun `vaedyn eval`"),
+    (json.dumps({"metrics": {**GOOD, "ssim": "0.8"}}), "metric 'ssim' is \"0.8\", not a number; rerun `vaedyn eval`"),
+    (json.dumps({"metrics": {**GOOD, "kl": True}}), "metric 'kl' is true, not a number; rerun `vaedyn eval`"),
+    (json.dumps({"metrics": {k: v for k, v in GOOD.items() if k != "kl"}}), "lacks metrics kl; rerun `vaedyn eval`"),
+    (json.dumps({"metrics": {"mse": 0.01, "kl": 3.5, "ssim": 0.8}}), "lacks metrics psnr_pooled, psnr_per_image_mean;"),
+    # an older file (psnr, no pooled PSNR): the n/a is skipped, the metrics after it are still checked
+    (json.dumps({"metrics": {"mse": 0.01, "kl": 3.5, "psnr": 21.0, "ssim": None}}), "metric 'ssim' is null"),
+])
+def test_a_bad_metrics_file_is_one_error_naming_it_and_the_fix(tmp_path, content, message):
+    file = tmp_path / "metrics.json"
+    file.write_text(content)
+    with pytest.raises(VaedynError) as err:
+        metrics.load_metrics(tmp_path)
+    assert message in str(err.value) and str(file) in str(err.value)
+
+
+def test_load_metrics_reads_a_file_or_its_folder_and_renames_an_older_files_psnr(tmp_path):
+    file = tmp_path / "metrics.json"
+    file.write_text(json.dumps({"checkpoint": "run", "metrics": {**GOOD, "extra": 1}}))
+    for where in (tmp_path, file):
+        record = metrics.load_metrics(where)
+        assert record["metrics"] == GOOD and record["path"] == str(file) and record["checkpoint"] == "run"
+    file.write_text(json.dumps({"metrics": {"mse": 0.01, "kl": 3.5, "psnr": 21.0, "ssim": 0.8}}))
+    record = metrics.load_metrics(file)
+    assert record["metrics"] == {"mse": 0.01, "kl": 3.5, "psnr_pooled": None, "psnr_per_image_mean": 21.0, "ssim": 0.8}
+    # a file that has both names keeps its own per-image mean and is not an older one
+    both = {**GOOD, "psnr": 99.0}
+    file.write_text(json.dumps({"metrics": both}))
+    assert metrics.load_metrics(file)["metrics"] == GOOD

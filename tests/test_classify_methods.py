@@ -110,15 +110,27 @@ def test_cbp_carries_the_latest_outgoing_weights_across_chunk_boundaries():
     l1 = np.full((6, 6), np.nan, np.float32)
     l1[0] = [2, 8, 0, 1, 4, 1]
     l1[3] = [1, 1, 4, 2, 1, 4]
-    ds = ds.assign(out_weight_l1=(("step", "channel"), l1))
+    act = ds["act_mean_abs"].values.copy()
+    act[5, :4] = [2, 1, 1, 1]  # the last step's activity differs from the step that recorded the weights
+    ds = ds.assign(out_weight_l1=(("step", "channel"), l1), act_mean_abs=(("step", "channel"), act))
     # step 20 (row 2) uses step 0's weights: L utility [2, 8, 0, 1], mean 2.75; A [4, 1], mean 2.5
     _, per_step = classification.step_states(ds, ClassifyConfig(method="cbp"), [2, 5])
     assert per_step[0].tolist() == pytest.approx([2 / 2.75, 8 / 2.75, 0, 1 / 2.75, 4 / 2.5, 1 / 2.5], rel=1e-6)
-    # step 50 (row 5) uses step 30's: L [1, 1, 4, 2], mean 2; A [1, 4], mean 2.5
-    assert per_step[1].tolist() == pytest.approx([0.5, 0.5, 2, 1, 0.4, 1.6], rel=1e-6)
+    # step 50 (row 5) uses step 30's: L [2, 1, 4, 2], mean 2.25; A [1, 4], mean 2.5
+    last = [2 / 2.25, 1 / 2.25, 4 / 2.25, 2 / 2.25]
+    assert per_step[1].tolist() == pytest.approx([*last, 0.4, 1.6], rel=1e-6)
+    # a step that recorded weights uses its own (L [1, 1, 4, 2] / 2, A [1, 4] / 2.5), by position or by slice
+    at_30 = [0.5, 0.5, 2, 1, 0.4, 1.6]
+    assert classification.step_states(ds, ClassifyConfig(method="cbp"), [3])[1][0].tolist() == pytest.approx(at_30)
+    assert classification.step_states(ds, ClassifyConfig(method="cbp"), slice(3, 4))[1][0].tolist() == pytest.approx(at_30)
+    # a slice starting between records takes the latest before it
+    _, window = classification.step_states(ds, ClassifyConfig(method="cbp"), slice(5, 6))
+    assert window[0].tolist() == pytest.approx([*last, 0.4, 1.6], rel=1e-6)
+    codes, none = classification.step_states(ds, ClassifyConfig(method="cbp"), [])
+    assert codes.shape == none.shape == (0, 6) and none.dtype == np.float32
     for chunk in (None, 1, 2, 4):
         labels = classify(ds, "cbp", **({} if chunk is None else {"chunk_steps": chunk}))
-        assert scores(labels, L) == pytest.approx([0.5, 0.5, 2, 1], rel=1e-6), chunk
+        assert scores(labels, L) == pytest.approx(last, rel=1e-6), chunk
         assert scores(labels, A) == pytest.approx([0.4, 1.6], rel=1e-6), chunk
         two = labels_of(labels, L, 2)  # utility 0 until step 20, 4 from step 30: dormant, then revived
         assert (two["state"], two["trajectory"], two["revival_step"]) == ("active", "revived", 30), chunk

@@ -135,3 +135,15 @@ def test_no_activation_no_saturation() -> None:
     mean[0, 0] = -10.0
     ds = make_trace([("decoder.mid_block.attentions.0.group_norm", n, False)], ONE_STEP, std=std, mean=mean)
     assert _labels(ds)[0]["mechanism"] == "other"
+
+
+def test_layer_states_is_the_per_step_rule_on_one_layers_activities() -> None:
+    """The lens labels its grid tiles with this. tau 0.1: the finite mean is (0 + 1e-7 + 0.125 + 3 + 4.875)
+    / 5 = 1.6, limit 0.16: 0 and 1e-7 are at most the dead threshold (dead), 0.125 is dormant, NaN is
+    unobserved; the absolute mean-|y| rule is strict (0.2 is active)."""
+    codes = classification.layer_states(np.array([0.0, 1e-7, 0.125, np.nan, 3.0, 4.875]), ClassifyConfig(tau=0.1))
+    assert codes.tolist() == [lab.DEAD, lab.DEAD, lab.DORMANT, lab.UNOBSERVED, lab.ACTIVE, lab.ACTIVE]
+    assert codes.dtype == np.int8
+    below = float(np.nextafter(np.float32(0.2), np.float32(0)))
+    strict = classification.layer_states([below, 0.2, np.nan], ClassifyConfig(method="mean_abs_threshold", threshold=0.2))
+    assert strict.tolist() == [lab.DORMANT, lab.ACTIVE, lab.UNOBSERVED]

@@ -106,3 +106,20 @@ def test_events_added_in_batches_follow_each_other_across_writers(tmp_path: Path
     from vaedyn_cli import artifacts
 
     assert not [p.name for p in path.iterdir() if artifacts.is_temp(p.name)]  # no temporary group left beside it
+
+
+@pytest.mark.parametrize(("chunk", "covers"), [
+    ("mean/c/1/0", "of 'mean' (steps 9..12)"),   # rows 2..3 of the step dim, named by their steps
+    ("mean/c/2/0", "of 'mean' (steps 15..15)"),  # the last chunk: its committed row only
+    ("layer/c/0", "of 'layer' (channels 0..4)"),  # a channel coordinate: rows of its own dim
+])
+def test_a_missing_chunk_names_the_steps_or_rows_it_held(tmp_path: Path, chunk: str, covers: str) -> None:
+    from tests.test_store import write
+    from vaedyn_cli.errors import VaedynError
+
+    path = write(tmp_path / "t.zarr", [record(s) for s in (3, 6, 9, 12, 15)])  # chunks of 2 steps
+    (path / chunk).unlink()
+    with pytest.raises(VaedynError) as err:
+        store.open_trace(path)
+    assert str(err.value) == (f"trace store {path} is damaged: chunk {chunk} {covers} is missing; restore the "
+                              "store from a copy, or re-create the trace with `vaedyn track`")

@@ -643,3 +643,30 @@ def test_reset_moments_zeroes_the_touched_slices_of_every_adam_moment_only():
         assert now[[1, 3]].tolist() == [0.0, 0.0], key
         assert now[[0, 2]].tolist() == was[[0, 2]].tolist(), key
     assert fresh not in opt.state or not opt.state[fresh]
+
+
+HINT = "pass the output of `vaedyn classify STORE --format json`"
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("{oops", "targets in t.json is not valid JSON (line 1, column 2)"),
+    ('{"layers": {}}', "targets in t.json lack a 'layers' mapping and a 'channels' list"),
+    ('{"layers": {"a": 0}, "channels": []}', "targets in t.json: layers['a'] must be a channel count, got 0"),
+    ('{"layers": {"a": true}, "channels": []}', "targets in t.json: layers['a'] must be a channel count, got True"),
+    ('{"layers": {"a": 2.0}, "channels": []}', "targets in t.json: layers['a'] must be a channel count, got 2.0"),
+    ('{"layers": {"a": 1}, "channels": [{"layer": "a", "channel_index": 0}, {"layer": "a", "channel_index": 0}]}',
+     "targets in t.json: channel a[0] is listed twice"),
+])
+def test_bad_targets_are_one_error_with_the_fix(text: str, problem: str) -> None:
+    from vaedyn_cli.selection import parse_classification
+
+    with pytest.raises(VaedynError) as err:
+        parse_classification(text, "in t.json")
+    assert str(err.value) == f"{problem}; {HINT}"
+
+
+def test_a_one_channel_layer_is_a_valid_target() -> None:
+    from vaedyn_cli.selection import parse_classification
+
+    data = parse_classification('{"layers": {"a": 1}, "channels": [{"layer": "a", "channel_index": 0}]}', "x")
+    assert data["layers"] == {"a": 1} and len(data["channels"]) == 1

@@ -147,3 +147,13 @@ def test_layer_states_is_the_per_step_rule_on_one_layers_activities() -> None:
     below = float(np.nextafter(np.float32(0.2), np.float32(0)))
     strict = classification.layer_states([below, 0.2, np.nan], ClassifyConfig(method="mean_abs_threshold", threshold=0.2))
     assert strict.tolist() == [lab.DORMANT, lab.ACTIVE, lab.UNOBSERVED]
+
+
+def test_a_channel_never_observed_has_no_score_even_when_its_layers_last_step_is_missing() -> None:
+    """Channel 3 is NaN on both steps and the layer skipped its last step entirely: every other
+    channel's score is from step 10 (its last observed one); channel 3 has none and stays unknown."""
+    act = np.array([[1.0, 2.0, 3.0, np.nan], [np.nan] * 4], np.float32)
+    ds = make_trace([(LAYER, 4, True)], [10, 20], act_std=act)
+    recs = _labels(ds)
+    assert [r["score"] for r in recs[:3]] == [0.5, 1.0, 1.5]
+    assert recs[3]["score"] is None and recs[3]["state"] == "unknown"

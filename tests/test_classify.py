@@ -613,3 +613,29 @@ def test_table_fits_80_columns_with_every_header_and_count(tmp_path: Path) -> No
     wide = classify.to_table(labels, store, color=False, width=240)
     assert sum(line.split()[:2] == ["layer", "ch"] for line in wide.splitlines()) == 1
     assert "decoder.up_blocks.1.resnets.2.norm2" in wide and max(len(x) for x in wide.splitlines()) <= 240
+
+
+def test_stored_labels_are_the_classification_group_with_the_traces_channel_coordinates(tmp_path):
+    """A store classified for two of its layers: stored_labels gives those channels' labels under the
+    trace's own layer / channel_index / part, equal to classifying them in memory; before that it says
+    that it classified in memory."""
+    layers = [("encoder.down_blocks.0.resnets.0.norm1", 3, True), ("decoder.up_blocks.0.resnets.0.norm2", 2, True),
+              ("decoder.mid_block.attentions.0.group_norm", 2, False)]
+    act = np.ones((2, 7), np.float32)
+    act[:, 1] = 0.0  # dead
+    path = write_store(make_trace(layers, [0, 10], act_std=act), tmp_path / "t.zarr")
+    ds = store_mod.open_trace(path)
+    labels, source = classification.stored_labels(path, ds)
+    assert source == "computed in memory (store has none)" and labels.sizes["channel"] == 7
+    picked = [layers[0][0], layers[2][0]]
+    mem = classification.classify_trace(ds, classification.trace_params(ds), layers=picked)
+    store_mod.write_classification(path, mem, n_channels=7)
+    labels, source = classification.stored_labels(path, store_mod.open_trace(path))
+    assert source == "stored by `vaedyn classify`"
+    assert {k: labels[k].dims for k in ("layer", "channel_index", "part")} == {k: ("channel",) for k in
+                                                                               ("layer", "channel_index", "part")}
+    assert labels["layer"].values.tolist() == [picked[0]] * 3 + [picked[1]] * 2
+    assert labels["channel_index"].values.tolist() == [0, 1, 2, 0, 1]
+    assert labels["part"].values.tolist() == ["encoder"] * 3 + ["decoder"] * 2
+    assert lab.to_records(labels) == lab.to_records(mem)
+    assert lab.to_records(labels)[1]["state"] == "dead"

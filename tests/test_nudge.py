@@ -670,3 +670,38 @@ def test_a_one_channel_layer_is_a_valid_target() -> None:
 
     data = parse_classification('{"layers": {"a": 1}, "channels": [{"layer": "a", "channel_index": 0}]}', "x")
     assert data["layers"] == {"a": 1} and len(data["channels"]) == 1
+
+
+def test_targets_must_fit_the_models_modules_and_channel_counts() -> None:
+    """A conv's targets may count its output or its input channels; a GroupNorm's its own; an index
+    must be below the count; layers that are none of the model's modules come from another model."""
+    from vaedyn_cli.model import build_preset
+    from vaedyn_cli.selection import check_classification_fits
+
+    model = build_preset(TINY_WIDTH, seed=0)
+    conv = model.get_submodule("encoder.down_blocks.1.resnets.0.conv1")  # 8 -> 16 channels at width 1/16
+    norm = "encoder.down_blocks.0.resnets.0.norm1"
+    n_norm = model.get_submodule(norm).num_channels
+    fix = "classify a trace recorded from this model"
+
+    def fits(layers: dict, channels: list) -> None:
+        check_classification_fits({"layers": layers, "channels": channels}, model, "in t.json", "the tiny VAE")
+
+    for n in (conv.out_channels, conv.in_channels):
+        fits({"encoder.down_blocks.1.resnets.0.conv1": n}, [{"layer": "encoder.down_blocks.1.resnets.0.conv1",
+                                                             "channel_index": n - 1}])
+    with pytest.raises(VaedynError) as err:
+        fits({"encoder.down_blocks.1.resnets.0.conv1": 5}, [])
+    assert str(err.value) == ("targets in t.json come from another architecture: encoder.down_blocks.1.resnets.0.conv1 "
+                              f"has 5 channels there and {conv.out_channels} or {conv.in_channels} in the tiny VAE; {fix}")
+    with pytest.raises(VaedynError) as err:
+        fits({norm: n_norm}, [{"layer": norm, "channel_index": n_norm}])
+    assert str(err.value) == (f"targets in t.json: channels[0] has channel_index {n_norm}, out of range for {norm} "
+                              f"({n_norm} channels); {fix}")
+    with pytest.raises(VaedynError) as err:
+        fits({"mid.norm": 4, "up.norm": 4}, [])
+    assert str(err.value) == ("targets in t.json come from another architecture: none of their 2 layers is a module "
+                              f"of the tiny VAE (e.g. 'mid.norm'); {fix}")
+    with pytest.raises(VaedynError) as err:
+        fits({norm: n_norm, "up.norm": 4}, [])
+    assert str(err.value) == f"targets in t.json: unknown layer 'up.norm' (not a module of the tiny VAE); {fix}"

@@ -451,3 +451,17 @@ def test_load_metrics_reads_a_file_or_its_folder_and_renames_an_older_files_psnr
     both = {**GOOD, "psnr": 99.0}
     file.write_text(json.dumps({"metrics": both}))
     assert metrics.load_metrics(file)["metrics"] == GOOD
+
+
+def test_image_helpers_clamp_scale_and_enlarge_by_hand_values():
+    """Reconstructions overshoot [-1, 1]: to_unit clamps to [0, 1]; pictures map [0, 1] to 0..255 and
+    clamp; the grid enlarges the longer side to at least 128 px by a whole factor (never below 1);
+    the PSNR is computed in float64."""
+    x = torch.tensor([-1.5, -1.0, 0.0, 0.5, 1.0, 1.25])
+    assert metrics.to_unit(x).tolist() == [0.0, 0.0, 0.5, 0.75, 1.0, 1.0]
+    img = torch.tensor([-0.5, 0.0, 0.5, 1.0, 1.5, 0.2]).reshape(3, 1, 2)  # (3, H=1, W=2)
+    assert metrics._to_uint8(img).tolist() == [[[0, 128, 255], [0, 255, 51]]]
+    assert [metrics.grid_zoom(h, w) for h, w in ((32, 32), (16, 40), (40, 16), (100, 1), (128, 128), (300, 64))] == \
+        [4, 4, 4, 2, 1, 1]
+    assert metrics.psnr_db(0.001234567).item() == pytest.approx(-10.0 * math.log10(0.001234567), rel=1e-14, abs=0)
+    assert metrics.psnr_db(0.001234567).dtype == torch.float64

@@ -705,3 +705,24 @@ def test_targets_must_fit_the_models_modules_and_channel_counts() -> None:
     with pytest.raises(VaedynError) as err:
         fits({norm: n_norm, "up.norm": 4}, [])
     assert str(err.value) == f"targets in t.json: unknown layer 'up.norm' (not a module of the tiny VAE); {fix}"
+
+
+def test_the_cap_keeps_the_lowest_scores_and_a_missing_score_comes_last() -> None:
+    """Cap 2 of a 4-channel layer (max_fraction 0.5): scores 0.3, NaN, none, 0.1, -0.0 ... the two lowest
+    finite scores are kept (0.1 and 0.3; a missing one, NaN or absent or true, only when nothing else is
+    left); targets carry the score as a float, or None where it was missing."""
+    from vaedyn_cli.selection import select_targets
+
+    def rec(i: int, score) -> dict:  # noqa: ANN001
+        return {"layer": "a", "channel_index": i, "state": "dormant", "score": score, "mechanism": None, "unused": False}
+
+    recs = [rec(0, 0.3), rec(1, float("nan")), rec(2, None), rec(3, 0.1)]
+    assert [(t.channel_index, t.score) for t in select_targets(recs, ["state=dormant"], 0.5, {"a": 4})] == \
+        [(0, 0.3), (3, 0.1)]
+    # only missing scores left: kept by channel index, with no score
+    rest = [rec(5, True), rec(1, float("nan")), rec(2, None)]
+    assert [(t.channel_index, t.score) for t in select_targets(rest, ["state=dormant"], 0.5, {"a": 4})] == \
+        [(1, None), (2, None)]
+    # integers count as scores; None and False are matched by their JSON spelling
+    assert [t.score for t in select_targets([rec(4, 2)], ["mechanism=null", "unused=false"], 1.0, {"a": 4})] == [2.0]
+    assert select_targets([rec(4, 2)], ["unused=true"], 1.0, {"a": 4}) == []

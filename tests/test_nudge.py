@@ -726,3 +726,22 @@ def test_the_cap_keeps_the_lowest_scores_and_a_missing_score_comes_last() -> Non
     # integers count as scores; None and False are matched by their JSON spelling
     assert [t.score for t in select_targets([rec(4, 2)], ["mechanism=null", "unused=false"], 1.0, {"a": 4})] == [2.0]
     assert select_targets([rec(4, 2)], ["unused=true"], 1.0, {"a": 4}) == []
+
+
+@pytest.mark.parametrize("expr", ["state=", "=dormant", "state= ", "state"])
+def test_a_selector_needs_a_field_and_a_value(expr: str) -> None:
+    from vaedyn_cli.selection import parse_select
+
+    with pytest.raises(VaedynError, match=f"--select '{expr}'"):
+        parse_select([expr])
+
+
+def test_selector_values_of_a_vocabulary_ignore_case_and_other_values_keep_it() -> None:
+    from vaedyn_cli.selection import parse_select
+
+    (state,) = parse_select(["state=DORMANT,Dead"])
+    assert state.matches({"state": "dormant"}) and state.matches({"state": "dead"}) and not state.matches({"state": "active"})
+    (layer,) = parse_select(["layer=Encoder.*"])
+    assert not layer.matches({"layer": "encoder.down.norm1"}) and layer.matches({"layer": "Encoder.x"})
+    (glob,) = parse_select(["mechanism=gn_*"])  # a glob is not checked against the vocabulary
+    assert glob.matches({"mechanism": "gn_scale"}) and not glob.matches({"mechanism": "other"})

@@ -100,3 +100,12 @@ def test_training_passes_each_epoch_to_the_noise_and_the_flips(tmp_path: Path, m
     assert noise_calls == [(e, b) for e in range(3) for b in range(2)]
     assert sorted(set(read_epochs)) == [0, 1, 2]
     assert read_epochs == sorted(read_epochs)  # epoch by epoch, never back
+
+
+def test_an_unshuffled_sampler_gives_the_data_in_order_every_epoch() -> None:
+    from vaedyn_cli.randomness import EpochSampler
+
+    sampler = EpochSampler(5, seed=3, shuffle=False)
+    assert list(sampler) == [0, 1, 2, 3, 4] and len(sampler) == 5
+    sampler.set_epoch(7)
+    assert list(sampler) == [0, 1, 2, 3, 4]

@@ -31,7 +31,7 @@ def bench(session: nox.Session) -> None:
 @nox.session
 def mutate(session: nox.Session) -> None:
     """Mutation testing of the modules that compute answers ([tool.mutmut] in pyproject.toml); not in CI:
-    about an hour on 2 cores. Prints the survivors; docs/mutation.md records the last triage."""
+    hours on 2 cores. Prints the survivors; docs/mutation.md records the last triage."""
     _install(session, "test,mutate")
     env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     session.run("mutmut", "run", "--max-children", "2", *session.posargs, env=env)

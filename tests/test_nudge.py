@@ -656,6 +656,7 @@ HINT = "pass the output of `vaedyn classify STORE --format json`"
     ('{"layers": {"a": 2.0}, "channels": []}', "targets in t.json: layers['a'] must be a channel count, got 2.0"),
     ('{"layers": {"a": 1}, "channels": [{"layer": "a", "channel_index": 0}, {"layer": "a", "channel_index": 0}]}',
      "targets in t.json: channel a[0] is listed twice"),
+    ('{"layers": {"a": 1}, "channels": [5]}', "targets in t.json: channels[0] has no 'layer' string"),
 ])
 def test_bad_targets_are_one_error_with_the_fix(text: str, problem: str) -> None:
     from vaedyn_cli.selection import parse_classification

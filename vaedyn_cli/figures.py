@@ -361,7 +361,6 @@ def fig_died(d: ReportData):  # noqa: ANN201
     info = died(d)
     if info is None:
         raise Skip("no classification")
-
     plt = pyplot()
     x = d.steps[d.line_idx]
     fig, ax = plt.subplots(figsize=(9, 4.6))
@@ -400,7 +399,6 @@ def _over_steps_axes(ax, d: ReportData, ylabel: str) -> np.ndarray:  # noqa: ANN
 
 
 def fig_counts(d: ReportData):  # noqa: ANN201
-
     plt = pyplot()
     ch = d.channels
     x = d.steps[d.line_idx]

@@ -123,3 +123,22 @@ def test_a_missing_chunk_names_the_steps_or_rows_it_held(tmp_path: Path, chunk: 
         store.open_trace(path)
     assert str(err.value) == (f"trace store {path} is damaged: chunk {chunk} {covers} is missing; restore the "
                               "store from a copy, or re-create the trace with `vaedyn track`")
+
+
+def test_the_first_events_replace_an_events_group_a_crashed_writer_left_uncommitted(tmp_path: Path) -> None:
+    """A writer killed while it wrote its first events leaves an `events` group that `committed_events`
+    (still 0) does not count: the next first batch replaces it, and only the new rows are read."""
+    path = tmp_path / "t.zarr"
+    with TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=2) as w:
+        w.append(record(2))
+        w.add_events([_event(2), _event(2), _event(2)])
+    import json
+
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["committed_events"] = 0  # as if the crash came before the commit
+    (path / "zarr.json").write_text(json.dumps(meta))
+    with TraceWriter(path, LAYOUT, ATTRS, mode="a", chunk_steps=2) as w:
+        w.add_events([_nudge(2, 1, 0.5)])
+    events = store.read_events(path)
+    assert events["strategy"].values.tolist() == ["gn_scale_nudge"] and events["after"].values.tolist() == [0.55]
+    assert zarr.open_group(str(path / "events"), mode="r", use_consolidated=False)["step"].shape == (1,)

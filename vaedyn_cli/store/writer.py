@@ -295,7 +295,7 @@ class TraceWriter:
                 if op is _CLOSE:
                     return  # close() is waiting for this thread to end
             finally:
-                if op is not _RECORD and op is not _TICK or self._error is not None:
+                if op not in (_RECORD, _TICK) or self._error is not None:
                     self._release(op, arg)
 
     @staticmethod

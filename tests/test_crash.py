@@ -101,6 +101,7 @@ def assert_same_trace(a: Path, b: Path) -> None:
         assert ea[name].values.tolist() == eb[name].values.tolist(), name
 
 
+@pytest.mark.other_processes
 def test_killed_three_times_resumes_to_the_uninterrupted_run(reference, tmp_path, cli):
     ref = reference
     assert trace_steps(ref) == list(range(1, 13))

@@ -465,3 +465,27 @@ def test_image_helpers_clamp_scale_and_enlarge_by_hand_values():
         [4, 4, 4, 2, 1, 1]
     assert metrics.psnr_db(0.001234567).item() == pytest.approx(-10.0 * math.log10(0.001234567), rel=1e-14, abs=0)
     assert metrics.psnr_db(0.001234567).dtype == torch.float64
+
+
+@pytest.mark.parametrize(("n", "num_pairs", "grid_k", "pairs"), [(10, 3, 8, 3), (5, 12, 5, 5), (9, 0, 8, 0)])
+def test_pictures_show_the_first_eight_in_the_grid_and_num_pairs_pairs(tmp_path, n, num_pairs, grid_k, pairs):
+    """grid.png holds the first min(8, n) images (16x16, enlarged 8x) over their reconstructions;
+    samples/ holds exactly min(num_pairs, n) numbered pairs, each the image itself, and no folder at 0."""
+    g = torch.Generator().manual_seed(n)
+    originals, reconstructions = torch.rand(n, 3, 16, 16, generator=g), torch.rand(n, 3, 16, 16, generator=g)
+    metrics.write_pictures(tmp_path, metrics.EvalResult({}, n, originals, reconstructions), num_pairs)
+    grid = np.asarray(Image.open(tmp_path / artifacts.EVAL_GRID_FILE))
+    assert grid.shape == (2 * 128 + 3 * 4, grid_k * 128 + (grid_k + 1) * 4, 3)
+    last = 4 + (grid_k - 1) * (128 + 4)  # the last tile of the top row is image grid_k - 1
+    np.testing.assert_array_equal(grid[4:4 + 128:8, last:last + 128:8], metrics._to_uint8(originals[grid_k - 1]))
+    samples = tmp_path / artifacts.SAMPLES_DIR
+    if not num_pairs:
+        assert not samples.exists()
+        return
+    names = sorted(p.name for p in samples.iterdir())
+    assert names == sorted(f"{i:04d}_{kind}.png" for i in range(pairs) for kind in ("original", "reconstruction"))
+    for i in range(pairs):
+        np.testing.assert_array_equal(np.asarray(Image.open(samples / f"{i:04d}_original.png")),
+                                      metrics._to_uint8(originals[i]))
+        np.testing.assert_array_equal(np.asarray(Image.open(samples / f"{i:04d}_reconstruction.png")),
+                                      metrics._to_uint8(reconstructions[i]))

@@ -23,6 +23,7 @@ from vaedyn_cli import train as train_mod
 from vaedyn_cli.classify import classify_store
 from vaedyn_cli.config import RunConfig, load_config
 from vaedyn_cli.labels import to_records
+from vaedyn_cli.randomness import channel_generator
 from vaedyn_cli.tracker import make_tracker
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -131,11 +132,19 @@ def test_planted_gn_scale_channels_are_reset_and_wake_up(tmp_path, hooks) -> Non
     """gn_scale_reset on mechanism=gn_scale: events at the nudge step, gamma 1 in the trace right
     after, and the channels classify as active from then on."""
     cfg = nudge_cfg(tmp_path, "reset", nudge={"strategy": "gn_scale_reset", "select": ["mechanism=gn_scale"]})
+    assert cfg.nudge.reset_optimizer_state is True  # the default
+    seen: list[Moments] = []
     hooks.append(Plant)
+    hooks.append(lambda ctx: seen.append(Moments(ctx, {2})) or seen[-1])
     run = train_mod.train(cfg)
     rows = events_rows(run)
     assert sorted((r["step"], r["layer"], r["channel_index"]) for r in rows) == sorted(
         (2, layer, c) for layer, c in PLANTED)
+    # the nudge zeroed the Adam moments of exactly the nudged gammas (of the optimizer being trained)
+    for layer, moments in seen[0].seen[2].items():
+        nudged = [c for (name, c) in PLANTED if name == layer]
+        assert (moments["exp_avg"][nudged] == 0).all() and (moments["exp_avg_sq"][nudged] == 0).all(), layer
+        assert (np.delete(moments["exp_avg_sq"].numpy(), nudged) > 0).all(), layer
     assert all(r["param"] == f"{r['layer']}.weight" and r["after"] == 1.0 for r in rows)
     trace = store.open_trace(run / artifacts.TRACE_DIR)
     for r in rows:
@@ -159,6 +168,12 @@ def test_resume_after_a_nudge_is_bitwise_identical(tmp_path, hooks) -> None:
     ref = train_mod.train(nudge_cfg(tmp_path, "ref", **sections))
     ref_rows = events_rows(ref)
     assert {r["step"] for r in ref_rows} == {2, 4, 6}
+    # each gamma's draw is the first of its generator, seeded by (run seed, nudge step, layer, channel)
+    seed = nudge_cfg(tmp_path, "ref", **sections).seed
+    for r in (r for r in ref_rows if r["param"] == f"{r['layer']}.weight"):
+        draw = torch.randn((), dtype=torch.float32, generator=channel_generator(seed, r["step"], r["layer"],
+                                                                                r["channel_index"]))
+        assert r["after"] == pytest.approx(float(np.float32(0.8 * r["before"] + 0.05 * float(draw))), rel=1e-6)
 
     cfg = nudge_cfg(tmp_path, "crashed", **sections)
     hooks.append(crash_at(5, KeyboardInterrupt))

@@ -142,3 +142,49 @@ def test_the_first_events_replace_an_events_group_a_crashed_writer_left_uncommit
     events = store.read_events(path)
     assert events["strategy"].values.tolist() == ["gn_scale_nudge"] and events["after"].values.tolist() == [0.55]
     assert zarr.open_group(str(path / "events"), mode="r", use_consolidated=False)["step"].shape == (1,)
+
+
+@pytest.mark.parametrize("chunk", ["mean/c/0/0", "mean/c/2/0"])  # the first chunk, and the last (one row)
+def test_a_chunk_that_does_not_decode_is_named_and_every_other_decodes(tmp_path: Path, chunk: str) -> None:
+    """`store check` decodes each committed chunk through zarr: a sound store reports how many; a chunk
+    whose blosc header keeps its sizes but names no compressor blosc knows (the readers' header check
+    passes it) is named with its steps."""
+    from tests.test_store import write
+    from vaedyn_cli.errors import VaedynError
+
+    path = write(tmp_path / "t.zarr", [record(s) for s in (3, 6, 9, 12, 15)])  # chunks of 2 steps
+    sound = store.verify_store(path)
+    n = int(sound.split(" events, ")[1].split()[0])
+    assert sound.startswith(f"OK: trace store {path}: 5 steps, 0 events, ") and n > 9
+    data = (path / chunk).read_bytes()
+    flags = (data[2] & ~0x02) | 0xE0  # "not a plain copy", compressor code 7 (blosc has 0..5)
+    (path / chunk).write_bytes(data[:2] + bytes([flags]) + data[3:])
+    assert store.open_trace(path).sizes["step"] == 5  # only decoding finds it
+    with pytest.raises(VaedynError) as err:
+        store.verify_store(path)
+    covers = "steps 3..6" if chunk == "mean/c/0/0" else "steps 15..15"
+    assert str(err.value).startswith(f"trace store {path} is damaged: chunk {chunk} of 'mean' ({covers}) does not decode (")
+
+
+def test_a_failed_first_events_write_leaves_no_temporary_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first events are written aside and renamed into place: when the rename fails, the error
+    reaches the caller (naming the store), the events stay uncommitted, and the group written aside is
+    removed."""
+    from vaedyn_cli import artifacts
+    from vaedyn_cli.errors import RuntimeFailure
+
+    path = tmp_path / "t.zarr"
+
+    def failing_rename(src, dst):  # noqa: ANN001, ANN202
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(RuntimeFailure, match=f"writing trace store {path} failed: OSError: .*No space left"):  # noqa: PT012
+        with TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=2) as w:
+            w.append(record(2))
+            w.flush()
+            monkeypatch.setattr(writer_mod.os, "rename", failing_rename)
+            w.add_events([_event(2)])
+    monkeypatch.undo()
+    assert not [p.name for p in path.iterdir() if artifacts.is_temp(p.name)]
+    assert not (path / "events").exists()
+    assert store.read_events(path) is None and store.open_trace(path)["step"].values.tolist() == [2]

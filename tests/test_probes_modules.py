@@ -339,3 +339,59 @@ def test_cuda_pooled_steps_copy_nothing_to_the_host_between_tracked_steps():
     assert copies == []
     probes.finish()
     assert np.isfinite(probes.snapshot(2).resolve().channels["std"]).all()
+
+
+class Lin(nn.Module):
+    """A part `body` holding one linear (3 -> 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential()
+        self.body.add_module("lin", nn.Linear(3, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_only_forwards_inside_a_part_and_with_a_batch_dim_are_measured():
+    """A probed module counts only while its part (here `body`) runs, and only a tensor with a batch
+    dim: the linear called directly, or inside the part on one unbatched (3,) vector, adds nothing."""
+    torch.manual_seed(2)
+    model = Lin()
+    x = torch.randn(5, 3)
+    probes = ChannelProbes(model, TrackConfig(layers=["body.lin"], module_types=["Linear"], near_zero=OFF))
+    probes.reset()
+    probes.arm()
+    with torch.no_grad():
+        y = model(x)  # measured: (5, 2)
+        model.body.lin(torch.randn(7, 3))  # outside the part
+        model.body(torch.randn(3))  # inside, unbatched
+    probes.disarm()
+    probes.finish()
+    rec = probes.snapshot(1).resolve()
+    assert probes.host_counts[0].tolist() == [5.0]  # elements per channel: the 5 samples
+    np.testing.assert_allclose(rec.channels["std"], y.double().std(0, unbiased=False).numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(rec.channels["mean_abs"], y.double().abs().mean(0).numpy(), rtol=RTOL, atol=ATOL)
+
+
+def test_exact_probes_of_a_capture_are_exact_to_double_precision():
+    """`exact` moments of a captured conv output with an offset (10 + N(0, 0.01)), where float32 sums
+    lose digits (std off by 7e-7, mean |.| by 3e-8): NumPy's float64 moments of the same float32 values
+    to 1e-9 and 1e-12."""
+    torch.manual_seed(3)
+    model = Net()
+    with torch.no_grad():
+        model.body.conv.bias.copy_(torch.tensor([10.0, -10.0, 10 / 3, 2.0]))
+    x = torch.randn(4, 3, 8, 8) * 0.01
+    probes = ChannelProbes(model, TrackConfig(layers=["body.conv"], module_types=["Conv2d"], near_zero=OFF), exact=True)
+    probes.reset()
+    probes.arm()
+    with torch.no_grad():
+        y = model.body.conv(x)  # the values the probe sees (computed the same way inside the part)
+        model(x)
+    probes.disarm()
+    probes.finish()
+    rec = probes.snapshot(1).resolve()
+    ref = y.double().transpose(0, 1).reshape(4, -1).numpy()
+    np.testing.assert_allclose(rec.channels["std"], ref.std(1), rtol=1e-9)
+    np.testing.assert_allclose(rec.channels["mean_abs"], np.abs(ref).mean(1), rtol=1e-12)

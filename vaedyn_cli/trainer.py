@@ -98,6 +98,7 @@ def _without(folder: Path, pattern: str) -> Iterator[Path]:
 
 
 
+# pragma: no mutate start  (mutation testing covers the resume path only: [tool.mutmut] in pyproject.toml)
 def _lr_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int, num_processes: int) -> Any:
     """The diffusers schedule in optimizer steps; accelerate's scheduler wrapper steps it once per
     process per optimizer step, hence the scaling (as the diffusers training examples do)."""
@@ -283,6 +284,7 @@ class Trainer:
         self.factories = tuple(hooks)
         self.hooks: list[TrainHook] = []
 
+    # pragma: no mutate end
     def start(self, resume_dir: Path | None) -> None:
         """Build the hooks (the run folder exists now), then load the checkpoint to resume from, and
         only once it has loaded completely drop what the run recorded after it."""
@@ -414,6 +416,7 @@ class Trainer:
 
     # -- validation ---------------------------------------------------------------------------
 
+    # pragma: no mutate block  (from here to the end of the class; as above)
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Mean reconstruction MSE and KL over the validation split (posterior mode, all processes)."""
@@ -570,4 +573,3 @@ class Trainer:
         self.capture.handle.remove()
         if errors:
             raise errors[0]
-

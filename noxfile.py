@@ -19,7 +19,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "vaedyn_cli", "tests", "bench")
+    session.run("ruff", "check", "vaedyn_cli", "tests", "bench", "tools")
 
 
 @nox.session
@@ -31,9 +31,14 @@ def bench(session: nox.Session) -> None:
 @nox.session
 def mutate(session: nox.Session) -> None:
     """Mutation testing of the modules that compute answers ([tool.mutmut] in pyproject.toml); not in CI:
-    hours on 2 cores. Prints the survivors; docs/mutation.md records the last triage."""
+    hours on 2 cores. Starts from the verdicts kept in docs/mutation-verdicts.json (a stopped session
+    continues; changed functions run again), saves them back, and prints the survivors;
+    docs/mutation.md records the last triage."""
     _install(session, "test,mutate")
     env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    session.run("mutmut", "run", "--max-children", "2", *session.posargs, env=env)
+    session.run("python", "tools/mutation_verdicts.py", "restore")
+    try:
+        session.run("mutmut", "run", "--max-children", "2", *session.posargs, env=env)
+    finally:
+        session.run("python", "tools/mutation_verdicts.py", "save")
     session.run("mutmut", "results", env=env)
-    session.run("mutmut", "export-cicd-stats", env=env)

@@ -489,3 +489,9 @@ def test_pictures_show_the_first_eight_in_the_grid_and_num_pairs_pairs(tmp_path,
                                       metrics._to_uint8(originals[i]))
         np.testing.assert_array_equal(np.asarray(Image.open(samples / f"{i:04d}_reconstruction.png")),
                                       metrics._to_uint8(reconstructions[i]))
+
+
+def test_no_kept_images_write_no_pictures(tmp_path):
+    """An evaluation that kept no images (keep=0) writes neither grid.png nor samples/."""
+    metrics.write_pictures(tmp_path, metrics.EvalResult({}, 0), num_pairs=4)
+    assert list(tmp_path.iterdir()) == []

@@ -395,3 +395,32 @@ def test_exact_probes_of_a_capture_are_exact_to_double_precision():
     ref = y.double().transpose(0, 1).reshape(4, -1).numpy()
     np.testing.assert_allclose(rec.channels["std"], ref.std(1), rtol=1e-9)
     np.testing.assert_allclose(rec.channels["mean_abs"], np.abs(ref).mean(1), rtol=1e-12)
+
+
+def test_run_probe_forwards_the_batch_in_pieces_inside_autocast_without_gradients():
+    """run_probe: 5 images at batch size 2 are 3 forwards (2, 2, 1) of the posterior mode, every one
+    inside the autocast context and without gradients, in eval mode; the model's mode comes back."""
+    from contextlib import contextmanager
+
+    from vaedyn_cli.probes import run_probe
+
+    model = build_preset(TINY_WIDTH, 0)
+    seen: list[tuple[int, bool, bool, bool, bool]] = []
+    inside = [False]
+
+    @contextmanager
+    def autocast():  # noqa: ANN202
+        inside[0] = True
+        yield
+        inside[0] = False
+
+    def record(module, args, kwargs):  # noqa: ANN001, ANN202
+        seen.append((args[0].shape[0], inside[0], torch.is_grad_enabled(), module.training,
+                     kwargs.get("sample_posterior", False)))
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    model.train()
+    run_probe(model, torch.rand(5, 3, 16, 16), 2, autocast=autocast)
+    handle.remove()
+    assert seen == [(2, True, False, False, False), (2, True, False, False, False), (1, True, False, False, False)]
+    assert model.training and not inside[0]

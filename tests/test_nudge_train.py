@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -63,12 +64,12 @@ class Moments(hooks_mod.TrainHook):
                                for n, p in self.gammas.items()}
 
 
-def nudge_cfg(tmp_path: Path, name: str, **sections: dict) -> RunConfig:
-    """Tracking every step, a nudge every 2 steps."""
+def nudge_cfg(tmp_path: Path, name: str, **sections: Any) -> RunConfig:
+    """Tracking every step, a nudge every 2 steps (a section's keys merge; another key is set)."""
     base = {"run_name": name, "track": {"interval": 1, "weight_interval": 1},
             "nudge": {"enabled": True, "every": 2, "window": 1}, "train": {"max_steps": 4, "save_interval": 100}}
     for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value}
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
     return RunConfig.model_validate(tiny_config_dict(tmp_path, **base))
 
 
@@ -163,13 +164,14 @@ def test_resume_after_a_nudge_is_bitwise_identical(tmp_path, hooks) -> None:
     and a resume from the step-3 checkpoint (its first nudge reads step 3 back from the store) end
     with the same weights, the same events and the same trace as an uninterrupted run."""
     sections = {"nudge": {"strategy": "shrink_perturb", "window": 2, "perturb_std": 0.05},
-                "train": {"max_steps": 6, "save_interval": 3}}
+                "train": {"max_steps": 6, "save_interval": 3}, "seed": 7}
     hooks.append(Plant)
     ref = train_mod.train(nudge_cfg(tmp_path, "ref", **sections))
     ref_rows = events_rows(ref)
     assert {r["step"] for r in ref_rows} == {2, 4, 6}
     # each gamma's draw is the first of its generator, seeded by (run seed, nudge step, layer, channel)
     seed = nudge_cfg(tmp_path, "ref", **sections).seed
+    assert seed == 7  # not apply()'s default
     for r in (r for r in ref_rows if r["param"] == f"{r['layer']}.weight"):
         draw = torch.randn((), dtype=torch.float32, generator=channel_generator(seed, r["step"], r["layer"],
                                                                                 r["channel_index"]))

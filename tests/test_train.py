@@ -131,14 +131,20 @@ def test_resume_mid_epoch_gives_bitwise_identical_weights(tmp_path, hooks):
     assert [(v["step"], v["epoch"]) for v in ref_val] == [(3, 1), (6, 2)]  # every epoch (3 steps each)
 
     cfg = resume_cfg(tmp_path, "crashed")
+    saves: list[int] = []
+    hooks.append(lambda ctx: SaveSteps(saves))
     hooks.append(crash_at(5))
     with pytest.raises(Crash):
         train_mod.train(cfg)
     run = cfg.run_dir
-    assert [s for s, _ in artifacts.list_checkpoints(run)] == [2, 4]
+    assert [s for s, _ in artifacts.list_checkpoints(run)] == [2, 4] and saves == [2, 4]  # hooks hear each save
     assert not (run / "final").exists()
     assert not any(p.name.startswith(".") for p in (run / "checkpoints").iterdir())  # no temp folders left
     hooks.clear()
+    # a power cut while step 6 was being saved would leave its temporary folder: the resumed run replaces it
+    stale = artifacts.temp_path(run / "checkpoints" / "step-000006")
+    stale.mkdir()
+    (stale / "half-written.bin").write_bytes(b"\0" * 16)
 
     # step 4 sits mid-epoch: epoch 1, two of its five micro-batches consumed
     state = json.loads((run / "checkpoints" / "step-000004" / artifacts.TRAINING_STATE_FILE).read_text())
@@ -149,8 +155,19 @@ def test_resume_mid_epoch_gives_bitwise_identical_weights(tmp_path, hooks):
     assert seen == [4]
     assert_bitwise_equal(weights(run / "final"), weights(ref / "final"))
     assert_bitwise_equal(weights(run / "checkpoints" / "step-000006"), weights(ref / "checkpoints" / "step-000006"))
+    assert not stale.exists() and not (run / "checkpoints" / "step-000006" / "half-written.bin").exists()
     resumed_val = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
     assert resumed_val == ref_val
+
+
+class SaveSteps(hooks_mod.TrainHook):
+    """Records the step of each checkpoint the hooks are told about."""
+
+    def __init__(self, steps: list[int]):
+        self.steps = steps
+
+    def before_save(self, step: int) -> None:
+        self.steps.append(step)
 
 
 class Recorder(hooks_mod.TrainHook):

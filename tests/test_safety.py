@@ -385,3 +385,30 @@ def test_the_readme_lists_the_settings_a_resume_may_change() -> None:
     named = set(re.findall(r"`([a-z_.]+)`", table))
     assert RESUME_MAY_CHANGE <= named
     assert {f.split(".")[0] for f in RESUME_MAY_CHANGE_WITHOUT_NUDGE} <= named
+
+
+@pytest.mark.parametrize(("planted", "named"), [
+    ("random_states_0.pkl", "random_states_0.pkl (random number generator states) does not load as plain data"),
+    ("scheduler.bin", "scheduler.bin (learning rate schedule) does not load as plain data"),
+    ("optimizer.bin", "the optimizer state does not load as plain data"),
+    (artifacts.LEGACY_TRAINING_STATE_FILE, f"{artifacts.LEGACY_TRAINING_STATE_FILE} (training state of an earlier "
+                                           "vaedyn) does not load as plain data"),
+])
+def test_a_checkpoint_with_code_planted_in_a_pickle_is_refused_before_it_runs(finished, tmp_path, cli, planted, named):
+    """Each pickle a checkpoint holds is read as plain data only: a planted object that would run code
+    when unpickled stops the resume (exit 2, one line naming the checkpoint and the file) before any of
+    it runs, and the run folder is left as it was."""
+    run, cfg = copy_of(finished, tmp_path, max_steps=6)
+    step = run / artifacts.CHECKPOINTS_DIR / artifacts.step_dir_name(4)
+    if planted == artifacts.LEGACY_TRAINING_STATE_FILE:
+        (step / artifacts.TRAINING_STATE_FILE).unlink()  # as an earlier vaedyn wrote it: a pickle
+    torch.save({"state": Planted(tmp_path / "planted-code-ran")}, step / planted)
+    before = tree(run)
+    result = cli("train", "-c", cfg, "--resume", str(step))
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot resume from {step}: {named} (UnpicklingError: "), line
+    assert line.endswith("it is damaged or holds objects that would run code, which vaedyn never loads: resume "
+                         "from another checkpoint")
+    assert not (tmp_path / "planted-code-ran").exists()
+    assert tree(run) == before

@@ -158,6 +158,15 @@ def test_resume_mid_epoch_gives_bitwise_identical_weights(tmp_path, hooks):
     assert not stale.exists() and not (run / "checkpoints" / "step-000006" / "half-written.bin").exists()
     resumed_val = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
     assert resumed_val == ref_val
+    assert [s for s, _ in artifacts.list_checkpoints(run)] == [2, 4, 6]  # the resumed-from checkpoint stays
+
+    # resuming the finished reference from step 2 drops what came after it (checkpoints 4 and 6, the
+    # validation of step 3 and 6) and replays the same continuation
+    final = weights(ref / "final")
+    assert train_mod.train(resume_cfg(tmp_path, "ref"), resume=str(ref / "checkpoints" / "step-000002")) == ref
+    assert [s for s, _ in artifacts.list_checkpoints(ref)] == [2, 4, 6]
+    assert_bitwise_equal(weights(ref / "final"), final)
+    assert [json.loads(line) for line in (ref / "validation.jsonl").read_text().splitlines()] == ref_val
 
 
 class SaveSteps(hooks_mod.TrainHook):
@@ -329,3 +338,42 @@ def test_config_yaml_is_the_resolved_config(tmp_path):
     assert yaml.safe_load((run / "config.yaml").read_text()) == cfg.model_dump(mode="json")
     assert {p.name for p in run.iterdir()} == {"config.yaml", "final", artifacts.MARKER_FILE, artifacts.TRAIN_LOCK_FILE,
                                                artifacts.TRAIN_PID_FILE}
+
+
+@pytest.mark.parametrize("state", [
+    [4, 1, 2],  # not a mapping
+    {"global_step": 4, "epoch": 1},  # a count missing
+    {"global_step": 4, "epoch": 1, "batch_in_epoch": 2, "extra": 0},  # one too many
+    {"global_step": 4, "epoch": 1, "batch_in_epoch": 2.0},  # not a whole number
+    {"global_step": 4, "epoch": True, "batch_in_epoch": 2},  # a bool is not a count
+    {"global_step": 4, "epoch": 1, "batch_in_epoch": -1},  # negative
+])
+def test_a_training_state_is_exactly_three_counts(state):
+    """TrainState loads exactly {global_step, epoch, batch_in_epoch} as whole non-negative numbers; anything
+    else is a damaged checkpoint, named by where it came from, and changes nothing."""
+    from vaedyn_cli.trainer import TrainState
+
+    ts = TrainState()
+    ts.load_state_dict({"global_step": 4, "epoch": 1, "batch_in_epoch": 2}, "ok.json")
+    assert ts.state_dict() == {"global_step": 4, "epoch": 1, "batch_in_epoch": 2}
+    with pytest.raises(VaedynError) as err:
+        ts.load_state_dict(state, "step-4/training_state.json")
+    assert str(err.value) == ("step-4/training_state.json is not a training state (batch_in_epoch, epoch, global_step: "
+                              "counts); the checkpoint is damaged: resume from another one")
+    assert ts.state_dict() == {"global_step": 4, "epoch": 1, "batch_in_epoch": 2}
+
+
+@pytest.mark.parametrize("damage", ["missing", "a list"])
+def test_missing_or_damaged_random_states_stop_the_resume(tmp_path, hooks, damage):
+    """A checkpoint whose random_states_0.pkl is gone, or holds plain data that is not accelerate's
+    mapping of generator states, is refused with one message naming it (the run resumes nothing)."""
+    cfg = make_cfg(tmp_path, run_name="rng", train={"max_steps": 2, "save_interval": 1})
+    run = train_mod.train(cfg)
+    step = run / "checkpoints" / "step-000001"
+    (step / "random_states_0.pkl").unlink()
+    if damage == "a list":
+        torch.save([1, 2, 3], step / "random_states_0.pkl")
+    with pytest.raises(VaedynError) as err:
+        train_mod.train(cfg, resume=str(step))
+    assert str(err.value).startswith(f"cannot resume from {step}: random_states_0.pkl is missing or damaged; ")
+    assert [s for s, _ in artifacts.list_checkpoints(run)] == [1, 2]

@@ -71,10 +71,37 @@ def test_truncating_to_a_recorded_step_keeps_it_and_its_events(tmp_path: Path) -
         w.truncate(2)
     assert store.open_trace(path)["step"].values.tolist() == [2]
     assert store.read_events(path)["step"].values.tolist() == [2]
+    # what lies beyond the counts is gone from disk too, not only uncounted
+    root = zarr.open_group(str(path), mode="r", use_consolidated=False)
+    assert root["step"].shape == (1,) and root["std"].shape[0] == 1
+    events = zarr.open_group(str(path / "events"), mode="r", use_consolidated=False)
+    assert {name: events[name].shape for name in store.EVENT_FIELDS} == {name: (1,) for name in store.EVENT_FIELDS}
     with TraceWriter(path, LAYOUT, ATTRS, mode="a", chunk_steps=3) as w:
         w.truncate(1)
     assert store.open_trace(path)["step"].values.tolist() == []
-    assert store.read_events(path) is None
+    assert store.read_events(path) is None and not (path / "events").exists()
+    assert zarr.open_group(str(path), mode="r", use_consolidated=False)["step"].shape == (0,)
+
+
+def test_truncating_a_store_without_events_or_without_steps(tmp_path: Path) -> None:
+    """Truncation of a trace with no events keeps `committed_events` at 0 and makes no events group;
+    truncation of a trace with no steps yet keeps it empty, and the next step appends as the first."""
+    path = tmp_path / "t.zarr"
+    with TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=3) as w:
+        for s in (2, 4, 6):
+            w.append(record(s))
+    with TraceWriter(path, LAYOUT, ATTRS, mode="a", chunk_steps=3) as w:
+        w.truncate(4)
+        assert w.committed_steps == 2
+    root = zarr.open_group(str(path), mode="r", use_consolidated=False)
+    assert root.attrs["committed_events"] == 0 and root.attrs["committed_steps"] == 2
+    assert store.read_events(path) is None and not (path / "events").exists()
+    empty = tmp_path / "empty.zarr"
+    with TraceWriter(empty, LAYOUT, ATTRS, mode="w", chunk_steps=3) as w:
+        w.truncate(3)
+        assert w.committed_steps == 0
+        w.append(record(1))
+    assert store.open_trace(empty)["step"].values.tolist() == [1]
 
 
 def _nudge(step: int, channel: int, before: float) -> dict:

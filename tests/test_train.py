@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -377,3 +378,23 @@ def test_missing_or_damaged_random_states_stop_the_resume(tmp_path, hooks, damag
         train_mod.train(cfg, resume=str(step))
     assert str(err.value).startswith(f"cannot resume from {step}: random_states_0.pkl is missing or damaged; ")
     assert [s for s, _ in artifacts.list_checkpoints(run)] == [1, 2]
+
+
+def test_a_run_resumed_at_its_last_step_only_writes_final_and_a_finished_one_is_refused(tmp_path, hooks):
+    """Trained by epochs (no max_steps, so the trainer's own check decides): 8 images in batches of 4
+    are 2 steps, checkpointed at step 2. Killed before final/ was written, the resume from step 2
+    writes final/ (the checkpoint's weights) and trains no step; with final/ there, it is refused."""
+    cfg = make_cfg(tmp_path, run_name="epochs", data={"max_samples": 8},
+                   train={"max_steps": None, "num_train_epochs": 1, "save_interval": 2})
+    run = train_mod.train(cfg)
+    assert [s for s, _ in artifacts.list_checkpoints(run)] == [2]
+    step = run / "checkpoints" / "step-000002"
+    shutil.rmtree(run / "final")
+    steps: list[int] = []
+    hooks.append(lambda ctx: SaveSteps(steps))
+    assert train_mod.train(cfg, resume=str(step)) == run
+    assert_bitwise_equal(weights(run / "final"), weights(step))
+    assert steps == [] and [s for s, _ in artifacts.list_checkpoints(run)] == [2]
+    with pytest.raises(VaedynError) as err:
+        train_mod.train(cfg, resume=str(step))
+    assert str(err.value).startswith(f"{step} is at step 2, already at train.max_steps (2); ")

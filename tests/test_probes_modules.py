@@ -424,3 +424,19 @@ def test_run_probe_forwards_the_batch_in_pieces_inside_autocast_without_gradient
     handle.remove()
     assert seen == [(2, True, False, False, False), (2, True, False, False, False), (1, True, False, False, False)]
     assert model.training and not inside[0]
+
+
+def test_out_weight_norms_of_double_and_half_precision_readers():
+    """A float64 reader's norms are computed in float64 (exact to 1e-13); a bfloat16 reader's in
+    float32 from its bfloat16 values (to 1e-6; bfloat16 arithmetic would be off by ~1e-2)."""
+    from vaedyn_cli.kernels import out_weight_l1, out_weight_norm
+
+    torch.manual_seed(4)
+    for dtype, rtol in ((torch.float64, 1e-13), (torch.bfloat16, 1e-6)):
+        conv = nn.Conv2d(6, 5, 3).to(dtype)
+        with torch.no_grad():
+            conv.weight.mul_(1 + 1e-3 * torch.arange(6, dtype=dtype).view(1, 6, 1, 1))  # digits float32 lacks
+        w = conv.weight.detach().double()
+        norm, l1 = out_weight_norm([conv], 6), out_weight_l1([conv], 6)
+        np.testing.assert_allclose(norm.double().numpy(), w.square().sum((0, 2, 3)).sqrt().numpy(), rtol=rtol)
+        np.testing.assert_allclose(l1.double().numpy(), w.abs().sum((0, 2, 3)).numpy(), rtol=rtol)

@@ -215,3 +215,25 @@ def test_a_failed_first_events_write_leaves_no_temporary_group(tmp_path: Path, m
     assert not [p.name for p in path.iterdir() if artifacts.is_temp(p.name)]
     assert not (path / "events").exists()
     assert store.read_events(path) is None and store.open_trace(path)["step"].values.tolist() == [2]
+
+
+def test_flush_returns_only_once_its_rows_are_committed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`flush` waits for the writer thread however long the commit takes (here 0.8 s, longer than the
+    caller's 0.5 s poll of the thread): when it returns, the root already counts the rows."""
+    import json
+    import time
+
+    path = tmp_path / "t.zarr"
+    real = writer_mod.commit_root
+
+    def slow_commit(root, attributes, step_rows):  # noqa: ANN001, ANN202
+        if step_rows:
+            time.sleep(0.8)
+        return real(root, attributes, step_rows)
+
+    with TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=4, commit_interval_s=3600) as w:
+        w.append(record(1))
+        monkeypatch.setattr(writer_mod, "commit_root", slow_commit)
+        w.flush()
+        assert json.loads((path / "zarr.json").read_text())["attributes"]["committed_steps"] == 1
+        monkeypatch.undo()

@@ -167,3 +167,32 @@ def test_the_last_value_of_a_statistic_the_trace_lacks_is_nan_for_every_channel(
     ds = xr.Dataset({"std": (("step", "channel"), np.ones((2, 5), np.float32))})
     out = classification._last(ds, "out_weight_norm", 0, 2, np.arange(3))
     assert out.dtype == np.float32 and out.shape == (3,) and np.isnan(out).all()
+
+
+def test_unused_and_input_collapsed_are_inclusive_against_the_mean_of_the_finite_values() -> None:
+    """unused: out_weight_norm <= ratio x its layer's mean; input_collapsed: in_std <= ratio x its
+    group's mean (here the layer: the trace names no groups). The means are over the finite values
+    only: channels 0-6 hold 0.5, 0.515625, 10.984375 and 4 x 4 (sum 28, mean exactly 4; all exact in
+    binary), channel 7 is NaN. With ratio 0.125 the line is exactly 0.5: channel 0 on it is flagged,
+    channel 1 above it is not (a NaN counted as 1 would move the line to 0.518, as 0 to 0.4375)."""
+    values = np.array([[0.5, 0.515625, 10.984375, 4, 4, 4, 4, np.nan]], np.float32)
+    act = np.full((1, 8), 1.0, np.float32)
+    act[0, :2] = 0.001
+    ds = make_trace([(LAYER, 8, True)], ONE_STEP, act_std=act, out_weight_norm=values, in_std=values)
+    recs = _labels(ds, unused_ratio=0.125, input_collapse_ratio=0.125)
+    assert [r["unused"] for r in recs] == [True] + [False] * 7
+    assert [r["input_collapsed"] for r in recs] == [True] + [False] * 7
+    assert [r["mechanism"] for r in recs[:2]] == ["input_collapse", "other"]
+
+
+def test_gn_scale_is_relative_to_the_layers_median_gamma() -> None:
+    """|gamma| <= ratio x the layer's median |gamma|, with a median of 2 (not 1, where x and / agree):
+    at ratio 0.125 the line is 0.25; a gamma on it is gn_scale, one ulp above it is not."""
+    n = 8
+    act = np.full((1, n), 1.0, np.float32)
+    act[0, :2] = 0.001
+    gamma = np.full((1, n), 2.0, np.float32)
+    gamma[0, 0] = 0.25
+    gamma[0, 1] = np.nextafter(np.float32(0.25), np.float32(1.0))
+    ds = make_trace([(LAYER, n, True)], ONE_STEP, act_std=act, gn_weight=gamma)
+    assert [r["mechanism"] for r in _labels(ds, gn_scale_ratio=0.125)[:2]] == ["gn_scale", "other"]

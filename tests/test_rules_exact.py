@@ -196,3 +196,15 @@ def test_gn_scale_is_relative_to_the_layers_median_gamma() -> None:
     gamma[0, 1] = np.nextafter(np.float32(0.25), np.float32(1.0))
     ds = make_trace([(LAYER, n, True)], ONE_STEP, act_std=act, gn_weight=gamma)
     assert [r["mechanism"] for r in _labels(ds, gn_scale_ratio=0.125)[:2]] == ["gn_scale", "other"]
+
+
+def test_a_layer_without_gamma_is_never_gn_scale() -> None:
+    """A tracked module with no GroupNorm scale (a conv: its gn_weight is NaN) has no median gamma:
+    its inactive channels are classified, with mechanism other, never gn_scale."""
+    n = 6
+    act = np.full((1, n), 1.0, np.float32)
+    act[0, 0] = 0.001
+    ds = make_trace([(LAYER, n, True)], ONE_STEP, act_std=act, gn_weight=np.full((1, n), np.nan, np.float32))
+    recs = _labels(ds)
+    assert [r["state"] != "active" for r in recs] == [True] + [False] * 5
+    assert recs[0]["mechanism"] == "other"

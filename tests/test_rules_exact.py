@@ -208,3 +208,25 @@ def test_a_layer_without_gamma_is_never_gn_scale() -> None:
     recs = _labels(ds)
     assert [r["state"] != "active" for r in recs] == [True] + [False] * 5
     assert recs[0]["mechanism"] == "other"
+
+
+def test_the_labels_layout_every_variable_along_channel_and_the_settings_they_came_from() -> None:
+    """classify_trace's Dataset: every variable and coordinate along the one dim `channel` (the
+    position along the trace's channel dim), dtypes as the store schema has them, and `params` the
+    JSON of the settings, the window and the layers asked for."""
+    import json
+
+    other = "decoder.mid_block.attentions.0.group_norm"
+    ds = make_trace([(other, 2, False), (LAYER, 3, True)], [10, 20, 30])
+    labels = classification.classify_trace(ds, ClassifyConfig(min_persist=1), from_step=20, layers=[LAYER])
+    names = ["state", "trajectory", "mechanism", "unused", "input_collapsed", "score", "onset_step",
+             "revival_step", "n_transitions"]
+    assert sorted(labels.data_vars) == sorted(names) and dict(labels.sizes) == {"channel": 3}
+    assert {n: labels[n].dims for n in [*names, "channel", "layer", "channel_index", "part"]} == {
+        n: ("channel",) for n in [*names, "channel", "layer", "channel_index", "part"]}
+    assert labels["channel"].values.tolist() == [2, 3, 4] and labels["channel"].dtype == np.int64
+    assert labels["score"].dtype == np.float64
+    assert (labels.attrs["first_step"], labels.attrs["last_step"], labels.attrs["n_steps"]) == (20, 30, 2)
+    params = json.loads(labels.attrs["params"])
+    assert params == {**ClassifyConfig(min_persist=1).model_dump(mode="json"), "from_step": 20, "to_step": None,
+                      "layers": [LAYER]}

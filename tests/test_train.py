@@ -398,3 +398,14 @@ def test_a_run_resumed_at_its_last_step_only_writes_final_and_a_finished_one_is_
     with pytest.raises(VaedynError) as err:
         train_mod.train(cfg, resume=str(step))
     assert str(err.value).startswith(f"{step} is at step 2, already at train.max_steps (2); ")
+
+
+def test_hook_factories_get_the_prepared_training_loader(tmp_path, hooks):
+    """A hook factory's context holds the loader the run trains from: 8 images in batches of 4 are
+    2 batches of (4, 3, 16, 16)."""
+    seen = []
+    hooks.append(lambda ctx: seen.append(ctx) or None)
+    train_mod.train(make_cfg(tmp_path, run_name="ctx", data={"max_samples": 8}, train={"max_steps": 1}))
+    (ctx,) = seen
+    assert ctx.train_loader is not None and len(ctx.train_loader) == 2
+    assert next(iter(ctx.train_loader)).shape == (4, 3, 16, 16)

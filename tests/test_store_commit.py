@@ -3,14 +3,17 @@ it is there, and truncation to a checkpoint's step keeps that step and its event
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
-from tests.test_store import ATTRS, LAYOUT, assert_matches, record
-from vaedyn_cli import store
+from tests.test_store import ATTRS, LAYOUT, assert_matches, record, write
+from vaedyn_cli import artifacts, store
+from vaedyn_cli.errors import RuntimeFailure, VaedynError
 from vaedyn_cli.store import TraceWriter
 from vaedyn_cli.store import writer as writer_mod
 
@@ -130,8 +133,6 @@ def test_events_added_in_batches_follow_each_other_across_writers(tmp_path: Path
     root = zarr.open_group(str(path), mode="r", use_consolidated=False)
     assert root.attrs["committed_events"] == 6
     assert zarr.open_group(str(path / "events"), mode="r", use_consolidated=False)["step"].shape == (6,)
-    from vaedyn_cli import artifacts
-
     assert not [p.name for p in path.iterdir() if artifacts.is_temp(p.name)]  # no temporary group left beside it
 
 
@@ -141,9 +142,6 @@ def test_events_added_in_batches_follow_each_other_across_writers(tmp_path: Path
     ("layer/c/0", "of 'layer' (channels 0..4)"),  # a channel coordinate: rows of its own dim
 ])
 def test_a_missing_chunk_names_the_steps_or_rows_it_held(tmp_path: Path, chunk: str, covers: str) -> None:
-    from tests.test_store import write
-    from vaedyn_cli.errors import VaedynError
-
     path = write(tmp_path / "t.zarr", [record(s) for s in (3, 6, 9, 12, 15)])  # chunks of 2 steps
     (path / chunk).unlink()
     with pytest.raises(VaedynError) as err:
@@ -159,8 +157,6 @@ def test_the_first_events_replace_an_events_group_a_crashed_writer_left_uncommit
     with TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=2) as w:
         w.append(record(2))
         w.add_events([_event(2), _event(2), _event(2)])
-    import json
-
     meta = json.loads((path / "zarr.json").read_text())
     meta["attributes"]["committed_events"] = 0  # as if the crash came before the commit
     (path / "zarr.json").write_text(json.dumps(meta))
@@ -176,9 +172,6 @@ def test_a_chunk_that_does_not_decode_is_named_and_every_other_decodes(tmp_path:
     """`store check` decodes each committed chunk through zarr: a sound store reports how many; a chunk
     whose blosc header keeps its sizes but names no compressor blosc knows (the readers' header check
     passes it) is named with its steps."""
-    from tests.test_store import write
-    from vaedyn_cli.errors import VaedynError
-
     path = write(tmp_path / "t.zarr", [record(s) for s in (3, 6, 9, 12, 15)])  # chunks of 2 steps
     sound = store.verify_store(path)
     n = int(sound.split(" events, ")[1].split()[0])
@@ -197,9 +190,6 @@ def test_a_failed_first_events_write_leaves_no_temporary_group(tmp_path: Path, m
     """The first events are written aside and renamed into place: when the rename fails, the error
     reaches the caller (naming the store), the events stay uncommitted, and the group written aside is
     removed."""
-    from vaedyn_cli import artifacts
-    from vaedyn_cli.errors import RuntimeFailure
-
     path = tmp_path / "t.zarr"
 
     def failing_rename(src, dst):  # noqa: ANN001, ANN202
@@ -220,9 +210,6 @@ def test_a_failed_first_events_write_leaves_no_temporary_group(tmp_path: Path, m
 def test_flush_returns_only_once_its_rows_are_committed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`flush` waits for the writer thread however long the commit takes (here 0.8 s, longer than the
     caller's 0.5 s poll of the thread): when it returns, the root already counts the rows."""
-    import json
-    import time
-
     path = tmp_path / "t.zarr"
     real = writer_mod.commit_root
 

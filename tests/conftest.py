@@ -31,9 +31,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     mutant stops at its first cheap failing test. Everywhere else nothing changes."""
     if os.environ.get("MUTANT_UNDER_TEST", "") in ("", "stats", "fail"):
         return
+    left_out = [item for item in items if item.get_closest_marker("other_processes") is not None]
     kept = [item for item in items if item.get_closest_marker("other_processes") is None]
-    if len(kept) < len(items):
-        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
     stats = Path("mutmut-stats.json")  # mutmut runs the tests in mutants/, beside this file
     if stats.is_file():
         import json

@@ -32,10 +32,10 @@ def save() -> int:
                 raise SystemExit(f"{meta}: unexpected mutant name {key!r}")
             entry = functions.setdefault(m["function"], {"codes": {}})
             entry["codes"][m["n"]] = code
+        by_short = {f.rpartition(".")[2]: f for f in functions}  # mutmut keys hashes by the short name
         for function, digest in data["hash_by_function_name"].items():
-            qualified = next((f for f in functions if f.rpartition(".")[2] == function), None)
-            if qualified is not None:
-                functions[qualified]["hash"] = digest
+            if function in by_short:
+                functions[by_short[function]]["hash"] = digest
         files[str(meta.relative_to(MUTANTS))[: -len(".meta")]] = dict(sorted(functions.items()))
     VERDICTS.write_text(json.dumps({"mutmut": "3", "files": files}, indent=0, sort_keys=True) + "\n")
     return sum(len(e["codes"]) for f in files.values() for e in f.values())

@@ -3,6 +3,7 @@ statistics against torch computed directly on the tensors the modules saw."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from vaedyn_cli import artifacts, store
 from vaedyn_cli import train as train_mod
 from vaedyn_cli.config import NearZeroConfig, RunConfig, TrackConfig
 from vaedyn_cli.model import build_preset
-from vaedyn_cli.probes import ChannelProbes
+from vaedyn_cli.probes import ChannelProbes, model_config_json
 from vaedyn_cli.tracker import Tracker
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -440,3 +441,11 @@ def test_out_weight_norms_of_double_and_half_precision_readers():
         norm, l1 = out_weight_norm([conv], 6), out_weight_l1([conv], 6)
         np.testing.assert_allclose(norm.double().numpy(), w.square().sum((0, 2, 3)).sqrt().numpy(), rtol=rtol)
         np.testing.assert_allclose(l1.double().numpy(), w.abs().sum((0, 2, 3)).numpy(), rtol=rtol)
+
+
+def test_model_config_json_without_a_config_and_with_values_json_cannot_hold() -> None:
+    """A module without `config` records {}; values JSON has no type for are recorded as their str."""
+    assert model_config_json(nn.Linear(1, 1)) == "{}"
+    m = nn.Linear(1, 1)
+    m.config = {"norm_num_groups": 2, "dtype": torch.float16, "path": Path("a") / "b"}
+    assert json.loads(model_config_json(m)) == {"norm_num_groups": 2, "dtype": "torch.float16", "path": "a/b"}

@@ -230,3 +230,90 @@ def test_the_labels_layout_every_variable_along_channel_and_the_settings_they_ca
     params = json.loads(labels.attrs["params"])
     assert params == {**ClassifyConfig(min_persist=1).model_dump(mode="json"), "from_step": 20, "to_step": None,
                       "layers": [LAYER]}
+
+
+def test_a_layer_whose_channels_interleave_in_the_store_keeps_each_channels_values() -> None:
+    """Another program's store order a.0, b.0, a.1, c.0: the classifier groups layer a's channels (store
+    positions 0, 2, 1, 3: one range, but not in order), and each channel is classified on its own
+    values (a.1 at 0.01 of a.0 is dormant; b.0 and c.0, alone in their layers, are active)."""
+    ds = make_trace([("encoder.a", 2, True), ("encoder.b", 1, True), ("encoder.c", 1, True)], ONE_STEP,
+                    act_std=np.array([[1.0, 0.01, 2.0, 3.0]], np.float32)).isel(channel=[0, 2, 1, 3])
+    assert ds["layer"].values.tolist() == ["encoder.a", "encoder.b", "encoder.a", "encoder.c"]
+    states = {(r["layer"], r["channel_index"]): r["state"] for r in _labels(ds)}
+    assert states == {("encoder.a", 0): "active", ("encoder.a", 1): "dormant", ("encoder.b", 0): "active",
+                      ("encoder.c", 0): "active"}
+
+
+def test_a_float64_trace_is_classified_on_its_float32_values() -> None:
+    """Stores hold float32; a float64 trace from another program is read as float32, like a store:
+    1 + 1e-9 is 1.0 in float32, exactly tau x the layer mean (0.5 x 2), so it is dormant."""
+    ds = _one_layer([1.0, 3.0])
+    ds["act_std"] = ds["act_std"].astype(np.float64)
+    ds["act_std"].values[0, 0] = 1.0 + 1e-9
+    assert ds["act_std"].dtype == np.float64
+    assert [r["state"] for r in _labels(ds, tau=0.5)] == ["dormant", "active"]
+
+
+def test_model_config_given_as_a_mapping_sets_the_groups_like_its_json() -> None:
+    """`model_config` as a mapping (an in-memory trace or another writer's attrs) gives the same groups
+    as the JSON string vaedyn writes: channel 9 is input-collapsed only against its group's mean."""
+    from tests.test_classify import mechanism_trace
+
+    flags = {}
+    for given in ('{"norm_num_groups": 2}', {"norm_num_groups": 2}):
+        ds = mechanism_trace()
+        ds.attrs["model_config"] = given
+        flags[type(given)] = {r["channel_index"] for r in _labels(ds) if r["input_collapsed"]}
+    assert flags == {str: {2, 3, 9}, dict: {2, 3, 9}}
+
+
+def test_scores_of_a_silent_layer_are_0_and_of_an_unobserved_step_nan() -> None:
+    """Per-step scores, by hand: [1, 3] scores [0.5, 1.5]; a silent layer [0, 0] scores 0 (not 0/0)
+    and is dead; a step with no finite value scores NaN and is unobserved; [2, NaN] scores [1, NaN]."""
+    act = np.array([[1.0, 3.0], [0.0, 0.0], [np.nan, np.nan], [2.0, np.nan]], np.float32)
+    ds = make_trace([(LAYER, 2, True)], [0, 1, 2, 3], act_std=act)
+    codes, score = classification.step_states(ds, ClassifyConfig())
+    assert codes.tolist() == [[lab.ACTIVE, lab.ACTIVE], [lab.DEAD, lab.DEAD], [lab.UNOBSERVED, lab.UNOBSERVED],
+                              [lab.ACTIVE, lab.UNOBSERVED]]
+    np.testing.assert_array_equal(score, np.array([[0.5, 1.5], [0.0, 0.0], [np.nan, np.nan], [1.0, np.nan]]))
+    assert score.dtype == np.float32
+    # the labels keep each channel's score at its last observed step: 1.0 at step 3, 0 (silent) at step 1
+    assert [r["score"] for r in _labels(ds)] == [1.0, 0.0]
+
+
+def test_interleaved_layers_are_grouped_keeping_store_order_within_each_layer() -> None:
+    """Two layers of 40 channels stored alternately (a.0, b.0, a.1, b.1, ...): the labels list layer a's
+    channels, then layer b's, each in store order (a stable grouping)."""
+    ds = make_trace([("encoder.a", 40, True), ("encoder.b", 40, True)], ONE_STEP)
+    ds = ds.isel(channel=[j for i in range(40) for j in (i, 40 + i)])
+    recs = _labels(ds)
+    assert [(r["layer"], r["channel_index"]) for r in recs] == [
+        (name, i) for name in ("encoder.a", "encoder.b") for i in range(40)]
+
+
+def test_each_channels_part_is_the_traces_part_variable_else_its_module_paths_first_name() -> None:
+    """`part` comes from the trace's variable when it has one (here a made-up split the module paths do
+    not show); a trace from another program without it gets the module path's first name."""
+    ds = make_trace([("encoder.mid.a", 1, True), ("decoder.up.b", 1, True), ("post_quant_conv", 1, False)],
+                    ONE_STEP)
+    ds["part"] = ("channel", np.array(["decoder", "encoder", "decoder"], dtype=object))
+    assert [r["part"] for r in _labels(ds)] == ["decoder", "encoder", "decoder"]
+    assert [r["part"] for r in _labels(ds.drop_vars("part"))] == ["encoder", "decoder", "post_quant_conv"]
+
+
+def test_a_trace_without_has_activation_reads_every_channel_as_without_activation() -> None:
+    """No `has_activation` variable (another program's trace): the activity is `std` of y itself; here
+    channel 0's std is 0.01 of the others' while its act_std is healthy, so it is dormant."""
+    std = np.array([[0.01, 1.0, 1.0]], np.float32)
+    ds = make_trace([(LAYER, 3, True)], ONE_STEP, std=std).drop_vars("has_activation")
+    assert [r["state"] for r in _labels(ds)] == ["dormant", "active", "active"]
+
+
+def test_one_channel_per_group_is_never_input_collapsed_against_a_neighbour() -> None:
+    """norm_num_groups 2 on a 2-channel layer: each channel is its own group, so a tiny in_std is not
+    collapsed against its neighbour's (it equals its group's mean; collapse is at most 0.1 x the mean)."""
+    ds = make_trace([(LAYER, 2, True)], ONE_STEP, in_std=np.array([[1e-4, 1.0]], np.float32))
+    ds.attrs["model_config"] = '{"norm_num_groups": 2}'
+    assert [r["input_collapsed"] for r in _labels(ds)] == [False, False]
+    ds.attrs["model_config"] = '{"norm_num_groups": 1}'
+    assert [r["input_collapsed"] for r in _labels(ds)] == [True, False]

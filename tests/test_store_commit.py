@@ -224,3 +224,25 @@ def test_flush_returns_only_once_its_rows_are_committed(tmp_path: Path, monkeypa
         w.flush()
         assert json.loads((path / "zarr.json").read_text())["attributes"]["committed_steps"] == 1
         monkeypatch.undo()
+
+
+def test_a_new_store_is_built_beside_another_writers_temporary_without_touching_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each writer builds a new store under a hidden temporary name of its own, beside the store (one
+    file system: the rename into place is atomic). One that another writer left (here a zarr group at
+    the plain `.NAME.tmp`) neither stops the store nor is removed."""
+    path = tmp_path / "t.zarr"
+    other = artifacts.temp_path(path)
+    zarr.open_group(other, mode="w", zarr_format=3).attrs["mine"] = "other writer"
+    renamed = []
+    real = artifacts.replace_dir
+    monkeypatch.setattr(artifacts, "replace_dir", lambda src, dst: renamed.append(Path(src)) or real(src, dst))
+    monkeypatch.chdir(tmp_path.parent)  # not where the store goes
+    records = [record(s) for s in (1, 2)]
+    with TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=2) as w:
+        for r in records:
+            w.append(r)
+    assert_matches(store.open_trace(path), records)
+    assert zarr.open_group(other, mode="r").attrs["mine"] == "other writer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "t.zarr"]
+    assert [(p.parent, p.name.startswith(f".t.zarr{artifacts.TEMP_MARK}-")) for p in renamed] == [(tmp_path, True)]

@@ -378,7 +378,7 @@ def test_only_forwards_inside_a_part_and_with_a_batch_dim_are_measured():
 def test_exact_probes_of_a_capture_are_exact_to_double_precision():
     """`exact` moments of a captured conv output with an offset (10 + N(0, 0.01)), where float32 sums
     lose digits (std off by 7e-7, mean |.| by 3e-8): NumPy's float64 moments of the same float32 values
-    to 1e-9 and 1e-12."""
+    to 1e-9 and 1e-12, for the conv's output and for its SiLU's."""
     torch.manual_seed(3)
     model = Net()
     with torch.no_grad():
@@ -396,6 +396,9 @@ def test_exact_probes_of_a_capture_are_exact_to_double_precision():
     ref = y.double().transpose(0, 1).reshape(4, -1).numpy()
     np.testing.assert_allclose(rec.channels["std"], ref.std(1), rtol=1e-9)
     np.testing.assert_allclose(rec.channels["mean_abs"], np.abs(ref).mean(1), rtol=1e-12)
+    # and the activation's statistics, of the float32 SiLU output the probe sees
+    act = nn.functional.silu(y).double().transpose(0, 1).reshape(4, -1).numpy()
+    np.testing.assert_allclose(rec.channels["act_std"], act.std(1), rtol=1e-9)
 
 
 def test_run_probe_forwards_the_batch_in_pieces_inside_autocast_without_gradients():
@@ -449,3 +452,72 @@ def test_model_config_json_without_a_config_and_with_values_json_cannot_hold() -
     m = nn.Linear(1, 1)
     m.config = {"norm_num_groups": 2, "dtype": torch.float16, "path": Path("a") / "b"}
     assert json.loads(model_config_json(m)) == {"norm_num_groups": 2, "dtype": "torch.float16", "path": "a/b"}
+
+
+class _Resnet(nn.Module):
+    """A resnet-like block whose shared `nonlinearity` first runs on another tensor (the skip), then on
+    norm1's output; `outside`: the block returns norm1's output and the model applies the activation."""
+
+    def __init__(self, outside: bool = False) -> None:
+        super().__init__()
+        self.norm1, self.nonlinearity, self.conv1 = nn.GroupNorm(2, 4), nn.SiLU(), nn.Conv2d(4, 4, 1)
+        self.outside = outside
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        if self.outside:
+            return h
+        skip = self.nonlinearity(x * 3.0 + 1.0)
+        return self.conv1(self.nonlinearity(h)) + skip
+
+
+class _Block(nn.Module):
+    def __init__(self, outside: bool = False) -> None:
+        super().__init__()
+        self.body = _Resnet(outside)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        return self.body.nonlinearity(h) if self.body.outside else h
+
+
+def test_a_norms_activation_is_the_call_on_its_output_inside_its_part():
+    """act statistics of norm1 come from the activation's call on norm1's own output: not from the
+    shared module's earlier call on another tensor, and not from a call after the part has returned."""
+    torch.manual_seed(4)
+    x = torch.randn(3, 4, 5, 5)
+    cfg = TrackConfig(layers=["body.norm1"], module_types=["GroupNorm"], near_zero=OFF)
+    model = _Block()
+    with torch.no_grad():
+        want = per_channel(nn.functional.silu(model.body.norm1(x)))
+        probes, rec = measure(model, cfg, x)
+    assert probes.layers[0].activation is model.body.nonlinearity
+    np.testing.assert_allclose(rec.channels["act_std"], want.std(1, unbiased=False).numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(rec.channels["act_mean"], want.mean(1).numpy(), rtol=RTOL, atol=ATOL)
+    with torch.no_grad():
+        _, rec = measure(_Block(outside=True), cfg, x)
+    assert np.isfinite(rec.channels["std"]).all() and np.isnan(rec.channels["act_std"]).all()
+
+
+class _LinAct(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential()
+        self.body.add_module("lin", nn.Linear(8, 2))  # 8: the last dim of anatomy's traced (1, 3, 8, 8) image
+        self.body.add_module("act", nn.SiLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_the_activation_of_a_linear_on_tokens_is_measured_per_output_feature():
+    """A linear on (B, T, 8) tokens followed by SiLU: its channels are the last dim of the activation's
+    output too, so act statistics pool batch and tokens per output feature."""
+    torch.manual_seed(5)
+    model, x = _LinAct(), torch.randn(4, 6, 8)
+    with torch.no_grad():
+        a = nn.functional.silu(model.body.lin(x)).double().reshape(-1, 2)
+        probes, rec = measure(model, TrackConfig(layers=["body.lin"], module_types=["Linear"], near_zero=OFF), x)
+    assert probes.layers[0].activation is model.body.act
+    np.testing.assert_allclose(rec.channels["act_std"], a.std(0, unbiased=False).numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(rec.channels["act_mean"], a.mean(0).numpy(), rtol=RTOL, atol=ATOL)

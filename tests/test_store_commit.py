@@ -246,3 +246,40 @@ def test_a_new_store_is_built_beside_another_writers_temporary_without_touching_
     assert zarr.open_group(other, mode="r").attrs["mine"] == "other writer"
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "t.zarr"]
     assert [(p.parent, p.name.startswith(f".t.zarr{artifacts.TEMP_MARK}-")) for p in renamed] == [(tmp_path, True)]
+
+
+def test_a_stores_attributes_are_the_given_ones_and_the_writers_three_counts(tmp_path: Path) -> None:
+    """The root attributes: those the writer was given, with its own bookkeeping (committed steps and
+    events, whether every chunk was written) and nothing else."""
+    path = tmp_path / "t.zarr"
+    with TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=3) as w:
+        w.append(record(1))
+    attrs = dict(zarr.open_group(str(path), mode="r", use_consolidated=False).attrs)
+    assert sorted(attrs) == sorted({*ATTRS, "committed_steps", "committed_events", writer_mod.ALL_CHUNKS})
+    assert {k: attrs[k] for k in ("committed_steps", "committed_events", writer_mod.ALL_CHUNKS)} == {
+        "committed_steps": 1, "committed_events": 0, writer_mod.ALL_CHUNKS: True}
+    assert {k: v for k, v in attrs.items() if k in ATTRS and k != "committed_steps"} == {
+        k: v for k, v in ATTRS.items() if k != "committed_steps"}
+
+
+def test_a_new_store_holds_no_step_before_its_first_commit_and_a_failed_one_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Right after the writer creates the store, any reader (vaedyn's or plain xarray on the consolidated
+    metadata) sees 0 steps; a creation that fails midway leaves no store and no temporary behind."""
+    import xarray as xr
+
+    path = tmp_path / "t.zarr"
+    with TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=3) as w:
+        assert xr.open_zarr(path, consolidated=True).sizes["step"] == 0
+        assert store.open_trace(path).sizes["step"] == 0
+        w.append(record(1))
+    failing = tmp_path / "failing"
+    failing.mkdir()
+
+    def broken_marker(folder, kind):  # noqa: ANN001, ANN202
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifacts, "write_marker", broken_marker)
+    with pytest.raises(OSError, match="disk full"):
+        TraceWriter(failing / "t.zarr", LAYOUT, ATTRS, mode="w", chunk_steps=3)
+    assert list(failing.iterdir()) == []

@@ -17,7 +17,7 @@ from vaedyn_cli import artifacts, store
 from vaedyn_cli import train as train_mod
 from vaedyn_cli.config import NearZeroConfig, RunConfig, TrackConfig
 from vaedyn_cli.errors import VaedynError
-from vaedyn_cli.kernels import near_zero_fractions
+from vaedyn_cli.kernels import channels_last, near_zero_fractions
 from vaedyn_cli.model import build_preset, save_model
 from vaedyn_cli.probes import ChannelProbes, load_probe_batch, run_probe
 from vaedyn_cli.track import track_checkpoints
@@ -539,6 +539,23 @@ def _planted_rows(b: int, c: int, h: int, w: int) -> torch.Tensor:
     t[:, 5] = 7.25
     t[:, 6] = 0.0
     return t.float()
+
+
+def test_channels_last_says_what_torch_says_of_the_transposed_view() -> None:
+    """`channels_last(t)` is `t.transpose(1, 2).is_contiguous()`, for every (B, C, L) of sizes 1 to 3
+    in each of four layouts: contiguous, channels-last (from (B, L, C)), C outermost, and every other
+    channel of a contiguous tensor."""
+    seen = set()
+    for b in (1, 2, 3):
+        for c in (1, 2, 3):
+            for n in (1, 2, 3):
+                base = torch.zeros(b, c, n)
+                for t in (base, torch.zeros(b, n, c).transpose(1, 2), torch.zeros(c, b, n).transpose(0, 1),
+                          torch.zeros(b, 2 * c, n)[:, ::2]):
+                    want = t.transpose(1, 2).is_contiguous()
+                    assert channels_last(t) == want, (t.shape, t.stride())
+                    seen.add(want)
+    assert seen == {True, False}
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])

@@ -28,8 +28,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Under `nox -s mutate`: a test whose vaedyn runs in child processes cannot see the mutant (the
     children import the unmutated package) and only costs time, so it is left out (with no fixture
     built for it); the others run fastest first (by the durations mutmut measured), so that a killed
-    mutant stops at its first cheap failing test. Everywhere else nothing changes."""
+    mutant stops at its first cheap failing test.
+
+    Everywhere else, the tests marked `long` (tens of seconds each) start first, in file order: with
+    `pytest -n 2` they then alternate between the two workers, and the many short tests fill in
+    behind them, so the workers finish together instead of one waiting on a long test begun last."""
     if os.environ.get("MUTANT_UNDER_TEST", "") in ("", "stats", "fail"):
+        items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable: file order otherwise
         return
     left_out = [item for item in items if item.get_closest_marker("other_processes") is not None]
     kept = [item for item in items if item.get_closest_marker("other_processes") is None]

@@ -102,6 +102,7 @@ def assert_same_trace(a: Path, b: Path) -> None:
 
 
 @pytest.mark.other_processes
+@pytest.mark.long
 def test_killed_three_times_resumes_to_the_uninterrupted_run(reference, tmp_path, cli):
     ref = reference
     assert trace_steps(ref) == list(range(1, 13))

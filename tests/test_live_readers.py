@@ -111,6 +111,7 @@ def committed(path: Path) -> int:
     return int(json.loads((path / "zarr.json").read_text())["attributes"]["committed_steps"])
 
 
+@pytest.mark.long
 def test_readers_see_a_committed_prefix_while_training_appends(live, cli, tmp_path):
     path, writer = live
     seen: list[int] = []

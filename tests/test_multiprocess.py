@@ -55,6 +55,7 @@ def close(a: np.ndarray, b: np.ndarray, what: str) -> None:
     np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64), rtol=1e-5, atol=1e-6, err_msg=what)
 
 
+@pytest.mark.long
 def test_two_cpu_processes_record_the_global_batch(tmp_path):
     one = train_mod.train(RunConfig.model_validate(config(tmp_path, "one", 4)))  # 1 process x 4 images
 

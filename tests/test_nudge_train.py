@@ -214,6 +214,7 @@ def _console() -> list[str]:
 
 
 @pytest.mark.other_processes
+@pytest.mark.long
 def test_shell_pipeline_train_classify_nudge_eval(tmp_path) -> None:
     cfg = tiny_config_dict(tmp_path, train={"max_steps": 2, "save_interval": 100, "validation_interval": 100},
                            track={"interval": 1}, eval={"num_samples_to_save": 0})

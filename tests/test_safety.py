@@ -198,6 +198,7 @@ def test_links_files_and_paths_under_files_are_never_replaced(tmp_path: Path) ->
 
 
 @pytest.mark.other_processes
+@pytest.mark.long
 def test_a_second_trainer_is_refused_and_sigterm_says_how_to_resume(finished, tmp_path, cli):
     """A real `vaedyn train` holds the run folder: a second one (resume or overwrite) exits 2 naming
     its pid and touches nothing; SIGTERM ends the first with one line saying how to resume, and the

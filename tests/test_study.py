@@ -124,6 +124,7 @@ def statistics_of(doc: dict[str, Any]) -> dict[str, Any]:
 # end to end
 
 
+@pytest.mark.long
 def test_tiny_study_end_to_end_resume_and_executors(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "my study"  # a space: every printed path must be quoted
     spec = write_study(root)

@@ -317,3 +317,19 @@ def test_one_channel_per_group_is_never_input_collapsed_against_a_neighbour() ->
     assert [r["input_collapsed"] for r in _labels(ds)] == [False, False]
     ds.attrs["model_config"] = '{"norm_num_groups": 1}'
     assert [r["input_collapsed"] for r in _labels(ds)] == [True, False]
+
+
+def test_a_trace_without_channels_classifies_to_empty_labels() -> None:
+    """A store of no channels (every layer filtered out upstream) is not an error: no labels, no codes,
+    with the schema's dtypes (the layer and part strings as objects, the counts as integers)."""
+    ds = make_trace([("encoder.a", 4, True)], [10, 20]).isel(channel=[])
+    labels = classification.classify_trace(ds, ClassifyConfig(min_persist=1))
+    assert labels.sizes["channel"] == 0 and lab.to_records(labels) == []
+    assert (labels.attrs["first_step"], labels.attrs["last_step"], labels.attrs["n_steps"]) == (10, 20, 2)
+    assert labels["layer"].dtype == object and labels["part"].dtype == object
+    assert labels["onset_step"].dtype == np.int64 and labels["score"].dtype == np.float64
+    ch = classification.select_channels(ds)
+    assert (ch.n, ch.bounds, ch.group.tolist()) == (0, [], [])
+    codes, scores = classification.step_states(ds, ClassifyConfig())
+    assert codes.shape == scores.shape == (2, 0)
+    assert classification.select_channels(ds.drop_vars("part")).part.dtype == object  # the module-path fallback

@@ -401,6 +401,40 @@ def test_exact_probes_of_a_capture_are_exact_to_double_precision():
     np.testing.assert_allclose(rec.channels["act_std"], act.std(1), rtol=1e-9)
 
 
+class _Norm(nn.Module):
+    """A part `body` holding one GroupNorm (2 groups of 2 channels) whose bias is 10."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential()
+        self.body.add_module("norm", nn.GroupNorm(2, 4))
+        with torch.no_grad():
+            self.body.norm.bias.fill_(10.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_exact_probes_of_a_norm_are_exact_to_double_precision_on_its_input_and_output():
+    """`exact` moments of a GroupNorm's input (10 + N(0, 0.01) per channel) and of its output (bias 10):
+    NumPy's float64 moments of the same float32 values to 1e-9, where float32 sums are off by about 1e-6."""
+    torch.manual_seed(5)
+    model = _Norm()
+    x = 10 + torch.randn(4, 4, 8, 8) * 0.01
+    probes = ChannelProbes(model, TrackConfig(layers=["body.norm"], module_types=["GroupNorm"], near_zero=OFF),
+                           exact=True)
+    probes.reset()
+    probes.arm()
+    with torch.no_grad():
+        y = model(x)
+    probes.disarm()
+    probes.finish()
+    rec = probes.snapshot(1).resolve()
+    np.testing.assert_allclose(rec.channels["in_std"], per_channel(x).numpy().std(1), rtol=1e-9)
+    np.testing.assert_allclose(rec.channels["std"], per_channel(y).numpy().std(1), rtol=1e-9)
+    np.testing.assert_allclose(rec.channels["mean_abs"], np.abs(per_channel(y).numpy()).mean(1), rtol=1e-12)
+
+
 def test_run_probe_forwards_the_batch_in_pieces_inside_autocast_without_gradients():
     """run_probe: 5 images at batch size 2 are 3 forwards (2, 2, 1) of the posterior mode, every one
     inside the autocast context and without gradients, in eval mode; the model's mode comes back."""

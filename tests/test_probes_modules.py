@@ -375,6 +375,20 @@ def test_only_forwards_inside_a_part_and_with_a_batch_dim_are_measured():
     np.testing.assert_allclose(rec.channels["mean_abs"], y.double().abs().mean(0).numpy(), rtol=RTOL, atol=ATOL)
 
 
+def test_a_single_observed_value_per_channel_is_measured_not_left_unobserved():
+    """One sample through a linear: each channel has one value, its own mean and |.|, and std 0."""
+    torch.manual_seed(6)
+    model = Lin()
+    x = torch.randn(1, 3)
+    with torch.no_grad():
+        probes, rec = measure(model, TrackConfig(layers=["body.lin"], module_types=["Linear"], near_zero=OFF), x)
+        y = model(x).double()[0].numpy()
+    assert probes.host_counts[0].tolist() == [1.0]
+    np.testing.assert_allclose(rec.channels["mean"], y, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(rec.channels["mean_abs"], np.abs(y), rtol=RTOL, atol=ATOL)
+    assert rec.channels["std"].tolist() == [0.0, 0.0]
+
+
 def test_exact_probes_of_a_capture_are_exact_to_double_precision():
     """`exact` moments of a captured conv output with an offset (10 + N(0, 0.01)), where float32 sums
     lose digits (std off by 7e-7, mean |.| by 3e-8): NumPy's float64 moments of the same float32 values

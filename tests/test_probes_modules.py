@@ -387,6 +387,30 @@ def test_a_single_observed_value_per_channel_is_measured_not_left_unobserved():
     np.testing.assert_allclose(rec.channels["mean"], y, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(rec.channels["mean_abs"], np.abs(y), rtol=RTOL, atol=ATOL)
     assert rec.channels["std"].tolist() == [0.0, 0.0]
+    # and its activation: one value per channel too
+    model = _LinAct()
+    x = torch.randn(1, 8)
+    with torch.no_grad():
+        probes, rec = measure(model, TrackConfig(layers=["body.lin"], module_types=["Linear"], near_zero=OFF), x)
+        a = model(x).double()[0].numpy()
+    assert probes.host_counts[:, 0].tolist() == [1.0, 1.0]
+    np.testing.assert_allclose(rec.channels["act_mean"], a, rtol=RTOL, atol=ATOL)
+    assert rec.channels["act_std"].tolist() == [0.0, 0.0]
+
+
+def test_bfloat16_outputs_are_measured_in_float32():
+    """A bfloat16 model: the moments of its conv's (B, C, H, W) output and of its linear's (B, T, C) output
+    are float32 moments of the bfloat16 values (bfloat16 sums would be off by about 1e-2)."""
+    torch.manual_seed(7)
+    for model, x, name, kind in ((Net(), 1 + torch.rand(4, 3, 8, 8), "body.conv", "Conv2d"),
+                                 (Lin(), 1 + torch.rand(4, 64, 3), "body.lin", "Linear")):
+        model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+        with torch.no_grad():
+            probes, rec = measure(model, TrackConfig(layers=[name], module_types=[kind], near_zero=OFF), x)
+            y = model.get_submodule(name)(x)
+        ref = (per_channel(y) if y.ndim == 4 else y.double().reshape(-1, y.shape[-1]).T).numpy()
+        np.testing.assert_allclose(rec.channels["std"], ref.std(1), rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose(rec.channels["mean_abs"], np.abs(ref).mean(1), rtol=1e-5, err_msg=name)
 
 
 def test_exact_probes_of_a_capture_are_exact_to_double_precision():
@@ -413,6 +437,27 @@ def test_exact_probes_of_a_capture_are_exact_to_double_precision():
     # and the activation's statistics, of the float32 SiLU output the probe sees
     act = nn.functional.silu(y).double().transpose(0, 1).reshape(4, -1).numpy()
     np.testing.assert_allclose(rec.channels["act_std"], act.std(1), rtol=1e-9)
+
+
+def test_exact_probes_of_a_linear_are_exact_to_double_precision():
+    """`exact` moments of a linear's (B, T, C) output, channels last, with an offset (bias 10): NumPy's
+    float64 moments of the same float32 values to 1e-9 and 1e-12 (float32 sums: std off by 3e-6)."""
+    torch.manual_seed(8)
+    model = Lin()
+    with torch.no_grad():
+        model.body.lin.bias.fill_(10.0)
+        model.body.lin.weight.mul_(0.01)
+    x = torch.randn(4, 256, 3)
+    probes = ChannelProbes(model, TrackConfig(layers=["body.lin"], module_types=["Linear"], near_zero=OFF), exact=True)
+    probes.reset()
+    probes.arm()
+    with torch.no_grad():
+        y = model(x).double().reshape(-1, 2).T.numpy()
+    probes.disarm()
+    probes.finish()
+    rec = probes.snapshot(1).resolve()
+    np.testing.assert_allclose(rec.channels["std"], y.std(1), rtol=1e-9)
+    np.testing.assert_allclose(rec.channels["mean_abs"], np.abs(y).mean(1), rtol=1e-12)
 
 
 class _Norm(nn.Module):

@@ -614,3 +614,36 @@ def test_the_activation_of_a_linear_on_tokens_is_measured_per_output_feature():
     assert probes.layers[0].activation is model.body.act
     np.testing.assert_allclose(rec.channels["act_std"], a.std(0, unbiased=False).numpy(), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(rec.channels["act_mean"], a.mean(0).numpy(), rtol=RTOL, atol=ATOL)
+
+
+class _Shared(nn.Module):
+    """A part `body` whose forward calls the model's other part `head` (one module, registered first at
+    the top level) before its own conv: the parts' gates nest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(3, 3, 1)
+        self.body = nn.Module()
+        self.body.conv = nn.Conv2d(3, 2, 1)
+        head = self.head
+        body = self.body
+
+        def body_forward(x: torch.Tensor) -> torch.Tensor:
+            return body.conv(head(x))
+
+        self.body.forward = body_forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_a_part_called_inside_another_leaves_the_outer_part_measured_after_it_returns():
+    torch.manual_seed(9)
+    model = _Shared()
+    x = torch.randn(2, 3, 4, 4)
+    cfg = TrackConfig(layers=["head", "body.conv"], module_types=["Conv2d"], near_zero=OFF)
+    with torch.no_grad():
+        probes, rec = measure(model, cfg, x)
+        want = torch.cat([per_channel(model.head(x)), per_channel(model.body.conv(model.head(x)))])
+    assert [layer.name for layer in probes.layers] == ["head", "body.conv"]
+    np.testing.assert_allclose(rec.channels["std"], want.std(1, unbiased=False).numpy(), rtol=RTOL, atol=ATOL)

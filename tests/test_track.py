@@ -17,7 +17,7 @@ from vaedyn_cli import artifacts, store
 from vaedyn_cli import train as train_mod
 from vaedyn_cli.config import NearZeroConfig, RunConfig, TrackConfig
 from vaedyn_cli.errors import VaedynError
-from vaedyn_cli.kernels import channels_last, near_zero_fractions
+from vaedyn_cli.kernels import Scratch, abs_sum, channels_last, dense, near_zero_fractions
 from vaedyn_cli.model import build_preset, save_model
 from vaedyn_cli.probes import ChannelProbes, load_probe_batch, run_probe
 from vaedyn_cli.track import track_checkpoints
@@ -673,3 +673,24 @@ def test_fold_of_mixed_precision_statistics_keeps_the_double_precision():
     mixed = [list(v) for v in saved]
     mixed[1][1] = fine
     assert torch.equal(fold(mixed), fold(as_double))
+
+
+def test_dense_is_a_permutation_of_a_contiguous_layout_and_scratch_copies_only_dense_strides() -> None:
+    """dense(): contiguous, channels-last and transposed tensors are dense (size-1 dims' strides do not
+    matter); strided slices (a gap, also along a size-2 dim), a slice of the channels (a gap between
+    samples) and an expanded dim (stride 0) are not.
+    Scratch.like keeps a dense tensor's strides and lays a non-dense one out contiguously, and abs_sum
+    on each is the plain sum of |t| over the last dim."""
+    base = torch.randn(2, 3, 4, 5)
+    is_dense = [base, base.to(memory_format=torch.channels_last), base.transpose(1, 3), base[:1],
+                torch.randn(6).as_strided((2, 1, 3), (3, 7, 1))]
+    not_dense = [base[..., ::2], base[:, :1], base[:, :, :2, :][..., :1].expand(2, 3, 2, 3),
+                 torch.randn(4, 6)[:, ::2], torch.randn(2, 6)[:, ::3], torch.randn(3, 1).expand(3, 4)]
+    assert [dense(t) for t in is_dense] == [True] * 5
+    assert [dense(t) for t in not_dense] == [False] * 6
+    scratch = Scratch()
+    for t in is_dense + not_dense:
+        out = scratch.like(t, purpose=f"p{t.stride()}")
+        assert out.shape == t.shape
+        assert out.stride() == (t.stride() if dense(t) else torch.empty(t.shape).stride())
+        torch.testing.assert_close(abs_sum(t, scratch), t.abs().sum(-1), rtol=1e-6, atol=1e-6)

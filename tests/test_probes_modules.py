@@ -647,3 +647,61 @@ def test_a_part_called_inside_another_leaves_the_outer_part_measured_after_it_re
         want = torch.cat([per_channel(model.head(x)), per_channel(model.body.conv(model.head(x)))])
     assert [layer.name for layer in probes.layers] == ["head", "body.conv"]
     np.testing.assert_allclose(rec.channels["std"], want.std(1, unbiased=False).numpy(), rtol=RTOL, atol=ATOL)
+
+
+class _TopLinear(nn.Module):
+    """A tracked linear that is a part of its own (a top-level module, like the VAE's post_quant_conv)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def test_the_input_of_a_top_level_module_is_captured_inside_its_own_part():
+    """The part's gate opens before the module's own input pre-hook: its input is measured."""
+    torch.manual_seed(10)
+    x = torch.randn(6, 3)
+    probes, rec = measure(_TopLinear(), TrackConfig(layers=["lin"], module_types=["Linear"], capture="input",
+                                                    near_zero=OFF), x)
+    assert probes.host_counts[0].tolist() == [6.0]
+    np.testing.assert_allclose(rec.channels["std"], x.double().std(0, unbiased=False).numpy(), rtol=RTOL, atol=ATOL)
+
+
+class _Member(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(3, 2, 1), nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x))
+
+
+class _Blocks(nn.Module):
+    """A top-level ModuleList: its called member `blocks.0` is the part. After the member returns, the
+    model calls the member's conv directly on another tensor, outside the part."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([_Member()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks[0](x)
+        return self.blocks[0].act(self.blocks[0].conv(x * 5.0)) + h.mean()
+
+
+def test_the_called_member_of_a_top_level_module_list_is_the_part():
+    torch.manual_seed(11)
+    model = _Blocks()
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        probes, rec = measure(model, TrackConfig(layers=["blocks.0.conv"], module_types=["Conv2d"], near_zero=OFF), x)
+        y = model.blocks[0].conv(x)
+        a = nn.functional.silu(y)
+    assert probes.layers[0].activation is model.blocks[0].act
+    assert probes.host_counts[:, 0].tolist() == [32.0, 32.0]  # one call of each, 2 samples x 16 positions
+    np.testing.assert_allclose(rec.channels["std"], per_channel(y).std(1, unbiased=False).numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(rec.channels["act_std"], per_channel(a).std(1, unbiased=False).numpy(), rtol=RTOL,
+                               atol=ATOL)

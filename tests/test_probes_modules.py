@@ -661,13 +661,19 @@ class _TopLinear(nn.Module):
 
 
 def test_the_input_of_a_top_level_module_is_captured_inside_its_own_part():
-    """The part's gate opens before the module's own input pre-hook: its input is measured."""
+    """The part's gate opens before the module's own input pre-hook: its input is measured; an input
+    capture records no per-channel parameters."""
     torch.manual_seed(10)
     x = torch.randn(6, 3)
     probes, rec = measure(_TopLinear(), TrackConfig(layers=["lin"], module_types=["Linear"], capture="input",
                                                     near_zero=OFF), x)
     assert probes.host_counts[0].tolist() == [6.0]
     np.testing.assert_allclose(rec.channels["std"], x.double().std(0, unbiased=False).numpy(), rtol=RTOL, atol=ATOL)
+    # a square linear's bias has one entry per input channel too, but it belongs to its outputs
+    model = _TopLinear()
+    model.lin = nn.Linear(3, 3)
+    _, rec = measure(model, TrackConfig(layers=["lin"], module_types=["Linear"], capture="input", near_zero=OFF), x)
+    assert np.isnan(rec.channels["gn_weight"]).all() and np.isnan(rec.channels["gn_bias"]).all()
 
 
 class _Member(nn.Module):

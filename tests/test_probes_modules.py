@@ -45,8 +45,9 @@ class Net(nn.Module):
         return self.body(x)
 
 
-def measure(model: nn.Module, cfg: TrackConfig, *batches: torch.Tensor, backward: bool = False):  # noqa: ANN201
-    probes = ChannelProbes(model, cfg)
+def measure(model: nn.Module, cfg: TrackConfig, *batches: torch.Tensor, backward: bool = False,  # noqa: ANN201
+            exact: bool = False):
+    probes = ChannelProbes(model, cfg, exact=exact)
     probes.reset()
     probes.capture_params()
     probes.arm()
@@ -406,7 +407,7 @@ def test_bfloat16_outputs_are_measured_in_float32():
                                  (Lin(), 1 + torch.rand(4, 64, 3), "body.lin", "Linear")):
         model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
         with torch.no_grad():
-            probes, rec = measure(model, TrackConfig(layers=[name], module_types=[kind], near_zero=OFF), x)
+            _, rec = measure(model, TrackConfig(layers=[name], module_types=[kind], near_zero=OFF), x)
             y = model.get_submodule(name)(x)
         ref = (per_channel(y) if y.ndim == 4 else y.double().reshape(-1, y.shape[-1]).T).numpy()
         np.testing.assert_allclose(rec.channels["std"], ref.std(1), rtol=1e-4, err_msg=name)
@@ -448,14 +449,9 @@ def test_exact_probes_of_a_linear_are_exact_to_double_precision():
         model.body.lin.bias.fill_(10.0)
         model.body.lin.weight.mul_(0.01)
     x = torch.randn(4, 256, 3)
-    probes = ChannelProbes(model, TrackConfig(layers=["body.lin"], module_types=["Linear"], near_zero=OFF), exact=True)
-    probes.reset()
-    probes.arm()
     with torch.no_grad():
+        _, rec = measure(model, TrackConfig(layers=["body.lin"], module_types=["Linear"], near_zero=OFF), x, exact=True)
         y = model(x).double().reshape(-1, 2).T.numpy()
-    probes.disarm()
-    probes.finish()
-    rec = probes.snapshot(1).resolve()
     np.testing.assert_allclose(rec.channels["std"], y.std(1), rtol=1e-9)
     np.testing.assert_allclose(rec.channels["mean_abs"], np.abs(y).mean(1), rtol=1e-12)
 
@@ -480,15 +476,10 @@ def test_exact_probes_of_a_norm_are_exact_to_double_precision_on_its_input_and_o
     torch.manual_seed(5)
     model = _Norm()
     x = 10 + torch.randn(4, 4, 8, 8) * 0.01
-    probes = ChannelProbes(model, TrackConfig(layers=["body.norm"], module_types=["GroupNorm"], near_zero=OFF),
-                           exact=True)
-    probes.reset()
-    probes.arm()
     with torch.no_grad():
+        _, rec = measure(model, TrackConfig(layers=["body.norm"], module_types=["GroupNorm"], near_zero=OFF), x,
+                         exact=True)
         y = model(x)
-    probes.disarm()
-    probes.finish()
-    rec = probes.snapshot(1).resolve()
     np.testing.assert_allclose(rec.channels["in_std"], per_channel(x).numpy().std(1), rtol=1e-9)
     np.testing.assert_allclose(rec.channels["std"], per_channel(y).numpy().std(1), rtol=1e-9)
     np.testing.assert_allclose(rec.channels["mean_abs"], np.abs(per_channel(y).numpy()).mean(1), rtol=1e-12)

@@ -702,3 +702,100 @@ def test_the_called_member_of_a_top_level_module_list_is_the_part():
     np.testing.assert_allclose(rec.channels["std"], per_channel(y).std(1, unbiased=False).numpy(), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(rec.channels["act_std"], per_channel(a).std(1, unbiased=False).numpy(), rtol=RTOL,
                                atol=ATOL)
+
+
+class _SkipFirst(nn.Module):
+    """A part `body` whose shared `nonlinearity` runs on the skip before norm1 runs at all."""
+
+    def __init__(self, affine: bool = True) -> None:
+        super().__init__()
+        self.body = nn.Module()
+        self.body.norm1, self.body.nonlinearity = nn.GroupNorm(2, 4, affine=affine), nn.SiLU()
+        body = self.body
+
+        def body_forward(x: torch.Tensor) -> torch.Tensor:
+            skip = body.nonlinearity(x * 3.0 + 1.0)
+            return body.nonlinearity(body.norm1(x)) + skip
+
+        self.body.forward = body_forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_a_probe_armed_again_without_a_reset_measures_like_a_new_one():
+    """Pooled steps arm and disarm the probes around each forward, without a reset in between: after
+    a disarm the gate is closed (norm1 called outside its part adds nothing) and no activation call
+    is pending (the shared SiLU runs on the skip before norm1 has run)."""
+    torch.manual_seed(12)
+    model = _SkipFirst()
+    x1, x2 = torch.randn(2, 4, 3, 3), torch.randn(3, 4, 3, 3)
+    cfg = TrackConfig(layers=["body.norm1"], module_types=["GroupNorm"], near_zero=OFF)
+    probes = ChannelProbes(model, cfg)
+    probes.reset()
+    probes.capture_params()
+    with torch.no_grad():
+        for i, x in enumerate((x1, x2)):
+            probes.arm()
+            model(x)
+            probes.disarm()
+            if i == 0:
+                probes.arm()
+                probes.disarm()
+                model.body.norm1(torch.randn(4, 4, 3, 3) * 9.0)  # disarmed, outside the part
+                probes.arm()
+                model.body.norm1(torch.randn(4, 4, 3, 3) * 9.0)  # armed, outside the part
+                probes.disarm()
+        y = torch.cat([per_channel(model.body.norm1(x)) for x in (x1, x2)], dim=1)
+    probes.finish()
+    rec = probes.snapshot(1).resolve()
+    assert probes.host_counts[:, 0].tolist() == [45.0, 45.0]  # (2 + 3) samples x 9 positions, norm and act
+    np.testing.assert_allclose(rec.channels["std"], y.std(1, unbiased=False).numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(rec.channels["act_mean"], nn.functional.silu(y).mean(1).numpy(), rtol=RTOL, atol=ATOL)
+
+
+def test_a_model_without_parameters_is_measured_on_the_cpu():
+    """A GroupNorm without affine parameters is the whole model: its probes live on the CPU, its
+    statistics are measured, and it has no per-channel scale or shift."""
+    torch.manual_seed(13)
+    model = _SkipFirst(affine=False)
+    assert list(model.parameters()) == []
+    x = torch.randn(2, 4, 3, 3) * 5.0 + 2.0
+    probes, rec = measure(model, TrackConfig(layers=["body.norm1"], module_types=["GroupNorm"], near_zero=OFF), x)
+    assert probes.device == torch.device("cpu")
+    with torch.no_grad():
+        y = per_channel(model.body.norm1(x))
+    np.testing.assert_allclose(rec.channels["std"], y.std(1, unbiased=False).numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(rec.channels["in_std"], per_channel(x).std(1, unbiased=False).numpy(), rtol=RTOL,
+                               atol=ATOL)
+    assert np.isnan(rec.channels["gn_weight"]).all() and np.isnan(rec.channels["gn_bias"]).all()
+
+
+class _SquareAct(nn.Module):
+    """A part `body`: a square conv (3 -> 3, 1x1) followed by SiLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential()
+        self.body.add_module("conv", nn.Conv2d(3, 3, 1))
+        self.body.add_module("act", nn.SiLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_an_input_capture_has_no_activation_and_no_incoming_filter():
+    """The input of a square conv whose output goes through SiLU: the activation belongs to the conv's
+    output, and the conv's weight[c] makes output channel c, not input channel c; so act_* and
+    in_weight_grad stay unmeasured (NaN), though the shapes would fit."""
+    torch.manual_seed(14)
+    model, x = _SquareAct(), torch.randn(2, 3, 4, 4)
+    cfg = TrackConfig(layers=["body.conv"], module_types=["Conv2d"], capture="input", near_zero=OFF,
+                      extra_statistics=["act_mean_abs", "in_weight_grad"])
+    probes, rec = measure(model, cfg, x, backward=True)
+    assert model.body.conv.weight.grad is not None and probes.layout.has_activation == (False,) * 3
+    np.testing.assert_allclose(rec.channels["std"], per_channel(x).std(1, unbiased=False).numpy(), rtol=RTOL, atol=ATOL)
+    for key in ("act_mean", "act_std", "act_mean_abs", "in_weight_grad"):
+        assert np.isnan(rec.channels[key]).all(), key
+    # near-zero fractions are off: no parameter is listed, none is measured
+    assert probes.weights == [] and probes.layout.params == ()

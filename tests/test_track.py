@@ -587,6 +587,29 @@ def test_moments_in_every_layout_and_size_equal_float64(layout, h, w):
     assert torch.all(m2[:, 5:7] == 0)  # constant channels: exactly no spread
 
 
+@pytest.mark.parametrize("ratios", [(0.0, 1e-4, 0.5, 0.8), (0.0, 1e-4, 1e-4, 0.0)], ids=["spread", "centred"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_one_pass_moments_of_well_conditioned_rows_equal_float64(layout, ratios):
+    """A one-pass-size tensor whose every row is well conditioned (mean / std of `ratios`), so that no
+    row is redone two-pass: the one-pass sum of squares, corrected by s^2 / n, is the answer (to 1e-5),
+    in both the contiguous and the channels-last path (where one ill-conditioned row would redo all)."""
+    from vaedyn_cli import kernels as track_mod
+
+    b, c, h, w = 2, 32, 64, 80
+    assert b * c * h * w > track_mod.TWO_PASS_MAX_NUMEL
+    z = torch.randn(b, c, h * w, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    z = (z - z.mean(-1, keepdim=True)) / z.std(-1, correction=0, keepdim=True)  # mean 0, std 1 exactly
+    z = (z * 2.0 + 2.0 * torch.tensor(ratios, dtype=torch.float64).repeat(c // 4).view(1, c, 1)).float()
+    t = z if layout == "contiguous" else z.transpose(1, 2).contiguous().transpose(1, 2)
+    assert t.is_contiguous() == (layout == "contiguous") and track_mod.channels_last(t) == (layout != "contiguous")
+    s, m2 = track_mod.moments(t, track_mod.Scratch())
+    assert not track_mod.ill_conditioned(s, m2, h * w).any()
+    ref = z.double()
+    n = h * w
+    np.testing.assert_allclose((s.double() / n).numpy(), ref.mean(-1).numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose((m2.double() / n).sqrt().numpy(), ref.std(-1, correction=0).numpy(), rtol=1e-5)
+
+
 def test_tracker_folds_after_the_backward_and_without_that_call(tmp_path):
     """In the training loop the probes are disarmed and folded at after_backward (their results are
     released before the optimizer allocates); a loop that never calls after_backward records the

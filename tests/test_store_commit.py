@@ -283,3 +283,41 @@ def test_a_new_store_holds_no_step_before_its_first_commit_and_a_failed_one_leav
     with pytest.raises(OSError, match="disk full"):
         TraceWriter(failing / "t.zarr", LAYOUT, ATTRS, mode="w", chunk_steps=3)
     assert list(failing.iterdir()) == []
+
+
+class _Slow:
+    """A pending record whose numbers take `seconds` to finish on the writer thread."""
+
+    def __init__(self, step: int, seconds: float) -> None:
+        self.step, self.seconds = step, seconds
+
+    def resolve(self):  # noqa: ANN201
+        time.sleep(self.seconds)
+        return record(self.step)
+
+
+def test_append_waits_for_a_slow_writer_while_its_queue_is_full(tmp_path: Path) -> None:
+    """One step may wait (queue_size 1) while the thread spends 0.8 s on the step before it, longer
+    than `append`'s 0.5 s poll: the third append waits for room instead of calling the thread stopped."""
+    path = tmp_path / "t.zarr"
+    with TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=4, queue_size=1) as w:
+        w.append(_Slow(1, 0.8))
+        w.append(record(2))
+        start = time.monotonic()
+        w.append(record(3))
+        assert time.monotonic() - start > 0.5  # it did wait past the poll
+    assert_matches(store.open_trace(path), [record(s) for s in (1, 2, 3)])
+
+
+def test_a_step_not_after_the_last_appended_one_is_refused(tmp_path: Path) -> None:
+    """Steps must strictly increase within one writer's appends: the same step again, or an earlier one,
+    is refused and leaves the trace as it was."""
+    path = tmp_path / "t.zarr"
+    with TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=4) as w:
+        w.append(record(2))
+        w.append(record(5))
+        for step in (5, 3):
+            with pytest.raises(VaedynError, match=f"step {step} is not after the last recorded step 5"):
+                w.append(record(step))
+        w.append(record(6))
+    assert_matches(store.open_trace(path), [record(s) for s in (2, 5, 6)])

@@ -321,3 +321,39 @@ def test_a_step_not_after_the_last_appended_one_is_refused(tmp_path: Path) -> No
                 w.append(record(step))
         w.append(record(6))
     assert_matches(store.open_trace(path), [record(s) for s in (2, 5, 6)])
+
+
+def test_a_new_store_replaces_only_a_trace_store_holding_nothing_else(tmp_path: Path) -> None:
+    """`mode="w"` over an existing trace store: refused while it holds a file vaedyn does not write there
+    (which stays, as does the trace); replaced once that file is gone, and also when an older vaedyn
+    wrote it without a marker."""
+    path = tmp_path / "t.zarr"
+    with TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=2) as w:
+        w.append(record(1))
+    (path / "notes.txt").write_text("mine")
+    with pytest.raises(VaedynError, match=rf"^trace store {path} holds 'notes.txt', which vaedyn does not write"):
+        TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=2)
+    assert (path / "notes.txt").read_text() == "mine"
+    assert_matches(store.open_trace(path), [record(1)])
+    (path / "notes.txt").unlink()
+    for marker in (True, False):  # a marked store, then one without the marker (an older vaedyn's)
+        if not marker:
+            (path / artifacts.MARKER_FILE).unlink()
+        with TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=2) as w:
+            assert store.open_trace(path).sizes["step"] == 0
+            w.append(record(7))
+        assert_matches(store.open_trace(path), [record(7)])
+
+
+def test_the_writer_thread_never_keeps_the_interpreter_alive(tmp_path: Path) -> None:
+    """A writer that is never closed (a crashed caller) must not stop Python from exiting: its thread
+    is a daemon."""
+    import threading
+
+    before = set(threading.enumerate())
+    w = TraceWriter(tmp_path / "t.zarr", LAYOUT, ATTRS, mode="w", chunk_steps=2)
+    try:
+        started = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        assert started and all(t.daemon for t in started)
+    finally:
+        w.close()

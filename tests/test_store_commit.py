@@ -326,9 +326,10 @@ def test_a_step_not_after_the_last_appended_one_is_refused(tmp_path: Path) -> No
 def test_a_new_store_replaces_only_a_trace_store_holding_nothing_else(tmp_path: Path) -> None:
     """`mode="w"` over an existing trace store: refused while it holds a file vaedyn does not write there
     (which stays, as does the trace); replaced once that file is gone, and also when an older vaedyn
-    wrote it without a marker."""
+    wrote it without a marker. An empty folder becomes a new store in either mode."""
     path = tmp_path / "t.zarr"
-    with TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=2) as w:
+    path.mkdir()
+    with TraceWriter(path, LAYOUT, ATTRS, mode="a", chunk_steps=2) as w:
         w.append(record(1))
     (path / "notes.txt").write_text("mine")
     with pytest.raises(VaedynError, match=rf"^trace store {path} holds 'notes.txt', which vaedyn does not write"):

@@ -358,3 +358,35 @@ def test_the_writer_thread_never_keeps_the_interpreter_alive(tmp_path: Path) -> 
         assert started and all(t.daemon for t in started)
     finally:
         w.close()
+
+
+def test_a_store_is_made_with_its_missing_folders_and_opened_again_without_a_crashed_events_temporary(
+        tmp_path: Path) -> None:
+    """A store at a path whose folders do not exist yet gets them. Reopened to append, it loses the
+    temporary events group that a writer killed during its first events write left (and only that)."""
+    path = tmp_path / "a" / "b" / "t.zarr"
+    with TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=2) as w:
+        w.append(record(1))
+    stale = path / f".{writer_mod.EVENTS_GROUP}.tmp-123-abcd"
+    zarr.open_group(stale, mode="w", zarr_format=3)
+    with TraceWriter(path, LAYOUT, ATTRS, mode="a", chunk_steps=2) as w:
+        assert not stale.exists()
+        w.append(record(2))
+    assert_matches(store.open_trace(path), [record(1), record(2)])
+    assert store.read_events(path) is None
+
+
+def test_appending_events_to_a_store_that_does_not_count_its_events(tmp_path: Path) -> None:
+    """A store from a vaedyn that did not record `committed_events`: every events row on disk counts,
+    and a new writer's events follow them."""
+    path = tmp_path / "t.zarr"
+    with TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=2) as w:
+        w.append(record(1))
+        w.add_events([_event(1), _event(1)])
+    attrs = dict(zarr.open_group(str(path), mode="r", use_consolidated=False).attrs)
+    del attrs["committed_events"]
+    writer_mod.commit_root(path, attrs, None)
+    with TraceWriter(path, LAYOUT, ATTRS, mode="a", chunk_steps=2) as w:
+        w.append(record(2))
+        w.add_events([_event(2)])
+    assert store.read_events(path)["step"].values.tolist() == [1, 1, 2]

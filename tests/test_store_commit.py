@@ -390,3 +390,20 @@ def test_appending_events_to_a_store_that_does_not_count_its_events(tmp_path: Pa
         w.append(record(2))
         w.add_events([_event(2)])
     assert store.read_events(path)["step"].values.tolist() == [1, 1, 2]
+
+
+def test_a_reopened_store_keeps_its_chunk_length_and_its_last_step(tmp_path: Path) -> None:
+    """Reopened to append with another chunk length, the writer uses the store's own, and it refuses
+    a step that is not after the last committed one."""
+    path = tmp_path / "t.zarr"
+    with TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=2) as w:
+        for s in (1, 2, 3):
+            w.append(record(s))
+    with TraceWriter(path, LAYOUT, ATTRS, mode="a", chunk_steps=5) as w:
+        assert w.chunk_steps == 2
+        with pytest.raises(VaedynError, match="step 3 is not after the last recorded step 3"):
+            w.append(record(3))
+        for s in (4, 5, 6):
+            w.append(record(s))
+    assert_matches(store.open_trace(path), [record(s) for s in range(1, 7)])
+    assert zarr.open_group(str(path), mode="r", use_consolidated=False)["step"].chunks == (2,)

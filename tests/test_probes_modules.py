@@ -740,8 +740,6 @@ def test_a_probe_armed_again_without_a_reset_measures_like_a_new_one():
             model(x)
             probes.disarm()
             if i == 0:
-                probes.arm()
-                probes.disarm()
                 model.body.norm1(torch.randn(4, 4, 3, 3) * 9.0)  # disarmed, outside the part
                 probes.arm()
                 model.body.norm1(torch.randn(4, 4, 3, 3) * 9.0)  # armed, outside the part

@@ -81,12 +81,14 @@ def committed_chunks(root: Path, attrs: dict[str, Any], group: str | None = "") 
             rows = min(rows, int(attrs.get("committed_steps", 0)))
         elif dims and dims[0] == "event" and name.startswith(f"{EVENTS_GROUP}/"):
             rows = min(rows, int(attrs.get("committed_events", rows)))
+        if not shape:  # a scalar: one chunk, the file `c` itself
+            yield Chunk(name, (), root / name / "c", (0, 0)), meta
+            continue
         counts = [math.ceil(rows / grid[0]), *(math.ceil(n / g) for n, g in zip(shape[1:], grid[1:], strict=True))]
-        for index in np.ndindex(*counts) if shape else [()]:
-            first = index[0] * grid[0] if shape else 0
-            path = root / name / "c" / Path(*map(str, index)) if index else root / name / "c"
-            last = min(first + grid[0], rows) - 1 if shape else 0
-            yield Chunk(name, tuple(int(i) for i in index), path, (first, last)), meta
+        for index in np.ndindex(*counts):
+            first = index[0] * grid[0]
+            path = root / name / "c" / Path(*map(str, index))
+            yield Chunk(name, tuple(int(i) for i in index), path, (first, min(first + grid[0], rows) - 1)), meta
 
 
 def _expected_bytes(meta: dict[str, Any]) -> int | None:

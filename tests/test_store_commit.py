@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.test_store import ATTRS, LAYOUT, assert_matches, record, write
+from tests.test_store import ATTRS, LAYOUT, Blocking, assert_matches, record, write
 from vaedyn_cli import artifacts, store
 from vaedyn_cli.errors import RuntimeFailure, VaedynError
 from vaedyn_cli.store import TraceWriter
@@ -406,3 +406,83 @@ def test_a_reopened_store_keeps_its_chunk_length_and_its_last_step(tmp_path: Pat
             w.append(record(s))
     assert_matches(store.open_trace(path), [record(s) for s in range(1, 7)])
     assert zarr.open_group(str(path), mode="r", use_consolidated=False)["step"].chunks == (2,)
+
+
+def test_a_closed_writer_refuses_more_work_and_closes_again_as_a_no_op(tmp_path: Path) -> None:
+    path = tmp_path / "t.zarr"
+    w = TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=2)
+    w.append(record(1))
+    w.close()
+    for call in (lambda: w.append(record(2)), w.flush, lambda: w.truncate(1)):
+        with pytest.raises(RuntimeError, match="^TraceWriter is closed$"):
+            call()
+    w.close()  # again: nothing left to do
+    assert store.open_trace(path)["step"].values.tolist() == [1]
+
+
+def _in_thread(fn) -> tuple[threading.Thread, list[BaseException]]:
+    """Run `fn` in a daemon thread (a hang fails the test instead of stalling it); its exception is kept."""
+    caught: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            caught.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, caught
+
+
+def _until(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert condition()
+
+
+def test_a_flush_queued_behind_a_failing_step_is_released_with_the_error(tmp_path: Path) -> None:
+    w = TraceWriter(tmp_path / "t.zarr", LAYOUT, ATTRS, mode="w", chunk_steps=4)
+    bad = Blocking(1, fail=True)
+    w.append(bad)
+    _until(lambda: w._queue.qsize() == 0)  # the writer thread waits in resolve()
+    flusher, caught = _in_thread(w.flush)
+    _until(lambda: w._queue.qsize() == 1)  # the flush waits behind the step
+    bad.release.set()
+    flusher.join(10)
+    assert not flusher.is_alive()
+    (err,) = caught
+    assert isinstance(err, RuntimeFailure) and "ValueError: device copy failed" in str(err)
+    with pytest.raises(RuntimeFailure, match="device copy failed"):
+        w.close()
+
+
+def test_steps_wait_for_their_commit_interval_or_a_flush(tmp_path: Path) -> None:
+    """Two steps of a 4-step chunk with a 60 s interval: the thread holds them uncommitted until flush."""
+    path = tmp_path / "t.zarr"
+    with TraceWriter(path, LAYOUT, ATTRS, mode="w", chunk_steps=4, commit_interval_s=60) as w:
+        w.append(record(1))
+        w.append(record(2))
+        _until(lambda: w._pending == 2)
+        time.sleep(0.2)
+        assert store.metadata.root_attrs(path)["committed_steps"] == 0 and w.committed_steps == 0
+        w.flush()
+        assert store.metadata.root_attrs(path)["committed_steps"] == 2 and w.committed_steps == 2
+
+
+def test_a_failure_while_closing_ends_the_writer_and_close_raises_it(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    w = TraceWriter(tmp_path / "t.zarr", LAYOUT, ATTRS, mode="w", chunk_steps=2)
+    w.append(record(1))
+
+    def full() -> None:
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(w, "_trim_to_committed", full)
+    closer, caught = _in_thread(w.close)
+    closer.join(10)
+    assert not closer.is_alive() and not w._thread.is_alive()
+    (err,) = caught
+    assert isinstance(err, RuntimeFailure) and str(err).startswith(f"writing trace store {tmp_path / 't.zarr'} failed: "
+                                                                   "OSError: no space left on device")

@@ -114,7 +114,7 @@ def test_step_and_event_counts_apply_only_where_the_store_puts_steps_and_events(
     assert "extra/steps" not in _by_array(_listed(path, attrs, ""))
 
 
-def test_hidden_folders_and_other_chunk_key_encodings_are_not_listed_and_a_scalar_has_one_chunk(
+def test_hidden_and_plain_folders_and_other_chunk_key_encodings_are_not_listed_and_a_scalar_has_one_chunk(
         make_store) -> None:
     path = make_store(events=0)
     before = _listed(path, root_attrs(path), None)
@@ -124,6 +124,8 @@ def test_hidden_folders_and_other_chunk_key_encodings_are_not_listed_and_a_scala
     for name, encoding in (("dotted", {"name": "default", "separator": "."}), ("v2", {"name": "v2"})):
         root.create_array(name, shape=(4,), chunks=(2,), dtype="int32", chunk_key_encoding=encoding,
                           config=chunks.WRITE_CONFIG)[:] = 3
+    (path / "notes").mkdir()  # a folder that is no zarr node, as a user might add
+    (path / "notes" / "readme.txt").write_text("not zarr")
     scalar = root.create_array("scalar", shape=(), dtype="float64", config=chunks.WRITE_CONFIG)
     scalar[...] = 1.5
     after = _listed(path, root_attrs(path), None)

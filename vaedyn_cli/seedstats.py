@@ -6,7 +6,8 @@ Pure functions on small arrays (one value per seed), used by `vaedyn study`:
   (`scipy.stats.bootstrap`, `method="percentile"`, a fixed `rng`, BOOTSTRAP_RESAMPLES resamples).
   With n <= 3 seeds that interval is exactly the range of the seed values: the all-equal
   resamples (each has probability 1/n^n >= 1/27 > 2.5 %) are the extremes of the bootstrap
-  distribution. The percentile method is used because BCa degenerates for such n.
+  distribution. The percentile method is used because BCa degenerates for such n. The bounds are
+  clipped to the values' range, which no resample's mean can leave (scipy's quantile can, by an ulp).
 - `sign_flip_p`: the exact two-sided sign-flip permutation p-value of a mean paired difference
   (`scipy.stats.permutation_test`, `permutation_type="samples"` on one sample of differences,
   every one of the 2^n sign patterns when 2^n <= EXACT_LIMIT, else that many random ones).
@@ -83,7 +84,10 @@ def mean_ci(values: Sequence[float], confidence: float = CONFIDENCE, seed: int =
     else:
         res = bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=BOOTSTRAP_RESAMPLES,
                         method="percentile", rng=np.random.default_rng(seed))
-        low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        # every resample's mean lies within the values' range; scipy's quantile (>= 1.17) can land one
+        # ulp outside it when it interpolates between two equal bootstrap means
+        low = float(np.clip(res.confidence_interval.low, x.min(), x.max()))
+        high = float(np.clip(res.confidence_interval.high, x.min(), x.max()))
     return Interval(mean, low, high, len(x), tuple(float(v) for v in x))
 
 

@@ -57,7 +57,8 @@ def test_bootstrap_interval_with_two_or_three_seeds_is_their_range() -> None:
     # scipy >= 1.17 interpolates its quantile between two equal bootstrap means one ulp off them
     # (0.14588408202176872 here): the range is exact all the same
     odd = [0.11096235489995737, 0.1458840820217687]
-    assert (seedstats.mean_ci(odd).low, seedstats.mean_ci(odd).high) == (odd[0], odd[1])
+    odd_ci = seedstats.mean_ci(odd)
+    assert (odd_ci.low, odd_ci.high) == (odd[0], odd[1])
     same = seedstats.mean_ci([0.5, 0.5, 0.5])
     assert (same.mean, same.low, same.high) == (0.5, 0.5, 0.5)
     one = seedstats.mean_ci([0.7])

@@ -84,10 +84,8 @@ def mean_ci(values: Sequence[float], confidence: float = CONFIDENCE, seed: int =
     else:
         res = bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=BOOTSTRAP_RESAMPLES,
                         method="percentile", rng=np.random.default_rng(seed))
-        # every resample's mean lies within the values' range; scipy's quantile (>= 1.17) can land one
-        # ulp outside it when it interpolates between two equal bootstrap means
-        low = float(np.clip(res.confidence_interval.low, x.min(), x.max()))
-        high = float(np.clip(res.confidence_interval.high, x.min(), x.max()))
+        ci = np.clip([res.confidence_interval.low, res.confidence_interval.high], x.min(), x.max())  # docstring: why
+        low, high = float(ci[0]), float(ci[1])
     return Interval(mean, low, high, len(x), tuple(float(v) for v in x))
 
 

@@ -257,6 +257,51 @@ def test_an_error_raised_while_interrupted_reads_as_the_interruption(tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.yaml", "runs"] and not any((tmp_path / "runs").iterdir())
 
 
+SETTLE_SCRIPT = """
+import asyncio, os, signal, sys, threading, time
+from pathlib import Path
+import zarr
+from zarr.core.sync import sync
+from vaedyn_cli import errors
+
+errors.catch_signals()
+errors.SETTLE_TIMEOUT_S = float(sys.argv[3])
+written = Path(sys.argv[1])
+
+async def slow_write():
+    await asyncio.sleep(float(sys.argv[2]))
+    written.write_text("done")
+
+threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+start = time.monotonic()
+try:
+    sync(slow_write())
+except KeyboardInterrupt:
+    print("written" if written.exists() else "in-flight", time.monotonic() - start, flush=True)
+    sys.exit(130)
+"""
+
+
+@pytest.mark.other_processes
+def test_a_signal_waits_for_the_store_write_in_flight(tmp_path):
+    """Ctrl-C while the main thread waits on a zarr operation: the handler lets the operation finish
+    before raising (the cleanup that follows never races a write still going on zarr's thread, and
+    nothing is left pending on zarr's loop to be reported at exit), but waits no longer than
+    SETTLE_TIMEOUT_S for one that hangs."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def interrupted(sleep_s: float, cap_s: float) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", SETTLE_SCRIPT, str(tmp_path / f"w{sleep_s}"), str(sleep_s), str(cap_s)],
+                              capture_output=True, text=True, env=env, timeout=120)
+
+    done = interrupted(1.5, 30.0)  # the write takes 1.5 s; the signal comes after 0.1 s
+    assert (done.returncode, done.stdout.split()[0], done.stderr) == (130, "written", "")
+    assert 1.4 < float(done.stdout.split()[1]) < 15
+    hung = interrupted(60.0, 0.5)  # a write that hangs: the signal is raised after the 0.5 s cap
+    assert (hung.returncode, hung.stdout.split()[0]) == (130, "in-flight")
+    assert 0.5 < float(hung.stdout.split()[1]) < 15
+
+
 # ---------------------------------------------------------------------------------------------
 # vaedyn store check
 

@@ -24,6 +24,7 @@ class RuntimeFailure(VaedynError):
 # Ctrl-C and SIGTERM
 
 _received: list[int] = []  # the signals caught since `catch_signals`
+SETTLE_TIMEOUT_S = 5.0  # the longest a signal waits for the store I/O in flight (`settle_store_io`)
 
 
 class Terminated(KeyboardInterrupt):
@@ -34,8 +35,9 @@ class Terminated(KeyboardInterrupt):
 def catch_signals() -> dict[int, Any]:
     """From now on SIGINT raises KeyboardInterrupt and SIGTERM raises Terminated, and both are
     remembered (`interrupted`): an error that a library raises while it is being interrupted (a
-    module left half-imported, say) still reads as the interruption. Returns the handlers replaced
-    (for `restore_signals`); does nothing outside the main thread."""
+    module left half-imported, say) still reads as the interruption. The first signal is raised
+    only once the store I/O in flight has finished (`settle_store_io`); a second one at once.
+    Returns the handlers replaced (for `restore_signals`); does nothing outside the main thread."""
     import signal
     import threading
 
@@ -44,10 +46,50 @@ def catch_signals() -> dict[int, Any]:
         return {}
 
     def raise_it(signum: int, _frame: Any) -> None:
+        first = not _received
         _received.append(signum)
+        if first:
+            settle_store_io(SETTLE_TIMEOUT_S)
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
     return {sig: signal.signal(sig, raise_it) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def settle_store_io(timeout: float) -> bool:
+    """Wait (at most `timeout` seconds) until the zarr reads and writes in flight have finished.
+
+    zarr runs every store operation as a task on its own event-loop thread while the calling thread
+    waits. A signal raised in the waiting thread leaves the task running: it would go on writing
+    while the cleanup removes a half-written folder (and recreate files in it), and at exit zarr
+    stops its loop with the task still pending ("Task was destroyed but it is pending!" on stderr,
+    after the interrupted line). Called before the signal is raised, so the exception comes between
+    store operations, never inside one. Does nothing when zarr was never imported or its loop is
+    not running; True when nothing is left in flight."""
+    import asyncio
+    import concurrent.futures
+    import sys
+
+    try:
+        loop = sys.modules["zarr.core.sync"].loop[0]  # zarr's own loop ([None] until first used)
+    except (KeyError, AttributeError, IndexError, TypeError):
+        return True
+    if not isinstance(loop, asyncio.AbstractEventLoop) or loop.is_closed() or not loop.is_running():
+        return True
+
+    async def others_done() -> bool:
+        me = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not me]
+        if not pending:
+            return True
+        _done, left = await asyncio.wait(pending, timeout=timeout)
+        return not left
+
+    future = asyncio.run_coroutine_threadsafe(others_done(), loop)
+    try:
+        return bool(future.result(timeout + 1.0))
+    except (concurrent.futures.TimeoutError, RuntimeError):  # a loop closing under us: nothing to wait for
+        future.cancel()
+        return False
 
 
 def restore_signals(previous: dict[int, Any]) -> None:

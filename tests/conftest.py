@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -114,7 +115,11 @@ def cli():
     runner = CliRunner()
 
     def invoke(*args: str, input: str | None = None):  # noqa: A002
-        return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
+        handlers, level = logging.root.handlers[:], logging.root.level
+        try:
+            return runner.invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
+        finally:  # the command pointed logging at the runner's stderr, which closes with the invocation
+            logging.root.handlers[:], logging.root.level = handlers, level
 
     return invoke
 

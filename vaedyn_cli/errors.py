@@ -55,7 +55,7 @@ def catch_signals() -> dict[int, Any]:
     return {sig: signal.signal(sig, raise_it) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
-def settle_store_io(timeout: float) -> bool:
+def settle_store_io(timeout: float) -> None:
     """Wait (at most `timeout` seconds) until the zarr reads and writes in flight have finished.
 
     zarr runs every store operation as a task on its own event-loop thread while the calling thread
@@ -64,7 +64,7 @@ def settle_store_io(timeout: float) -> bool:
     stops its loop with the task still pending ("Task was destroyed but it is pending!" on stderr,
     after the interrupted line). Called before the signal is raised, so the exception comes between
     store operations, never inside one. Does nothing when zarr was never imported or its loop is
-    not running; True when nothing is left in flight."""
+    not running."""
     import asyncio
     import concurrent.futures
     import sys
@@ -72,24 +72,21 @@ def settle_store_io(timeout: float) -> bool:
     try:
         loop = sys.modules["zarr.core.sync"].loop[0]  # zarr's own loop ([None] until first used)
     except (KeyError, AttributeError, IndexError, TypeError):
-        return True
+        return
     if not isinstance(loop, asyncio.AbstractEventLoop) or loop.is_closed() or not loop.is_running():
-        return True
+        return
 
-    async def others_done() -> bool:
+    async def others_done() -> None:
         me = asyncio.current_task()
         pending = [t for t in asyncio.all_tasks() if t is not me]
-        if not pending:
-            return True
-        _done, left = await asyncio.wait(pending, timeout=timeout)
-        return not left
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
 
     future = asyncio.run_coroutine_threadsafe(others_done(), loop)
     try:
-        return bool(future.result(timeout + 1.0))
+        future.result(timeout + 1.0)
     except (concurrent.futures.TimeoutError, RuntimeError):  # a loop closing under us: nothing to wait for
         future.cancel()
-        return False
 
 
 def restore_signals(previous: dict[int, Any]) -> None:
